@@ -1,0 +1,82 @@
+"""A generation request as the engine sees it: plain values, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from selfcascade.errors import InvalidRequest
+
+Method = Literal["self_cascade", "direct"]
+UpsampleMode = Literal["bilinear", "bicubic"]
+SchedulerName = Literal["ddim", "dpmsolver++", "euler"]
+LRFeatureMode = Literal["per_step", "per_stage"]
+
+METHODS: tuple[str, ...] = ("self_cascade", "direct")
+UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "bicubic")
+SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler")
+LR_FEATURE_MODES: tuple[str, ...] = ("per_step", "per_stage")
+
+MIN_SIDE = 8
+MAX_STEPS = 1000
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Paper defaults: 50 DDIM steps, pivot strength 0.7 (K = 700 of T = 1000)."""
+
+    prompt: str
+    width: int
+    height: int
+    negative_prompt: str | None = None
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    pivot_strength: float = 0.7
+    upsample_mode: UpsampleMode = "bilinear"
+    scheduler: SchedulerName = "ddim"
+    method: Method = "self_cascade"
+    # Tuned mode only: recompute the pivot's features every step (official code) or once a stage.
+    lr_features: LRFeatureMode = "per_step"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def validate(self, size_multiple: int) -> None:
+        """Raise `InvalidRequest` naming the first bad parameter; `size_multiple` is the VAE's."""
+        if not isinstance(self.prompt, str):
+            raise InvalidRequest("prompt", "must be a string")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidRequest(name, f"must be an integer, got {value!r}")
+            if value < MIN_SIDE:
+                raise InvalidRequest(name, f"must be at least {MIN_SIDE} px, got {value}")
+            if value % size_multiple:
+                raise InvalidRequest(
+                    name, f"must be a multiple of {size_multiple} px for this model, got {value}"
+                )
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidRequest("steps", f"must be an integer in 1..{MAX_STEPS}, got {self.steps}")
+        if not _finite(self.guidance_scale) or self.guidance_scale < 0:
+            raise InvalidRequest(
+                "guidance_scale", f"must be a finite number >= 0, got {self.guidance_scale}"
+            )
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequest("seed", f"must be an integer in 0..{MAX_SEED}, got {self.seed}")
+        if not _finite(self.pivot_strength) or not 0 < self.pivot_strength <= 1:
+            raise InvalidRequest(
+                "pivot_strength", f"must be in (0, 1], got {self.pivot_strength}"
+            )
+        _check_choice("upsample_mode", self.upsample_mode, UPSAMPLE_MODES)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("method", self.method, METHODS)
+        _check_choice("lr_features", self.lr_features, LR_FEATURE_MODES)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_choice(param: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidRequest(param, f"must be one of {', '.join(choices)}; got {value!r}")

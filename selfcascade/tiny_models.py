@@ -1,0 +1,180 @@
+"""Tiny Stable Diffusion and SDXL pipelines built from configs, with random weights.
+
+No model hub is reachable from the machines this project is developed and tested on, so tests,
+`make run` (until a trained demo model is configured) and benchmarks build these instead, the way
+diffusers' own tests do (`get_dummy_components`, channels (4, 8)). The tokenizer is a byte-level
+CLIP BPE with no merges, written from scratch: every character is one token.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+TEXT_HIDDEN = 32
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + n)
+            n += 1
+    return [chr(c) for c in codes]
+
+
+def build_char_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is single characters (no merges)."""
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        # from_pretrained reads vocab.json + merges.txt under transformers 4.x and 5.x alike.
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+    return tokenizer
+
+
+def _text_config(tokenizer: CLIPTokenizer, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="gelu",
+        projection_dim=projection_dim or TEXT_HIDDEN,
+    )
+
+
+def _tiny_vae() -> AutoencoderKL:
+    # Two blocks: one downsampling, so the VAE factor is 2 and latents stay 4-channel like SD's.
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=64,
+    )
+
+
+def _scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """An SD-1.x/2.x-shaped pipeline, native size 64x64 px (latent 32, VAE factor 2)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        norm_num_groups=2,
+    )
+    vae = _tiny_vae()
+    tokenizer = build_char_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """An SDXL-shaped pipeline (two text encoders, added size conditioning), native 64x64 px."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+        cross_attention_dim=64,
+        norm_num_groups=2,
+    )
+    vae = _tiny_vae()
+    tokenizer = build_char_tokenizer()
+    tokenizer_2 = build_char_tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=32))
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sd(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SD pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
+    path = Path(path)
+    build_tiny_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
