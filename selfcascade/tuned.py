@@ -1,0 +1,246 @@
+"""Tuned self-cascade: inject trained feature upsamplers into the resident UNet with hooks.
+
+For every UNet call while injected:
+
+1. A forward pre-hook on the UNet takes the pivot latent (the previous stage's clean latent),
+   repeats it to the call's batch (classifier-free guidance doubles it) and runs `conv_in` on it.
+2. A forward hook on each covered down block / the mid block runs that same block on the LR
+   state, with the very keyword arguments the UNet passed for the HR state (timestep embedding
+   incl. SDXL add-embeddings, text states, attention masks), giving h_n^LR. Reusing the UNet's own
+   arguments means no part of the UNet's forward is re-implemented here.
+3. The hook returns the HR block output plus phi_n(h_n^LR, temb).
+
+Which tensors get phi_n: only the hidden state a down block hands to the next block (and the mid
+block's output). The skip residuals a down block returns for the up path are left as the frozen
+UNet made them, as the official code does; adding phi_n there too would push the same correction
+into the decoder a second time through every skip connection of the level.
+
+The pivot is NOT re-noised to t before the LR encoder. The official code (training and inference)
+feeds the clean LR latent and conditions only through the timestep embedding, and the training
+pairs here are clean E(down(x0)); feeding a noised pivot at inference would leave the training
+distribution, and the clean pivot is what makes per-stage caching meaningful.
+
+LR feature modes: "per_step" recomputes h_n^LR every UNet call with the current timestep
+embedding (the official behaviour); "per_stage" computes them on the first call of the stage
+(t close to the pivot timestep K) and reuses them, while phi_n still receives the current
+timestep embedding.
+
+Every hook is removed in `finally`, also when a denoising step raises, so one resident UNet can
+serve tuned and tuning-free jobs back to back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from selfcascade.upsamplers import FeatureUpsamplerSet
+
+if TYPE_CHECKING:
+    from selfcascade.request import LRFeatureMode
+    from selfcascade.stage_hooks import StageRun
+
+logger = logging.getLogger(__name__)
+
+# A diffusers UNet2DConditionModel; mypy cannot see the attributes diffusers' classes set.
+UNet = Any
+
+# Keyword arguments the UNet passes to a block that must not be applied to the LR state:
+# T2I-adapter residuals are computed for the HR resolution.
+_HR_ONLY_KWARGS = ("additional_residuals",)
+
+
+class FeatureInjection:
+    """The per-run state of one injection: the pivot, the LR chain, the cached features."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        upsamplers: FeatureUpsamplerSet,
+        pivot_latents: torch.Tensor,
+        lr_features: LRFeatureMode,
+    ) -> None:
+        if lr_features not in ("per_step", "per_stage"):
+            raise ValueError(f"lr_features must be per_step or per_stage, got {lr_features!r}")
+        self.unet: UNet = unet
+        self.upsamplers = upsamplers
+        self.pivot = pivot_latents.detach()  # (B, C, h, w)
+        self.mode = lr_features
+        self.unet_calls = 0
+        self.lr_computations = 0
+        self._lr_state: torch.Tensor | None = None  # running LR hidden state of this call
+        self._features: dict[str, torch.Tensor] = {}  # h_n^LR by level name
+        self._batch: int | None = None
+        self._compute_lr = False
+        self._in_lr = False  # set while a block runs on the LR state: its own hook passes through
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """Every block the LR chain must run through: up to the last level the set covers."""
+        chain: list[tuple[str, nn.Module]] = [
+            (f"down_{i}", block) for i, block in enumerate(self.unet.down_blocks)
+        ]
+        if self.unet.mid_block is not None:
+            chain.append(("mid", self.unet.mid_block))
+        names = [name for name, _ in chain]
+        missing = [n for n in self.upsamplers.names() if n not in names]
+        if missing:
+            raise ValueError(f"the upsampler set has levels {missing}, which this UNet lacks")
+        last = max(names.index(n) for n in self.upsamplers.names())
+        return chain[: last + 1]
+
+    def attach(self) -> list[RemovableHandle]:
+        """Register every hook; the caller removes the returned handles."""
+        handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
+        try:
+            for name, block in self.blocks():
+                handles.append(
+                    block.register_forward_hook(self._after_block(name), with_kwargs=True)
+                )
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _before_unet(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        sample = args[0] if args else kwargs["sample"]  # (kB, C, H, W)
+        self.unet_calls += 1
+        batch = sample.shape[0]
+        if batch % self.pivot.shape[0]:
+            raise ValueError(
+                f"UNet batch {batch} is not a multiple of the pivot batch {self.pivot.shape[0]}"
+            )
+        self._compute_lr = self.mode == "per_step" or not self._features or batch != self._batch
+        self._batch = batch
+        if not self._compute_lr:
+            return
+        self.lr_computations += 1
+        self._features = {}
+        conv_in = self.unet.conv_in
+        # CFG batches are [uncond; cond], each a copy of the latents: repeat the pivot the same way.
+        lr = self.pivot.repeat(batch // self.pivot.shape[0], 1, 1, 1)  # (kB, C, h, w)
+        lr = lr.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
+        if self.unet.config.center_input_sample:
+            lr = 2 * lr - 1.0
+        with torch.no_grad():  # the base is frozen: LR features never need a graph
+            self._lr_state = conv_in(lr)  # (kB, C0, h, w)
+
+    def _after_block(self, name: str) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
+            if self._in_lr:
+                return None
+            if self._compute_lr:
+                self._features[name] = self._run_on_lr(module, args, kwargs)
+            if name not in self.upsamplers:
+                return None  # a level the LR chain passes through without an upsampler
+            lr_features = self._features[name]  # (kB, C_n, h_n, w_n)
+            temb = kwargs["temb"] if "temb" in kwargs else args[1]  # (kB, T)
+            if isinstance(output, tuple):
+                hidden, res_samples = output[0], output[1:]  # down block: (hidden, skips)
+            else:
+                hidden, res_samples = output, None  # mid block: hidden only
+            phi = self.upsamplers[name]
+            dtype = next(phi.parameters()).dtype
+            delta = phi(
+                lr_features.to(dtype), temb.to(dtype), (hidden.shape[-2], hidden.shape[-1])
+            )  # (kB, C_n, H_n, W_n)
+            hidden = hidden + delta.to(hidden.dtype)
+            return hidden if res_samples is None else (hidden, *res_samples)
+
+        return hook
+
+    def _run_on_lr(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        if self._lr_state is None:
+            raise RuntimeError("LR state missing: a UNet block ran outside a UNet call")
+        lr_kwargs = {k: v for k, v in kwargs.items() if k not in _HR_ONLY_KWARGS}
+        if args:
+            lr_args: tuple[Any, ...] = (self._lr_state, *args[1:])
+        else:
+            lr_args = args
+            lr_kwargs["hidden_states"] = self._lr_state
+        self._in_lr = True
+        try:
+            with torch.no_grad():
+                out = module(*lr_args, **lr_kwargs)
+        finally:
+            self._in_lr = False
+        lr_hidden = out[0] if isinstance(out, tuple) else out  # (kB, C_n, h_n, w_n)
+        self._lr_state = lr_hidden
+        return lr_hidden
+
+
+@contextmanager
+def inject_upsamplers(
+    unet: UNet,
+    upsamplers: FeatureUpsamplerSet,
+    pivot_latents: torch.Tensor,
+    lr_features: LRFeatureMode = "per_step",
+) -> Iterator[FeatureInjection]:
+    """Add phi_n(h_n^LR, t) to the UNet's block outputs for the duration of the block."""
+    injection = FeatureInjection(unet, upsamplers, pivot_latents, lr_features)
+    handles = injection.attach()
+    try:
+        yield injection
+    finally:
+        for handle in handles:
+            handle.remove()
+        logger.debug(
+            "feature injection removed after %d UNet calls, %d LR feature computations",
+            injection.unet_calls,
+            injection.lr_computations,
+        )
+
+
+class TunedStageHook:
+    """`StageHook` for the engine: inject `upsamplers` into every re-noise stage.
+
+    `lr_features` overrides the request's mode when given (the benchmark compares both).
+    """
+
+    def __init__(
+        self, upsamplers: FeatureUpsamplerSet, lr_features: LRFeatureMode | None = None
+    ) -> None:
+        self.upsamplers = upsamplers.eval().requires_grad_(False)
+        self.lr_features = lr_features
+
+    def __call__(self, stage: StageRun) -> AbstractContextManager[None]:
+        return self._inject(stage)
+
+    @contextmanager
+    def _inject(self, stage: StageRun) -> Iterator[None]:
+        unet: UNet = stage.unet
+        # The set follows the resident UNet's device and dtype; a no-op after the first stage.
+        self.upsamplers.to(device=unet.device, dtype=unet.dtype)
+        mode = self.lr_features or stage.lr_features
+        with inject_upsamplers(unet, self.upsamplers, stage.pivot_latents, mode):
+            yield
+
+
+def load_tuned_hook(
+    path: str | Path, pipe: Any, lr_features: LRFeatureMode | None = None
+) -> TunedStageHook:
+    """A hook from a checkpoint, verified against `pipe.unet` now (`CheckpointError` if not)."""
+    from selfcascade.checkpoint import load_upsamplers
+
+    checkpoint = load_upsamplers(path, pipe.unet)
+    logger.info(
+        "loaded %d-parameter upsamplers from %s (scale %s, K %d)",
+        checkpoint.parameter_count,
+        path,
+        checkpoint.scale,
+        checkpoint.pivot_timestep,
+    )
+    return TunedStageHook(checkpoint.upsamplers, lr_features)

@@ -1,0 +1,442 @@
+"""Tuning the feature upsamplers on high-resolution images, with the base model frozen.
+
+One step: random crops x0 at the target size (native size x scale), the pair
+(x0, downsample(x0)) encoded by the VAE into z0^r and z0^(r-1), t ~ U{1..K} with K the pivot
+timestep, z_t = add_noise(z0^r, eps, t), and the MSE between the UNet's prediction, with the
+upsamplers injected from the clean pivot z0^(r-1) (see `selfcascade.tuned`), and the target the
+scheduler's `prediction_type` asks for (eps, v, or z0).
+
+Everything random (crop offsets, VAE posterior samples, noise, timesteps) is drawn from one
+`torch.Generator` that the run owns, so a run resumed from its training state continues exactly
+as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from PIL import Image, UnidentifiedImageError
+
+from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
+from selfcascade.errors import CheckpointError, InvalidRequest
+from selfcascade.tuned import inject_upsamplers
+from selfcascade.upsamplers import FeatureUpsamplerSet
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+UPSAMPLERS_FILE = "upsamplers.safetensors"
+STATE_FILE = "training_state.pt"
+LOSS_LOG = "loss.jsonl"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    data_dir: Path
+    out_dir: Path
+    scale: int = 2
+    steps: int = 4000
+    batch_size: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    pivot_strength: float = 0.7  # K = 700 of T = 1000, the paper's pivot timestep
+    crop_size: int | None = None  # default: the UNet's native size x scale
+    save_every: int = 500
+    seed: int = 0
+    resume: bool = False
+    mixed_precision: bool = True  # only ever used on CUDA
+
+    def validate(self) -> None:
+        if self.scale < 2:
+            raise InvalidRequest("scale", f"must be an integer >= 2, got {self.scale}")
+        if self.steps < 1:
+            raise InvalidRequest("steps", f"must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise InvalidRequest("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidRequest("lr", f"must be a positive number, got {self.lr}")
+        if not 0 < self.pivot_strength <= 1:
+            raise InvalidRequest("pivot_strength", f"must be in (0, 1], got {self.pivot_strength}")
+        if self.save_every < 1:
+            raise InvalidRequest("save_every", f"must be >= 1, got {self.save_every}")
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {
+            "scale": self.scale,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "pivot_strength": self.pivot_strength,
+            "crop_size": self.crop_size,
+            "seed": self.seed,
+        }
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuningImages:
+    """Image files (with optional same-name .txt captions), all checked once up front."""
+
+    paths: tuple[Path, ...]
+    captions: tuple[str, ...]
+    crop_size: int
+
+    @classmethod
+    def scan(cls, data_dir: Path, crop_size: int) -> TuningImages:
+        if not data_dir.is_dir():
+            raise InvalidRequest("data", f"{data_dir} is not a directory")
+        paths = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise InvalidRequest("data", f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data_dir}")
+        captions = []
+        for path in paths:
+            width, height = _image_size(path)
+            if min(width, height) < crop_size:
+                raise InvalidRequest(
+                    "data",
+                    f"{path} is {width}x{height}, smaller than the {crop_size}x{crop_size} crop",
+                )
+            caption = path.with_suffix(".txt")
+            captions.append(
+                caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+            )
+        return cls(tuple(paths), tuple(captions), crop_size)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Random images, random crops: pixels in [-1, 1], shape (B, 3, S, S)."""
+        picks = torch.randint(len(self.paths), (batch_size,), generator=generator).tolist()
+        crops = []
+        for i in picks:
+            image = _load_rgb(self.paths[i])
+            top = int(torch.randint(image.height - self.crop_size + 1, (1,), generator=generator))
+            left = int(torch.randint(image.width - self.crop_size + 1, (1,), generator=generator))
+            box = (left, top, left + self.crop_size, top + self.crop_size)
+            pixels = torch.frombuffer(bytearray(image.crop(box).tobytes()), dtype=torch.uint8)
+            pixels = pixels.view(self.crop_size, self.crop_size, 3).permute(2, 0, 1)  # (3, S, S)
+            crops.append(pixels.float() / 127.5 - 1.0)
+        return torch.stack(crops), [self.captions[i] for i in picks]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            image.verify()  # catches truncated files that open() alone accepts
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise InvalidRequest("data", f"{path} is not a readable image: {exc}") from exc
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidRequest("data", f"{path} is not a readable image: {exc}") from exc
+
+
+# -- one step ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingBatch:
+    """Everything one loss evaluation needs, drawn up front so it can be replayed."""
+
+    latents: torch.Tensor  # z0^r, (B, C, H, W)
+    pivot: torch.Tensor  # z0^(r-1), (B, C, H/scale, W/scale)
+    noise: torch.Tensor  # (B, C, H, W)
+    timesteps: torch.Tensor  # (B,), in 1..K
+    encoder_hidden_states: torch.Tensor  # (B, L, D)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class TuningModel:
+    """The frozen pipeline's parts the loss uses, plus the training noise schedule."""
+
+    pipe: Any  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    noise_scheduler: Any = field(init=False)  # a diffusers DDPMScheduler
+
+    def __post_init__(self) -> None:
+        # The training schedule is the pipeline's, as DDPM: same betas, same prediction_type.
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.pipe.unet.device)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.pipe.unet.config.addition_embed_type == "text_time"
+
+    def pivot_timestep(self, pivot_strength: float) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps * pivot_strength)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = self.pipe.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)  # (B, 3, S, S)
+        posterior = vae.encode(pixels).latent_dist
+        # Drawn on the CPU from the run's generator: the same sample on any device.
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+        latents = posterior.mean + posterior.std * eps  # (B, C, S/f, S/f)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(
+        self, captions: Sequence[str], size: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        pipe = self.pipe
+        if not self.is_sdxl:
+            embeds, _ = pipe.encode_prompt(
+                list(captions), self.device, 1, do_classifier_free_guidance=False
+            )
+            return embeds, None
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(captions), device=self.device, do_classifier_free_guidance=False
+        )
+        # SDXL micro-conditioning: original size, crop offset, target size of each crop.
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(captions))
+        return embeds, {"text_embeds": pooled, "time_ids": time_ids.to(self.device, embeds.dtype)}
+
+    def make_batch(
+        self,
+        pixels: torch.Tensor,
+        captions: Sequence[str],
+        scale: int,
+        pivot_timestep: int,
+        generator: torch.Generator,
+    ) -> TrainingBatch:
+        size = pixels.shape[-1]
+        low = F.interpolate(
+            pixels, size=(size // scale, size // scale), mode="bicubic", antialias=True
+        ).clamp(-1, 1)  # (B, 3, S/scale, S/scale)
+        latents = self.encode_images(pixels, generator)
+        pivot = self.encode_images(low, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        timesteps = torch.randint(1, pivot_timestep + 1, (len(captions),), generator=generator)
+        embeds, added = self.encode_text(captions, size)
+        return TrainingBatch(latents, pivot, noise, timesteps.to(self.device), embeds, added)
+
+    def loss(self, upsamplers: FeatureUpsamplerSet, batch: TrainingBatch) -> torch.Tensor:
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)  # (B, C, H, W)
+        prediction_type = sched.config.prediction_type
+        if prediction_type == "epsilon":
+            target = batch.noise
+        elif prediction_type == "v_prediction":
+            target = sched.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        elif prediction_type == "sample":
+            target = batch.latents
+        else:
+            raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+        with inject_upsamplers(self.unet, upsamplers, batch.pivot, "per_step"):
+            pred = self.unet(
+                noisy,
+                batch.timesteps,
+                encoder_hidden_states=batch.encoder_hidden_states,
+                added_cond_kwargs=batch.added_cond_kwargs,
+                return_dict=False,
+            )[0]  # (B, C, H, W)
+        return F.mse_loss(pred.float(), target.float())
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    steps: int
+    loss: float
+
+
+@dataclass
+class TuneResult:
+    upsamplers: FeatureUpsamplerSet
+    checkpoint: Path
+    start_step: int
+    steps: int
+    losses: list[float]
+
+
+def tune(
+    pipe: Any,
+    config: TuneConfig,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TuneResult:
+    """Train (or resume training) the upsamplers; the base pipeline's weights never change."""
+    config.validate()
+    model = TuningModel(pipe)
+    crop = config.crop_size or model.native_size * config.scale
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(model.unet.config.down_block_types) - 1)
+    if crop % (multiple * config.scale):
+        raise InvalidRequest(
+            "crop_size", f"must be a multiple of {multiple * config.scale} px, got {crop}"
+        )
+    data = TuningImages.scan(Path(config.data_dir), crop)
+    k = model.pivot_timestep(config.pivot_strength)
+    device = model.device
+
+    upsamplers = FeatureUpsamplerSet.for_unet(model.unet.config).to(device)  # float32 always
+    upsamplers.train()
+    optimizer = torch.optim.AdamW(
+        upsamplers.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    amp_dtype = _amp_dtype(device) if config.mixed_precision else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if config.resume:
+        start = _load_state(out, config, model, upsamplers, optimizer, scaler, generator)
+        logger.info("resuming from step %d", start)
+    _truncate_loss_log(out / LOSS_LOG, start)
+
+    checkpoint = out / UPSAMPLERS_FILE
+    losses: list[float] = []
+    started = time.perf_counter()
+    with (out / LOSS_LOG).open("a", encoding="utf-8") as log_file:
+        for step in range(start + 1, config.steps + 1):
+            pixels, captions = data.sample(config.batch_size, generator)
+            batch = model.make_batch(pixels, captions, config.scale, k, generator)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):  # fmt: skip
+                loss = model.loss(upsamplers, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at step {step}")
+            losses.append(value)
+            record = {"step": step, "loss": value, "elapsed_s": time.perf_counter() - started}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if on_step is not None:
+                on_step(StepReport(step, config.steps, value))
+            if step % config.save_every == 0 or step == config.steps:
+                _save_state(out, config, model, upsamplers, optimizer, scaler, generator, step, k)
+    if start >= config.steps and not checkpoint.is_file():
+        _save_state(out, config, model, upsamplers, optimizer, scaler, generator, start, k)
+    return TuneResult(upsamplers, checkpoint, start, config.steps, losses)
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # CPU autocast is slower than float32 for these convolutions
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _save_state(
+    out: Path,
+    config: TuneConfig,
+    model: TuningModel,
+    upsamplers: FeatureUpsamplerSet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+    step: int,
+    pivot_timestep: int,
+) -> None:
+    """Weights for serving, then the full training state; each file replaced atomically."""
+    save_upsamplers(
+        out / UPSAMPLERS_FILE,
+        upsamplers,
+        model.unet,
+        scale=config.scale,
+        pivot_timestep=pivot_timestep,
+        extra={"tuning_step": str(step)},
+    )
+    state = {
+        "step": step,
+        "resume_key": json.dumps(config.resume_key()),
+        "base_config_sha256": BaseModelIdentity.of(model.unet).config_sha256,
+        "upsamplers": {k: v.detach().cpu() for k, v in upsamplers.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "generator": generator.get_state(),
+    }
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+    logger.info("saved tuning state at step %d to %s", step, out)
+
+
+def _load_state(
+    out: Path,
+    config: TuneConfig,
+    model: TuningModel,
+    upsamplers: FeatureUpsamplerSet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    generator: torch.Generator,
+) -> int:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: no training state at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or truncated files
+        raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
+    if state.get("base_config_sha256") != BaseModelIdentity.of(model.unet).config_sha256:
+        raise CheckpointError(f"training state {path} was made for another base model")
+    saved_key = json.loads(state["resume_key"])
+    if saved_key != config.resume_key():
+        changed = sorted(k for k in saved_key if saved_key[k] != config.resume_key().get(k))
+        raise CheckpointError(
+            f"cannot resume {path}: settings changed since it was saved ({', '.join(changed)})"
+        )
+    upsamplers.load_state_dict(state["upsamplers"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def _truncate_loss_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`: they belong to steps the resumed run will redo."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line from an interruption
+    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+def config_summary(config: TuneConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
