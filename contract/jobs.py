@@ -1,0 +1,131 @@
+"""The generation job as it crosses Redis: pydantic models serialised as JSON, never pickle."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+
+OutputFormat = Literal["png", "webp", "jpeg"]
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class ErrorCode(enum.StrEnum):
+    """Machine-readable error codes, shared by HTTP errors and failed jobs."""
+
+    INVALID_REQUEST = "invalid_request"
+    BODY_TOO_LARGE = "body_too_large"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    QUEUE_FULL = "queue_full"
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    OUT_OF_MEMORY = "out_of_memory"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    INTERNAL = "internal_error"
+
+
+class GenerationParams(BaseModel):
+    """Normalised parameters of one generation: what the API accepted and the worker runs.
+
+    Field bounds are the API's rules; model-dependent checks (size multiple, pixel budget,
+    model name) need settings and live in the service's validator.
+    """
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    model: str
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    seed: int = Field(ge=0, le=MAX_SEED)
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    method: Literal["self_cascade", "direct"] = "self_cascade"
+    tuned: bool | Literal["auto"] = "auto"
+    pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
+    scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
+    upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    output_format: OutputFormat = "png"
+
+
+class ProgressRecord(BaseModel):
+    stage: int
+    stages: int
+    step: int
+    steps: int
+    fraction: float
+
+
+class OutputRecord(BaseModel):
+    """One stored image. `key` is the storage object key (derived from the job id only)."""
+
+    index: int
+    key: str
+    width: int
+    height: int
+    format: OutputFormat
+    bytes: int
+    sha256: str
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class JobMetrics(BaseModel):
+    queue_s: float | None = None
+    inference_s: float | None = None
+    stage_seconds: list[float] = Field(default_factory=list)
+    unet_evaluations: int | None = None
+    tuned: bool | None = None
+
+
+class JobRecord(BaseModel):
+    """Everything stored about a generation (the Redis hash, decoded)."""
+
+    id: str
+    status: JobStatus
+    params: GenerationParams
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    progress: ProgressRecord | None = None
+    outputs: list[OutputRecord] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+
+
+EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled", "requeued"]
+
+
+class JobEvent(BaseModel):
+    """One entry of a job's event stream; SSE sends these as they are."""
+
+    type: EventType
+    status: JobStatus
+    at: float
+    progress: ProgressRecord | None = None
+    error: ErrorInfo | None = None
+    data: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,39 @@
+"""Redis key names, in one place so API and worker can never disagree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str
+
+    def job(self, job_id: str) -> str:
+        """Hash: status and the JSON fields of one generation."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        """Stream: every status/progress event of one generation, in order (for SSE)."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def cancel(self, job_id: str) -> str:
+        """String flag: set when a client asked to cancel."""
+        return f"{self.prefix}:job:{job_id}:cancel"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def worker(self, name: str) -> str:
+        """String with TTL: a live worker and the models it holds (JSON)."""
+        return f"{self.prefix}:worker:{name}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    def histogram(self, name: str) -> str:
+        """Hash of bucket counters written by workers, exported by the API's /metrics."""
+        return f"{self.prefix}:metrics:{name}"
+
+    def reaper_lock(self) -> str:
+        return f"{self.prefix}:lock:reaper"

@@ -1,0 +1,98 @@
+"""One settings class for every process (API, worker, all-in-one), read from SELFCASCADE_* env.
+
+Built once in each entry point and passed down; nothing here reads the environment at import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSpec(BaseModel):
+    """One entry of the models file: what the worker loads and what the API validates against."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    path: str  # diffusers folder or hub id
+    native_width: int = Field(gt=0)
+    native_height: int = Field(gt=0)
+    # Granularity the API enforces on width/height; the engine re-checks with its own value.
+    size_multiple: int = Field(default=8, gt=0)
+    upsamplers: str | None = None  # tuned-mode feature upsampler checkpoint
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELFCASCADE_", extra="ignore")
+
+    # None means "start an embedded Redis" for selfcascade-serve; the API and worker require it.
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("SELFCASCADE_REDIS_URL", "REDIS_URL")
+    )
+    redis_prefix: str = "selfcascade"
+    queue_name: str = "generations"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, validation_alias=AliasChoices("SELFCASCADE_PORT", "PORT"))
+    data_dir: Path = Path("./data")
+
+    models_file: Path | None = None
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # default: <data_dir>/results
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None  # host clients reach for presigned URLs
+    s3_bucket: str = "selfcascade"
+    s3_prefix: str = "results/"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presign_expiry_s: int = 3600
+    result_ttl_s: int = 7 * 24 * 3600
+
+    max_body_bytes: int = 64 * 1024
+    max_pixels: int = 2048 * 2048
+    max_queue_length: int = 1000
+    job_timeout_s: int = 1800
+    job_retries: int = 2  # extra attempts after a worker died mid-job
+    # A running job's lease: a worker that stops renewing it for this long is presumed dead.
+    worker_lease_s: int = 30
+    reaper_interval_s: float = 5.0
+    progress_interval_s: float = 0.2
+    sse_keepalive_s: float = 15.0
+
+    @property
+    def results_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "results"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.data_dir / "models" / "tiny"
+
+
+TINY_MODEL_NAME = "tiny"
+
+
+def load_model_specs(settings: Settings) -> list[ModelSpec]:
+    """The configured models; without a models file, the tiny demo model under data_dir."""
+    if settings.models_file is None:
+        return [
+            ModelSpec(
+                name=TINY_MODEL_NAME,
+                path=str(settings.tiny_model_dir),
+                native_width=64,
+                native_height=64,
+            )
+        ]
+    raw = json.loads(settings.models_file.read_text())
+    entries = raw["models"] if isinstance(raw, dict) else raw
+    specs = [ModelSpec.model_validate(e) for e in entries]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or not specs:
+        raise ValueError(f"models file {settings.models_file}: names must be unique, non-empty")
+    return specs

@@ -1,0 +1,173 @@
+"""Job state in Redis: one hash per job plus an event stream, changed only by atomic transitions.
+
+A status change and its event are written by one Lua script, so a reader never sees a status
+without its event (SSE and GET agree), and two writers racing (a cancel and a worker picking
+the job up) cannot both win: the transition names the statuses it may start from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+
+from redis import Redis
+
+from contract.jobs import (
+    ErrorInfo,
+    GenerationParams,
+    JobEvent,
+    JobMetrics,
+    JobRecord,
+    JobStatus,
+    OutputRecord,
+    ProgressRecord,
+)
+from contract.keys import RedisKeys
+
+EVENTS_MAXLEN = 2000
+
+# KEYS: job hash, events stream. ARGV: allowed statuses (comma list), new status, event JSON
+# ('' for none), expiry seconds for both keys ('0' keeps them), then field/value pairs.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then allowed = true end
+end
+if not allowed then return 0 end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_MAXLEN, '*', 'event', ARGV[3])
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+""".replace("ARGV_MAXLEN", str(EVENTS_MAXLEN))
+
+
+
+class JobStore:
+    """Typed access to job records; both the API and the worker use it."""
+
+    def __init__(self, redis: Redis, keys: RedisKeys, result_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl_s = result_ttl_s
+        self._transition = redis.register_script(_TRANSITION)
+
+    def create(self, job_id: str, params: GenerationParams, created_at: float) -> JobRecord:
+        record = JobRecord(id=job_id, status=JobStatus.QUEUED, params=params, created_at=created_at)
+        event = JobEvent(type="queued", status=JobStatus.QUEUED, at=created_at)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(
+                self.keys.job(job_id),
+                mapping={
+                    "status": record.status.value,
+                    "params": params.model_dump_json(),
+                    "created_at": repr(created_at),
+                    "attempts": "0",
+                },
+            )
+            pipe.xadd(self.keys.events(job_id), {"event": event.model_dump_json()})
+            pipe.execute()
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return _decode(job_id, fields)
+
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        new: JobStatus,
+        event: JobEvent | None,
+        fields: Mapping[str, object] | None = None,
+    ) -> bool:
+        """Set `new` (and fields) only if the current status is in `allowed`; True if it did."""
+        args: list[str] = [
+            ",".join(s.value for s in allowed),
+            new.value,
+            event.model_dump_json() if event else "",
+            str(self.result_ttl_s if new.is_terminal else 0),
+        ]
+        for name, value in (fields or {}).items():
+            args += [name, _encode(value)]
+        done = self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args)
+        return bool(done)
+
+    def report_progress(self, job_id: str, progress: ProgressRecord) -> bool:
+        event = JobEvent(
+            type="progress", status=JobStatus.RUNNING, at=time.time(), progress=progress
+        )
+        return self.transition(
+            job_id, [JobStatus.RUNNING], JobStatus.RUNNING, event, {"progress": progress}
+        )
+
+    def request_cancel(self, job_id: str) -> None:
+        self.redis.set(self.keys.cancel(job_id), "1", ex=self.result_ttl_s)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.cancel(job_id)))
+
+    def read_events(
+        self, job_id: str, after: str = "0", block_ms: int | None = None
+    ) -> list[tuple[str, JobEvent]]:
+        """Events after stream id `after`, waiting up to `block_ms` for the first one."""
+        reply = self.redis.xread({self.keys.events(job_id): after}, block=block_ms, count=100)
+        return decode_events(reply)
+
+
+def decode_events(reply: object) -> list[tuple[str, JobEvent]]:
+    """Decode an XREAD reply (list of [stream, [(id, {b'event': json})]])."""
+    out: list[tuple[str, JobEvent]] = []
+    for _stream, entries in reply or []:  # type: ignore[attr-defined]
+        for entry_id, data in entries:
+            payload = data.get(b"event") or data.get("event")
+            out.append((_text(entry_id), JobEvent.model_validate_json(payload)))
+    return out
+
+
+def _encode(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, JobStatus):
+        return value.value
+    if hasattr(value, "model_dump_json"):
+        return value.model_dump_json()  # type: ignore[no-any-return]
+    if isinstance(value, list):
+        return "[" + ",".join(_encode(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _decode(job_id: str, f: dict[str, str]) -> JobRecord:
+    def num(name: str) -> float | None:
+        return float(f[name]) if f.get(name) else None
+
+    return JobRecord(
+        id=job_id,
+        status=JobStatus(f["status"]),
+        params=GenerationParams.model_validate_json(f["params"]),
+        created_at=float(f["created_at"]),
+        started_at=num("started_at"),
+        finished_at=num("finished_at"),
+        attempts=int(f.get("attempts", "0")),
+        worker=f.get("worker") or None,
+        progress=ProgressRecord.model_validate_json(f["progress"]) if f.get("progress") else None,
+        outputs=[OutputRecord.model_validate(o) for o in json.loads(f.get("outputs", "[]"))],
+        error=ErrorInfo.model_validate_json(f["error"]) if f.get("error") else None,
+        metrics=JobMetrics.model_validate_json(f["metrics"]) if f.get("metrics") else JobMetrics(),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,55 @@
+"""The storage interface. Object keys come from job ids only, never from user input."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_JOB_ID = re.compile(r"^[a-f0-9]{32}$")
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    bytes: int
+    content_type: str
+
+
+def object_key(job_id: str, index: int, fmt: str) -> str:
+    """`<job id>/<index>.<ext>`; refuses anything that is not one of our job ids."""
+    if not _JOB_ID.match(job_id) or fmt not in CONTENT_TYPES or index < 0:
+        raise ValueError(f"not a valid result key: {job_id!r} {index} {fmt!r}")
+    return f"{job_id}/{index}.{fmt}"
+
+
+class ResultStorage(ABC):
+    """Write-once result objects with metadata, readable by key, expiring after a TTL."""
+
+    @abstractmethod
+    def put(
+        self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> StoredObject:
+        """Store `data` under `key` with small string metadata (seed, sha256, timings...)."""
+
+    @abstractmethod
+    def open(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in chunks; raises FileNotFoundError when it is gone."""
+
+    @abstractmethod
+    def metadata(self, key: str) -> dict[str, str]:
+        """The metadata written with `put`."""
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """A URL clients can fetch directly, or None when the backend serves through the API."""
+        return None
+
+    @abstractmethod
+    def delete_older_than(self, cutoff: float) -> int:
+        """Delete results written before the unix time `cutoff`; returns how many objects."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise if the backend cannot be reached (used at start-up and by /readyz)."""

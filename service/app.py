@@ -1,0 +1,47 @@
+"""The FastAPI app factory. Settings come in as an argument; nothing is read at import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from contract.settings import Settings
+from service.body_limit import BodySizeLimit
+from service.deps import get_settings
+from service.errors import install_error_handlers
+from service.metrics import JobCollector, RequestMetrics
+from service.routes import generations, operations
+from service.services import ApiServices
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    services = ApiServices.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await services.async_redis.aclose()
+        services.redis.close()
+
+    app = FastAPI(
+        title="selfcascade",
+        version="0.1.0",
+        summary="Higher-resolution image generation with self-cascade diffusion",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    registry = CollectorRegistry()
+    registry.register(JobCollector(services))
+    app.state.metrics_registry = registry
+
+    install_error_handlers(app)
+    app.include_router(generations.router)
+    app.include_router(operations.router)
+    # Outermost first: the body limit runs before metrics so a 413 is still counted.
+    app.add_middleware(RequestMetrics, registry=registry)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

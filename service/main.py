@@ -1,0 +1,34 @@
+"""`selfcascade-api`: one API process under uvicorn, configured from SELFCASCADE_* env."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from contract.settings import Settings
+from service.app import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="selfcascade REST API")
+    parser.add_argument("--host", help="bind address (default: settings, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: settings, 8000)")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+
+    settings = Settings()
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=args.log_level,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Prometheus metrics: request counts and latencies here, job numbers read from Redis at scrape.
+
+Each app gets its own CollectorRegistry, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import redis.exceptions
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from rq.registry import StartedJobRegistry
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from contract import histograms
+from service.services import ApiServices
+
+log = logging.getLogger(__name__)
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests by route template (not raw path: ids would explode)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "selfcascade_http_requests_total",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "selfcascade_http_request_seconds",
+            "HTTP request latency until the response starts",
+            ["method", "route"],
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                route = _route_template(scope)
+                self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.requests.labels(scope["method"], _route_template(scope), str(status)).inc()
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class JobCollector(Collector):
+    """Queue depth, running jobs, finished jobs by status, queue-wait and inference histograms."""
+
+    def __init__(self, services: ApiServices) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+        s = self.services
+        try:
+            queued = len(s.queue)
+            running = StartedJobRegistry(queue=s.queue).count
+            finished = histograms.read_counts(s.redis, s.keys, histograms.JOBS_FINISHED)
+            waits = histograms.read_histogram(s.redis, s.keys, histograms.QUEUE_WAIT)
+            infer = histograms.read_histogram(s.redis, s.keys, histograms.INFERENCE)
+        except redis.exceptions.RedisError as exc:
+            log.warning("metrics: redis unavailable: %s", exc)
+            up = GaugeMetricFamily("selfcascade_redis_up", "Redis reachable at scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("selfcascade_redis_up", "Redis reachable at scrape")
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("selfcascade_queue_depth", "Generations waiting in the queue")
+        depth.add_metric([], queued)
+        yield depth
+        jobs = GaugeMetricFamily(
+            "selfcascade_jobs", "Generations by live status", labels=["status"]
+        )
+        jobs.add_metric(["queued"], queued)
+        jobs.add_metric(["running"], running)
+        yield jobs
+        done = CounterMetricFamily(
+            "selfcascade_jobs_finished", "Generations finished, by status", labels=["status"]
+        )
+        for status, count in sorted(finished.items()):
+            done.add_metric([status], count)
+        yield done
+        for name, (buckets, total), help_text in (
+            ("selfcascade_queue_wait_seconds", waits, "Time from accepted to started"),
+            ("selfcascade_inference_seconds", infer, "Engine time per generation"),
+        ):
+            hist = HistogramMetricFamily(name, help_text)
+            hist.add_metric([], buckets, total)
+            yield hist
+
+
+def metrics_request_registry(request: Request) -> CollectorRegistry:
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return registry

@@ -1,0 +1,75 @@
+"""Public request and response bodies. Stored shapes live in contract.jobs; these are the views."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contract.jobs import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    ErrorInfo,
+    GenerationParams,
+    JobMetrics,
+    JobStatus,
+    OutputFormat,
+    ProgressRecord,
+)
+
+
+class GenerationCreate(BaseModel):
+    """POST /v1/generations. Unknown fields are refused so a typo never silently defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None  # default: the first configured model
+    width: int | None = Field(default=None, gt=0)  # default: the model's native size
+    height: int | None = Field(default=None, gt=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # random when absent, echoed
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    method: Literal["self_cascade", "direct"] = "self_cascade"
+    tuned: bool | Literal["auto"] = "auto"
+    pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
+    scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
+    upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    output_format: OutputFormat = "png"
+
+
+class OutputView(BaseModel):
+    url: str
+    width: int
+    height: int
+    format: OutputFormat
+    bytes: int
+    sha256: str
+
+
+class GenerationView(BaseModel):
+    id: str
+    status: JobStatus
+    model: str
+    params: GenerationParams
+    progress: ProgressRecord | None
+    queue_position: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    outputs: list[OutputView]
+    error: ErrorInfo | None
+    metrics: JobMetrics
+
+
+class ModelView(BaseModel):
+    name: str
+    native_width: int
+    native_height: int
+    size_multiple: int
+    tuned_available: bool
+    loaded_by_workers: int

@@ -1,0 +1,48 @@
+"""The long-lived objects one API process holds, built once from settings in create_app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+
+from contract.keys import RedisKeys
+from contract.queueing import generation_queue
+from contract.redis_connection import connect
+from contract.settings import ModelSpec, Settings, load_model_specs
+from contract.state import JobStore
+from contract.storage import ResultStorage, build_storage
+
+
+@dataclass
+class ApiServices:
+    settings: Settings
+    redis: Redis
+    async_redis: AsyncRedis
+    keys: RedisKeys
+    store: JobStore
+    queue: Queue
+    storage: ResultStorage
+    models: list[ModelSpec]
+
+    @classmethod
+    def build(cls, settings: Settings) -> ApiServices:
+        if not settings.redis_url:
+            raise ValueError("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the API")
+        # Short timeouts: a dead Redis must become a quick 503, not a hung request.
+        client = connect(settings.redis_url, socket_timeout=3.0)
+        keys = RedisKeys(settings.redis_prefix)
+        return cls(
+            settings=settings,
+            redis=client,
+            async_redis=AsyncRedis.from_url(
+                settings.redis_url, socket_connect_timeout=2.0, socket_timeout=None
+            ),
+            keys=keys,
+            store=JobStore(client, keys, settings.result_ttl_s),
+            queue=generation_queue(client, settings),
+            storage=build_storage(settings),
+            models=load_model_specs(settings),
+        )

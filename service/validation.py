@@ -1,0 +1,42 @@
+"""Checks that need the configuration: model names, size multiples, the pixel budget."""
+
+from __future__ import annotations
+
+import secrets
+
+from contract.jobs import MAX_SEED, ErrorCode, GenerationParams
+from contract.settings import ModelSpec, Settings
+from service.errors import ApiError
+from service.schemas import GenerationCreate
+
+
+def normalise(
+    body: GenerationCreate, models: list[ModelSpec], settings: Settings
+) -> GenerationParams:
+    """The accepted parameters with every default filled in; 422 naming the first bad one."""
+    by_name = {m.name: m for m in models}
+    name = body.model or models[0].name
+    spec = by_name.get(name)
+    if spec is None:
+        raise _invalid("model", f"unknown model {name!r}; known: {', '.join(by_name)}")
+
+    width = body.width or spec.native_width
+    height = body.height or spec.native_height
+    for param, value in (("width", width), ("height", height)):
+        if value % spec.size_multiple:
+            raise _invalid(
+                param,
+                f"must be a multiple of {spec.size_multiple} px for model {name}, got {value}",
+            )
+    if width * height > settings.max_pixels:
+        raise _invalid(
+            "width" if width >= height else "height",
+            f"{width}x{height} exceeds the pixel budget of {settings.max_pixels} pixels",
+        )
+    seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    fields = body.model_dump(exclude={"model", "width", "height", "seed"})
+    return GenerationParams(model=name, width=width, height=height, seed=seed, **fields)
+
+
+def _invalid(param: str, message: str) -> ApiError:
+    return ApiError(422, ErrorCode.INVALID_REQUEST, f"{param}: {message}", param)

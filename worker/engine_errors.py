@@ -1,0 +1,26 @@
+"""Accelerator failures, recognised in one place (the only torch import of the job path)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # Some kernels surface OOM as a plain RuntimeError with this text.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Drop what the failed job held so the next job starts from the resident models only."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        allocated_mib = torch.cuda.memory_allocated() / 2**20
+        log.info("freed CUDA cache: %.0f MiB still allocated", allocated_mib)

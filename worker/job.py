@@ -1,0 +1,136 @@
+"""The RQ job function: one generation, from queued to a terminal status.
+
+Every outcome is written to the job hash here, so the function returns normally for failures
+too; an exception escaping it would be a bug (RQ records it, and the record is marked failed).
+The only things that make RQ retry the job are a worker dying mid-job (see worker.abandoned).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from rq.timeouts import JobTimeoutException
+
+from contract import histograms
+from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobMetrics, JobRecord, JobStatus
+from worker.cancel_flag import RedisCancelFlag
+from worker.engine_errors import free_accelerator_memory, is_out_of_memory
+from worker.outputs import store_images
+from worker.progress_reporter import ThrottledProgress
+from worker.resident import WorkerRuntime, runtime
+
+log = logging.getLogger(__name__)
+
+_LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def run_generation(job_id: str) -> str:
+    rt = runtime()
+    record = rt.store.get(job_id)
+    if record is None or record.status.is_terminal:
+        return "skipped"
+    if rt.store.cancel_requested(job_id):
+        _finish(rt, record, JobStatus.CANCELED)
+        return JobStatus.CANCELED.value
+
+    started_at = time.time()
+    event = JobEvent(
+        type="started",
+        status=JobStatus.RUNNING,
+        at=started_at,
+        data={"attempt": record.attempts + 1, "worker": rt.worker_name},
+    )
+    fields = {
+        "started_at": started_at,
+        "attempts": record.attempts + 1,
+        "worker": rt.worker_name,
+        "progress": "",
+    }
+    if not rt.store.transition(job_id, _LIVE, JobStatus.RUNNING, event, fields):
+        return "skipped"  # canceled between the read and the transition
+    if record.attempts == 0:
+        histograms.observe(
+            rt.store.redis, rt.store.keys, histograms.QUEUE_WAIT, started_at - record.created_at
+        )
+    return _generate(rt, record, started_at)
+
+
+def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
+    from selfcascade.errors import GenerationCancelled, InvalidRequest, SelfCascadeError
+    from selfcascade.request import GenerationRequest
+
+    params = record.params
+    model = rt.models.get(params.model)
+    if model is None:
+        return _fail(rt, record, ErrorCode.MODEL_UNAVAILABLE, f"model {params.model} not loaded")
+    request = GenerationRequest(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        pivot_strength=params.pivot_strength,
+        upsample_mode=params.upsample_mode,
+        scheduler=params.scheduler,
+        method=params.method,
+    )
+    progress = ThrottledProgress(rt.store, record.id, rt.settings.progress_interval_s)
+    hooks = model.stage_hooks(params)
+    try:
+        result = model.engine.generate(
+            request,
+            on_progress=progress,
+            cancel=RedisCancelFlag(rt.store, record.id),
+            stage_hooks=hooks,
+        )
+        outputs = store_images(rt.storage, record.id, result.images, params, result.stage_seconds)
+    except GenerationCancelled:
+        _finish(rt, record, JobStatus.CANCELED)
+        return JobStatus.CANCELED.value
+    except InvalidRequest as exc:
+        return _fail(rt, record, ErrorCode.INVALID_REQUEST, str(exc))
+    except JobTimeoutException:
+        return _fail(rt, record, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s")
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            free_accelerator_memory()
+            return _fail(rt, record, ErrorCode.OUT_OF_MEMORY, "accelerator out of memory")
+        log.exception("generation %s failed", record.id)
+        code = ErrorCode.INTERNAL
+        if not isinstance(exc, SelfCascadeError) and isinstance(exc, OSError):
+            code = ErrorCode.STORAGE_UNAVAILABLE
+        return _fail(rt, record, code, f"{type(exc).__name__}: {exc}")
+
+    inference_s = result.total_seconds
+    histograms.observe(rt.store.redis, rt.store.keys, histograms.INFERENCE, inference_s)
+    metrics = JobMetrics(
+        queue_s=started_at - record.created_at,
+        inference_s=inference_s,
+        stage_seconds=result.stage_seconds,
+        unet_evaluations=result.unet_evaluations,
+        tuned=bool(hooks),
+    )
+    _finish(rt, record, JobStatus.SUCCEEDED, outputs=outputs, metrics=metrics)
+    return JobStatus.SUCCEEDED.value
+
+
+def _fail(rt: WorkerRuntime, record: JobRecord, code: ErrorCode, message: str) -> str:
+    log.warning("generation %s failed: %s %s", record.id, code.value, message)
+    _finish(rt, record, JobStatus.FAILED, error=ErrorInfo(code=code, message=message))
+    return JobStatus.FAILED.value
+
+
+def _finish(rt: WorkerRuntime, record: JobRecord, status: JobStatus, **fields: object) -> None:
+    now = time.time()
+    error = fields.get("error")
+    event = JobEvent(
+        type=status.value,  # type: ignore[arg-type]
+        status=status,
+        at=now,
+        error=error if isinstance(error, ErrorInfo) else None,
+    )
+    if rt.store.transition(record.id, _LIVE, status, event, {"finished_at": now, **fields}):
+        histograms.count_finished(rt.store.redis, rt.store.keys, status.value)

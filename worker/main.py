@@ -1,0 +1,60 @@
+"""`selfcascade-worker`: load the configured models once, then serve generations from RQ."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import uuid
+
+from contract.keys import RedisKeys
+from contract.queueing import generation_queue
+from contract.redis_connection import connect
+from contract.settings import Settings, load_model_specs
+from contract.state import JobStore
+from contract.storage import build_storage
+from worker.process import GenerationWorker
+from worker.resident import WorkerRuntime, install, load_models
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="selfcascade generation worker")
+    parser.add_argument("--name", help="worker name (default: host-pid-random)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+
+    settings = Settings()
+    if not settings.redis_url:
+        raise SystemExit("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the worker")
+    # The blocking dequeue needs a socket timeout longer than its own wait (RQ adjusts it).
+    redis = connect(settings.redis_url, socket_timeout=60.0)
+    keys = RedisKeys(settings.redis_prefix)
+    storage = build_storage(settings)
+    storage.check()
+    name = args.name or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    runtime = WorkerRuntime(
+        settings=settings,
+        store=JobStore(redis, keys, settings.result_ttl_s),
+        storage=storage,
+        worker_name=name,
+    )
+    runtime.models = load_models(load_model_specs(settings), settings)
+    install(runtime)
+
+    worker = GenerationWorker(
+        [generation_queue(redis, settings)], runtime=runtime, connection=redis, name=name
+    )
+    worker.start_reaper()
+    log.info("worker %s ready with models %s", name, ", ".join(runtime.models))
+    try:
+        worker.work(burst=args.burst, with_scheduler=False)
+    finally:
+        worker.stop_reaper()
+
+
+if __name__ == "__main__":
+    main()

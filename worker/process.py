@@ -1,0 +1,131 @@
+"""The worker process: an RQ SimpleWorker that keeps models resident and leases its jobs.
+
+SimpleWorker runs each job in this process: no fork, so a CUDA context and the loaded models
+survive from one job to the next. Because nothing monitors a SimpleWorker's job from outside,
+a lease thread renews the job's StartedJobRegistry entry every few seconds; when the process
+dies the lease lapses, and any worker's reaper hands the job back to RQ (worker.abandoned).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
+
+from contract.keys import RedisKeys
+from worker.abandoned import make_exception_handler
+from worker.resident import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+RESULT_SWEEP_INTERVAL_S = 3600.0
+
+
+class GenerationWorker(SimpleWorker):
+    """A SimpleWorker with short job leases, a presence key for /readyz, and a reaper thread."""
+
+    def __init__(self, queues: list[Queue], *, runtime: WorkerRuntime, **kwargs: Any) -> None:
+        self.runtime = runtime
+        self.keys = RedisKeys(runtime.settings.redis_prefix)
+        self.lease_s = runtime.settings.worker_lease_s
+        kwargs.setdefault("serializer", JSONSerializer)
+        # worker_ttl bounds how long a blocking dequeue waits between heartbeats.
+        kwargs.setdefault("worker_ttl", max(20, self.lease_s))
+        kwargs.setdefault("exception_handlers", [make_exception_handler(runtime.store)])
+        super().__init__(queues, **kwargs)
+        self._stop_reaper = threading.Event()
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long the job's registry entry stays valid without a renewal: the lease."""
+        return self.lease_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew_lease, args=(job, execution, stop), name="lease", daemon=True
+        )
+        renewer.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            renewer.join(timeout=5)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _renew_lease(self, job: Job, execution: Any, stop: threading.Event) -> None:
+        while not stop.wait(max(0.5, self.lease_s / 3)):
+            try:
+                self.maintain_heartbeats(job, execution)
+                self.publish_presence()
+            except Exception:
+                log.exception("lease renewal failed for job %s", job.id)
+
+    # -- presence (/readyz, /v1/models) -----------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        self.publish_presence()
+
+    def publish_presence(self) -> None:
+        info = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "models": sorted(self.runtime.models),
+            "at": time.time(),
+        }
+        # Outlives one blocking dequeue (worker_ttl - 15 s) plus slack, and no more.
+        self.connection.set(self.keys.worker(self.name), json.dumps(info), ex=self.worker_ttl)
+
+    def register_death(self) -> None:
+        self.connection.delete(self.keys.worker(self.name))
+        super().register_death()
+
+    # -- reaper ----------------------------------------------------------------------------
+
+    def start_reaper(self) -> threading.Thread:
+        thread = threading.Thread(target=self._reap_forever, name="reaper", daemon=True)
+        thread.start()
+        return thread
+
+    def stop_reaper(self) -> None:
+        self._stop_reaper.set()
+
+    def _reap_forever(self) -> None:
+        interval = self.runtime.settings.reaper_interval_s
+        swept_at = 0.0
+        while not self._stop_reaper.wait(interval):
+            try:
+                reap_abandoned_jobs(
+                    self.connection, self.queues, self.keys, interval, self._exc_handlers
+                )
+                if time.time() - swept_at > RESULT_SWEEP_INTERVAL_S:
+                    swept_at = time.time()
+                    cutoff = swept_at - self.runtime.settings.result_ttl_s
+                    removed = self.runtime.storage.delete_older_than(cutoff)
+                    if removed:
+                        log.info("deleted %d expired results", removed)
+            except Exception:
+                log.exception("reaper pass failed; will retry")
+
+
+def reap_abandoned_jobs(
+    redis: Redis, queues: list[Queue], keys: RedisKeys, interval: float, handlers: list[Any]
+) -> None:
+    """Let RQ retry or fail jobs whose lease lapsed; one worker at a time does it."""
+    if not redis.set(keys.reaper_lock(), "1", nx=True, px=max(100, int(interval * 900))):
+        return
+    for queue in queues:
+        StartedJobRegistry(queue=queue).cleanup(exception_handlers=handlers)

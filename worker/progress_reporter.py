@@ -1,0 +1,34 @@
+"""Engine progress -> the job hash and event stream, throttled so Redis is not written per step
+of a fast model, but always writing the last step of every stage."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from contract.jobs import ProgressRecord
+from contract.state import JobStore
+
+
+class ThrottledProgress:
+    def __init__(self, store: JobStore, job_id: str, min_interval_s: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.min_interval_s = min_interval_s
+        self._written_at = 0.0
+        self.last: ProgressRecord | None = None
+
+    def __call__(self, progress: Any) -> None:
+        record = ProgressRecord(
+            stage=progress.stage,
+            stages=progress.stages,
+            step=progress.step,
+            steps=progress.steps,
+            fraction=round(float(progress.fraction), 6),
+        )
+        self.last = record
+        now = time.monotonic()
+        stage_done = progress.step == progress.steps
+        if stage_done or now - self._written_at >= self.min_interval_s:
+            self._written_at = now
+            self.store.report_progress(self.job_id, record)

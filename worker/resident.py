@@ -1,0 +1,100 @@
+"""The models this worker holds, loaded once at start and kept for its whole life.
+
+`RESIDENT` is the one module-level mutable object the project allows: the RQ job function runs
+in this process (SimpleWorker, no fork) and finds its loaded pipelines and services here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from contract.jobs import GenerationParams
+from contract.settings import TINY_MODEL_NAME, ModelSpec, Settings
+from contract.state import JobStore
+from contract.storage import ResultStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidentModel:
+    spec: ModelSpec
+    engine: Any  # selfcascade.pipeline.SelfCascadePipeline; typed loosely to keep imports lazy
+    tuned_hook: Any | None = None  # selfcascade.tuned.TunedStageHook when upsamplers are set
+
+    def stage_hooks(self, params: GenerationParams) -> list[Any]:
+        """THE place a request's `tuned` flag becomes engine stage hooks.
+
+        tuned=True needs a checkpoint (the API refuses it otherwise); "auto" uses one if the
+        model has it; False never does.
+        """
+        if params.tuned is False or self.tuned_hook is None:
+            return []
+        return [self.tuned_hook]
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    store: JobStore
+    storage: ResultStorage
+    worker_name: str
+    models: dict[str, ResidentModel] = field(default_factory=dict)
+
+
+RESIDENT: dict[str, WorkerRuntime] = {}
+
+
+def runtime() -> WorkerRuntime:
+    if "runtime" not in RESIDENT:
+        raise RuntimeError("the worker runtime is not initialised (run selfcascade-worker)")
+    return RESIDENT["runtime"]
+
+
+def install(runtime_: WorkerRuntime) -> None:
+    RESIDENT["runtime"] = runtime_
+
+
+def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, ResidentModel]:
+    """Load every configured model; the tiny default is written to disk the first time."""
+    from selfcascade.loading import load_pipeline
+    from selfcascade.pipeline import SelfCascadePipeline
+
+    loaded: dict[str, ResidentModel] = {}
+    for spec in specs:
+        if spec.name == TINY_MODEL_NAME and settings.models_file is None:
+            ensure_tiny_model(settings)
+        pipe = load_pipeline(spec.path, dtype=spec.dtype, device=spec.device)
+        engine = SelfCascadePipeline(pipe)
+        if spec.size_multiple % engine.size_multiple:
+            log.warning(
+                "model %s: models file says size_multiple %d but the engine needs multiples of %d",
+                spec.name, spec.size_multiple, engine.size_multiple,
+            )
+        loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
+        log.info("model %s resident (%s)", spec.name, spec.path)
+    return loaded
+
+
+def _tuned_hook(spec: ModelSpec, pipe: Any) -> Any | None:
+    """A model's upsampler checkpoint -> the tuned-mode stage hook, verified against its UNet."""
+    if spec.upsamplers is None:
+        return None
+    from selfcascade.checkpoint import load_upsamplers
+    from selfcascade.tuned import TunedStageHook
+
+    checkpoint = load_upsamplers(spec.upsamplers, pipe.unet)
+    return TunedStageHook(checkpoint.upsamplers)
+
+
+def ensure_tiny_model(settings: Settings) -> None:
+    path = settings.tiny_model_dir
+    if (path / "model_index.json").is_file():
+        return
+    from selfcascade.tiny_models import save_tiny_sd
+
+    log.info("writing the tiny demo model to %s", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tiny_sd(path)
