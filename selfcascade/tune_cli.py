@@ -1,0 +1,75 @@
+"""`selfcascade tune`: train the feature upsamplers of the tuned self-cascade.
+
+Registered by `selfcascade.cli` through `add_tune_parser`. Writes into `--out`:
+`upsamplers.safetensors` (what `generate --upsamplers` loads), `training_state.pt` (what
+`--resume` continues from) and `loss.jsonl` (one {"step", "loss", "elapsed_s"} line per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        "tune",
+        help="train the tuned self-cascade's feature upsamplers (base model frozen)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="diffusers folder or hub id of the base model")
+    p.add_argument(
+        "--data", type=Path, required=True, help="folder of images, optional same-name .txt"
+    )
+    p.add_argument("--scale", type=int, default=2, help="side ratio HR / LR (default 2)")
+    p.add_argument("--steps", type=int, default=4000, help="total steps (paper: 4k-10k)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
+    p.add_argument("--crop-size", type=int, default=None, help="default: native size x scale")
+    p.add_argument("--pivot-strength", type=float, default=0.7, help="K / T (default 0.7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mixed-precision", action="store_true", help="float32 on CUDA too")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="base model dtype (auto: fp16 on CUDA)")
+    p.set_defaults(handler=run_tune)
+    return p
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from selfcascade.loading import load_pipeline
+    from selfcascade.tuning import StepReport, TuneConfig, tune
+
+    config = TuneConfig(
+        data_dir=args.data,
+        out_dir=args.out,
+        scale=args.scale,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pivot_strength=args.pivot_strength,
+        crop_size=args.crop_size,
+        save_every=args.save_every,
+        seed=args.seed,
+        resume=args.resume,
+        mixed_precision=not args.no_mixed_precision,
+    )
+    # SelfCascadeError (bad data, bad checkpoint, bad model) is reported by the cli's main.
+    config.validate()  # bad arguments fail before the model loads
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    with tqdm(total=config.steps, unit="step", dynamic_ncols=True) as bar:
+
+        def on_step(report: StepReport) -> None:
+            if bar.n == 0 and report.step > 1:
+                bar.update(report.step - 1)  # resumed: start the bar at the saved step
+            bar.set_postfix(loss=f"{report.loss:.4f}")
+            bar.update(1)
+
+        result = tune(pipe, config, on_step=on_step)
+    print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
+    return 0
