@@ -20,6 +20,9 @@ def normalise(
     if spec is None:
         raise _invalid("model", f"unknown model {name!r}; known: {', '.join(by_name)}")
 
+    if body.tuned is True and spec.upsamplers is None:
+        raise _invalid("tuned", f"model {name} has no tuned upsamplers; use false or auto")
+
     width = body.width or spec.native_width
     height = body.height or spec.native_height
     for param, value in (("width", width), ("height", height)):

@@ -1,0 +1,90 @@
+"""`selfcascade-serve` (`make run`): Redis (embedded when none is configured), one worker and
+the API on one machine, stopped together on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import httpx
+
+from contract.settings import Settings
+from service.embedded_redis import EmbeddedRedis
+
+log = logging.getLogger("selfcascade.serve")
+
+READY_TIMEOUT_S = 300.0  # the first start writes the tiny model and imports torch
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings()
+    env = dict(os.environ)
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis")
+        embedded.start()
+        env["SELFCASCADE_REDIS_URL"] = embedded.url
+
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        children.append(subprocess.Popen([sys.executable, "-m", "worker.main"], env=env))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "service.main", "--host", settings.host,
+                 "--port", str(settings.port)],
+                env=env,
+            )
+        )
+        url = f"http://{settings.host}:{settings.port}"
+        _wait_until_ready(url, children)
+        print(f"selfcascade is serving on {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        log.error("a child process exited; shutting down")
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        _stop_all(children)
+        if embedded is not None:
+            embedded.stop()
+
+
+def _wait_until_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("the worker or the API exited during start-up")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"not ready after {READY_TIMEOUT_S:.0f}s")
+
+
+def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(timeout=5)
+
+
+if __name__ == "__main__":
+    main()

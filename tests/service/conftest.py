@@ -1,0 +1,51 @@
+"""A live stack for service tests: real Redis, real worker subprocesses, real uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from contract.settings import Settings
+from tests.live_stack import write_models_file
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SD pipeline, written once per session."""
+    from selfcascade.tiny_models import save_tiny_sd
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_tiny_sd(path)
+    return path
+
+
+def make_settings(
+    redis_url: str, prefix: str, data_dir: Path, model_dir: Path, **overrides: object
+) -> Settings:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values: dict[str, object] = dict(
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        data_dir=data_dir,
+        models_file=write_models_file(data_dir / "models.json", model_dir),
+        worker_lease_s=3,
+        reaper_interval_s=0.5,
+        progress_interval_s=0.02,
+        sse_keepalive_s=1.0,
+        max_pixels=256 * 256,
+        job_retries=2,
+    )
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings_for(
+    redis_url: str, key_prefix: str, tmp_path: Path, tiny_model_dir: Path
+) -> Iterator[object]:
+    def build(**overrides: object) -> Settings:
+        return make_settings(redis_url, key_prefix, tmp_path / "data", tiny_model_dir, **overrides)
+
+    yield build

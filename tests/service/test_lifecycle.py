@@ -1,0 +1,195 @@
+"""POST -> a real worker -> GET/SSE -> download; cancel queued and running jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from redis import Redis
+
+from contract.settings import Settings
+from service.app import create_app
+from tests.conftest import free_port
+from tests.live_stack import ApiServer, WorkerProcess, wait_for, wait_status
+from tests.service.conftest import make_settings
+
+pytestmark = pytest.mark.integration
+
+FAST = {"prompt": "a red fox", "width": 128, "height": 128, "steps": 6}
+# Long enough to be observed and canceled mid-run on a slow CPU, bounded by the steps limit.
+SLOW = {"prompt": "a long one", "width": 64, "height": 64, "steps": 150, "method": "direct"}
+
+
+class Stack:
+    def __init__(self, settings: Settings, api: ApiServer, worker: WorkerProcess) -> None:
+        self.settings = settings
+        self.api = api
+        self.worker = worker
+        self.client = api.client()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("lifecycle")
+    settings = make_settings(redis_url, f"t{uuid.uuid4().hex[:10]}", data, tiny_model_dir)
+    redis = Redis.from_url(redis_url)
+    worker = WorkerProcess(settings, "lifecycle-1", data).start()
+    try:
+        worker.wait_ready(redis)
+        with ApiServer(create_app(settings), free_port()) as api:
+            yield Stack(settings, api, worker)
+    finally:
+        worker.stop()
+        redis.close()
+
+
+def post(stack: Stack, body: dict) -> dict:
+    response = stack.client.post("/v1/generations", json=body)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/generations/{response.json()['id']}"
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_generation_runs_to_success_with_monotonic_progress(stack: Stack) -> None:
+    created = post(stack, FAST)
+    assert created["status"] == "queued"
+    assert 0 <= created["params"]["seed"] < 2**32  # random seed, echoed
+
+    seen: list[dict] = []
+
+    def finished() -> bool:
+        body = stack.client.get(f"/v1/generations/{created['id']}").json()
+        seen.append(body)
+        return body["status"] in ("succeeded", "failed", "canceled")
+
+    wait_for(finished, 120, "generation to finish", interval_s=0.02)
+    statuses = [b["status"] for b in seen]
+    final = seen[-1]
+    assert final["status"] == "succeeded", final
+    assert "running" in statuses
+    # Status only moves forward: queued* running* succeeded.
+    order = {"queued": 0, "running": 1, "succeeded": 2}
+    assert [order[s] for s in statuses] == sorted(order[s] for s in statuses)
+    fractions = [b["progress"]["fraction"] for b in seen if b["progress"]]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert final["progress"]["stages"] == 2  # 128 px from a 64 px model: one re-noise stage
+    assert final["metrics"]["inference_s"] > 0
+    assert len(final["metrics"]["stage_seconds"]) == 2
+
+    [output] = final["outputs"]
+    download = stack.client.get(output["url"])
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "image/png"
+    assert hashlib.sha256(download.content).hexdigest() == output["sha256"]
+    image = Image.open(io.BytesIO(download.content))
+    assert image.size == (128, 128) == (output["width"], output["height"])
+
+
+def read_sse(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    events: list[tuple[str, dict]] = []
+    with client.stream("GET", f"/v1/generations/{job_id}/events", timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and name:
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_sse_streams_the_same_lifecycle(stack: Stack) -> None:
+    created = post(stack, {**FAST, "seed": 7})
+    events = read_sse(stack.client, created["id"])  # returns once a terminal event arrives
+    names = [n for n, _ in events]
+    assert names[0] == "queued" and names[1] == "started" and names[-1] == "succeeded"
+    assert set(names[2:-1]) == {"progress"}
+    fractions = [e["progress"]["fraction"] for n, e in events if n == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # A late subscriber replays the same sequence from the stream.
+    assert [n for n, _ in read_sse(stack.client, created["id"])] == names
+    final = stack.client.get(f"/v1/generations/{created['id']}").json()
+    assert final["status"] == "succeeded" and final["params"]["seed"] == 7
+
+
+def test_cancel_queued_and_running_then_worker_takes_next_job(stack: Stack) -> None:
+    running = post(stack, SLOW)
+    queued = post(stack, SLOW)
+    wait_for(
+        lambda: stack.client.get(f"/v1/generations/{running['id']}").json()["progress"],
+        120, "the first job to make progress",
+    )
+    assert stack.client.get(f"/v1/generations/{queued['id']}").json()["queue_position"] == 0
+
+    answer = stack.client.post(f"/v1/generations/{queued['id']}/cancel")
+    assert answer.status_code == 202
+    assert answer.json()["status"] == "canceled"  # a queued job is canceled at once
+
+    answer = stack.client.post(f"/v1/generations/{running['id']}/cancel")
+    assert answer.status_code == 202
+    final = wait_status(stack.client, running["id"], {"canceled", "failed", "succeeded"}, 60)
+    assert final["status"] == "canceled"
+    assert final["progress"]["fraction"] < 1.0
+
+    after = post(stack, FAST)
+    assert wait_status(stack.client, after["id"], {"succeeded", "failed"}, 120)["status"] == (
+        "succeeded"
+    )
+    never_ran = stack.client.get(f"/v1/generations/{queued['id']}").json()
+    assert never_ran["status"] == "canceled" and never_ran["attempts"] == 0
+    # Canceling again is harmless; canceling a finished job is a conflict.
+    assert stack.client.post(f"/v1/generations/{queued['id']}/cancel").status_code == 200
+    conflict = stack.client.post(f"/v1/generations/{after['id']}/cancel")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "conflict"
+
+
+def test_operations_endpoints(stack: Stack) -> None:
+    assert stack.client.get("/healthz").json() == {"status": "ok"}
+    ready = stack.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["workers"] >= 1
+    models = stack.client.get("/v1/models").json()["data"]
+    assert models[0]["name"] == "tiny" and models[0]["loaded_by_workers"] == 1
+    metrics = stack.client.get("/metrics").text
+    assert "selfcascade_queue_depth" in metrics
+    assert 'selfcascade_jobs_finished_total{status="succeeded"}' in metrics
+    assert "selfcascade_inference_seconds_bucket" in metrics
+    assert 'selfcascade_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
+    assert stack.client.get("/docs").status_code == 200
+    assert stack.client.get("/openapi.json").json()["paths"]["/v1/generations"]
+
+
+def test_unknown_ids_answer_404(stack: Stack) -> None:
+    for path in (
+        "/v1/generations/" + "0" * 32,
+        "/v1/generations/not-an-id",
+        "/v1/generations/" + "0" * 32 + "/events",
+        "/v1/generations/" + "0" * 32 + "/outputs/0",
+    ):
+        answer = stack.client.get(path)
+        assert answer.status_code == 404, path
+        assert answer.json()["error"]["code"] == "not_found"
+    assert stack.client.post("/v1/generations/" + "0" * 32 + "/cancel").status_code == 404
+
+
+def test_idempotency_key_replays_and_conflicts(stack: Stack) -> None:
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {**FAST, "steps": 2, "seed": 1}
+    first = stack.client.post("/v1/generations", json=body, headers=headers)
+    again = stack.client.post("/v1/generations", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = stack.client.post("/v1/generations", json={**body, "seed": 2}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["param"] == "Idempotency-Key"
+    wait_status(stack.client, first.json()["id"], {"succeeded"}, 120)
