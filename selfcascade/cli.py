@@ -1,0 +1,170 @@
+"""`selfcascade` command line: generate images, write a tiny test model, tune upsamplers.
+
+Errors a user can cause (missing model, bad sizes, bad values) print one line and exit 2;
+a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from selfcascade.errors import SelfCascadeError
+from selfcascade.request import LR_FEATURE_MODES, METHODS, SCHEDULERS, UPSAMPLE_MODES
+
+log = logging.getLogger("selfcascade")
+
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfcascade",
+        description="Self-cascade diffusion: images above a model's training resolution.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_generate(commands)
+    _add_tiny_model(commands)
+    _add_optional_commands(commands)
+    return parser
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("generate", help="generate one image")
+    p.add_argument("--model", required=True, help="diffusers folder or hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--width", type=int, required=True)
+    p.add_argument("--height", type=int, required=True)
+    p.add_argument("--seed", type=int, help="random when omitted; always printed")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--pivot-strength", type=float, default=0.7, help="K/T, paper: 0.7")
+    p.add_argument("--method", choices=METHODS, default="self_cascade")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, default="bilinear")
+    p.add_argument("--upsamplers", type=Path, help="tuned feature-upsampler checkpoint")
+    p.add_argument("--lr-features", choices=LR_FEATURE_MODES, default="per_step")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, default=Path("out.png"))
+    p.set_defaults(handler=_generate)
+
+
+def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "tiny-model", help="write a tiny random SD pipeline folder (for tests and smoke runs)"
+    )
+    p.add_argument("path", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_tiny_model)
+
+
+def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
+    """Commands that live in their own modules register themselves here."""
+    try:
+        from selfcascade.tune_cli import add_tune_parser
+    except ImportError:  # the tuning module is optional at this layer
+        return
+    add_tune_parser(commands)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import secrets
+
+    from tqdm import tqdm
+
+    from selfcascade.loading import load_pipeline
+    from selfcascade.pipeline import PIPELINE_SIZE_MULTIPLE, SelfCascadePipeline
+    from selfcascade.progress import Progress
+    from selfcascade.request import GenerationRequest
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=seed,
+        pivot_strength=args.pivot_strength,
+        upsample_mode=args.upsample_mode,
+        scheduler=args.scheduler,
+        method=args.method,
+        lr_features=args.lr_features,
+    )
+    # Model-independent checks first: a bad value should not wait for a model to load.
+    request.validate(PIPELINE_SIZE_MULTIPLE)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    engine = SelfCascadePipeline(pipe)
+    engine.validate(request)
+    hooks = _stage_hooks(args, pipe)
+
+    with tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {desc}") as bar:
+
+        def on_progress(p: Progress) -> None:
+            bar.set_description_str(f"stage {p.stage}/{p.stages} step {p.step}/{p.steps}")
+            bar.update(round(p.fraction * 1000) - bar.n)
+
+        result = engine.generate(request, on_progress=on_progress, stage_hooks=hooks)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(args.out)
+    stages = " -> ".join(str(s) for s in result.stages)
+    timings = ", ".join(f"{s:.2f}s" for s in result.stage_seconds)
+    print(f"wrote {args.out} ({result.images[0].width}x{result.images[0].height})")
+    print(f"seed {seed}; stages {stages}; {result.unet_evaluations} UNet evaluations; {timings}")
+    return 0
+
+
+def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:
+    if args.upsamplers is None:
+        return []
+    from selfcascade.tuned import load_tuned_hook
+
+    return [load_tuned_hook(args.upsamplers, pipe)]
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from selfcascade.tiny_models import save_tiny_sd
+
+    path = save_tiny_sd(args.path, seed=args.seed)
+    print(f"wrote a tiny random Stable Diffusion pipeline to {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_libraries(args.verbose)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except SelfCascadeError as exc:
+        print(f"selfcascade: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if verbose:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

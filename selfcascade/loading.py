@@ -1,0 +1,79 @@
+"""Loading a diffusers pipeline from a folder or a hub id, the way users run SD2.1 and SDXL."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from selfcascade.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (half precision there is slow and lossy), fp16 on CUDA unless told otherwise."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    variant: str | None = None,
+    local_files_only: bool = False,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline on `device`, progress bars off.
+
+    `model` is a diffusers folder (with model_index.json) or a hub id such as
+    "stabilityai/stable-diffusion-2-1-base". Anything else fails with `ModelLoadError`.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    _check_local_folder(model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            model, dtype=torch_dtype, variant=variant, local_files_only=local_files_only
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+    if not isinstance(pipe, SUPPORTED_PIPELINES):
+        raise ModelLoadError(
+            f"model {model!r} is a {type(pipe).__name__}; supported: "
+            + ", ".join(cls.__name__ for cls in SUPPORTED_PIPELINES)
+        )
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded %s (%s) on %s as %s", model, type(pipe).__name__, torch_device, torch_dtype)
+    return pipe.to(torch_device)
+
+
+def _check_local_folder(model: str) -> None:
+    """A path-looking model that is not a diffusers folder gets a precise message, not a hub 404."""
+    path = Path(model)
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists()
+    if not looks_local:
+        return
+    if not path.expanduser().is_dir():
+        raise ModelLoadError(f"no model folder at {model!r}")
+    if not (path.expanduser() / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{model!r} is not a diffusers pipeline folder: model_index.json is missing"
+        )
