@@ -1,0 +1,65 @@
+"""The `selfcascade` command as a user runs it: a real subprocess on a tiny model folder."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "selfcascade.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    done = run("tiny-model", str(path))
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def test_generate_writes_a_png_of_the_requested_size(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "img.png"
+    done = run(
+        "generate", "--model", str(model), "--prompt", "a red circle",
+        "--width", "128", "--height", "96", "--steps", "4", "--seed", "5", "--out", str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (128, 96)
+    assert "seed 5" in done.stdout
+    assert "UNet evaluations" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "100", "--height", "64"], "width: must be a multiple of 8"),
+        (["--width", "64", "--height", "64", "--steps", "0"], "steps"),
+        (["--width", "64", "--height", "64", "--guidance-scale", "nan"], "guidance_scale"),
+        (["--width", "64", "--height", "64", "--pivot-strength", "2"], "pivot_strength"),
+    ],
+)
+def test_bad_values_are_one_line_errors_not_tracebacks(
+    model: Path, args: list[str], message: str
+) -> None:
+    done = run("generate", "--model", str(model), "--prompt", "x", *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    done = run(
+        "generate", "--model", str(tmp_path / "missing"), "--prompt", "x",
+        "--width", "64", "--height", "64",
+    )
+    assert done.returncode == 2
+    assert "no model folder" in done.stderr
+    assert "Traceback" not in done.stderr
