@@ -46,6 +46,7 @@ def settings_for(
     redis_url: str, key_prefix: str, tmp_path: Path, tiny_model_dir: Path
 ) -> Iterator[object]:
     def build(**overrides: object) -> Settings:
-        return make_settings(redis_url, key_prefix, tmp_path / "data", tiny_model_dir, **overrides)
+        url = str(overrides.pop("redis_url", redis_url))
+        return make_settings(url, key_prefix, tmp_path / "data", tiny_model_dir, **overrides)
 
     yield build

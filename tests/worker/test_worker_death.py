@@ -1,0 +1,94 @@
+"""A worker SIGKILLed mid-job: its lease lapses, RQ retries the job on another worker, and it
+succeeds. A worker sent SIGTERM finishes its job first, then exits."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from contract.jobs import GenerationParams, JobStatus
+from contract.keys import RedisKeys
+from contract.queueing import enqueue_generation, generation_queue
+from contract.settings import Settings
+from contract.state import JobStore
+from tests.live_stack import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Long enough to be caught mid-run on a loaded 2-core machine, short enough to run twice.
+PARAMS = GenerationParams(
+    prompt="kill me", model="tiny", width=64, height=64, seed=3, steps=60, method="direct"
+)
+
+
+def submit(store: JobStore, settings: Settings, job_id: str) -> None:
+    store.create(job_id, PARAMS, time.time())
+    enqueue_generation(generation_queue(store.redis, settings), job_id, settings)
+
+
+def test_sigkilled_worker_job_is_retried_elsewhere_and_succeeds(
+    settings_for, redis_client: Redis, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    settings: Settings = settings_for()
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
+    workers = {
+        name: WorkerProcess(settings, name, tmp_path).start() for name in ("victim-a", "victim-b")
+    }
+    try:
+        for worker in workers.values():
+            worker.wait_ready(redis_client)
+        job_id = "a" * 32
+        submit(store, settings, job_id)
+
+        def running_with_progress() -> str | None:
+            record = store.get(job_id)
+            assert record is not None
+            return record.worker if record.status is JobStatus.RUNNING and record.progress else None
+
+        first = wait_for(running_with_progress, 120, "the job to run")
+        workers[first].kill()
+
+        def finished() -> bool:
+            record = store.get(job_id)
+            return record is not None and record.status.is_terminal
+
+        wait_for(finished, 180, "the retried job to finish", interval_s=0.1)
+        record = store.get(job_id)
+        assert record is not None
+        assert record.status is JobStatus.SUCCEEDED, record.error
+        assert record.attempts == 2
+        assert record.worker != first
+        events = [e.type for _, e in store.read_events(job_id)]
+        assert events.count("started") == 2 and "requeued" in events
+        assert events[-1] == "succeeded"
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+
+def test_sigterm_finishes_the_current_job_then_exits(
+    settings_for, redis_client: Redis, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    settings: Settings = settings_for()
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
+    worker = WorkerProcess(settings, "graceful", tmp_path).start()
+    try:
+        worker.wait_ready(redis_client)
+        job_id = "b" * 32
+        submit(store, settings, job_id)
+        wait_for(
+            lambda: (r := store.get(job_id)) is not None and r.progress is not None,
+            120, "the job to make progress",
+        )
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=180) == 0
+        record = store.get(job_id)
+        assert record is not None and record.status is JobStatus.SUCCEEDED
+        assert not redis_client.exists(RedisKeys(settings.redis_prefix).worker("graceful"))
+    finally:
+        worker.stop()
