@@ -41,7 +41,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -131,7 +133,12 @@ def write_models_file(path: Path, model_dir: Path) -> Path:
         json.dumps(
             {
                 "models": [
-                    {"name": "tiny", "path": str(model_dir), "native_width": 64, "native_height": 64}
+                    {
+                        "name": "tiny",
+                        "path": str(model_dir),
+                        "native_width": 64,
+                        "native_height": 64,
+                    }
                 ]
             }
         )

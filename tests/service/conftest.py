@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,10 +41,13 @@ def make_settings(
     return Settings(**values)  # type: ignore[arg-type]
 
 
+SettingsFactory = Callable[..., Settings]
+
+
 @pytest.fixture
 def settings_for(
     redis_url: str, key_prefix: str, tmp_path: Path, tiny_model_dir: Path
-) -> Iterator[object]:
+) -> Iterator[SettingsFactory]:
     def build(**overrides: object) -> Settings:
         url = str(overrides.pop("redis_url", redis_url))
         return make_settings(url, key_prefix, tmp_path / "data", tiny_model_dir, **overrides)

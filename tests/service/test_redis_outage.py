@@ -14,6 +14,7 @@ from redis import Redis
 from service.app import create_app
 from tests.conftest import free_port
 from tests.live_stack import ApiServer, wait_for
+from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,9 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.stop()
 
 
-def test_redis_down_is_503_and_recovers_without_restart(own_redis: OwnRedis, settings_for) -> None:  # type: ignore[no-untyped-def]
+def test_redis_down_is_503_and_recovers_without_restart(
+    own_redis: OwnRedis, settings_for: SettingsFactory
+) -> None:
     settings = settings_for(redis_url=own_redis.url)
     with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
         before = client.post("/v1/generations", json=BODY)

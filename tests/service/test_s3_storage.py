@@ -25,7 +25,6 @@ from tests.service.conftest import make_settings
 
 pytestmark = pytest.mark.integration
 
-CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,13 @@ def s3_endpoint() -> Iterator[str]:
 
 def make_bucket(endpoint: str) -> str:
     bucket = f"results-{uuid.uuid4().hex[:8]}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **CREDENTIALS)
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     client.create_bucket(Bucket=bucket)
     return bucket
 

@@ -10,6 +10,7 @@ import pytest
 from service.app import create_app
 from tests.conftest import free_port
 from tests.live_stack import ApiServer
+from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
 
@@ -17,10 +18,10 @@ VALID = {"prompt": "a lighthouse", "width": 128, "height": 128, "steps": 4}
 
 
 @pytest.fixture
-def client(settings_for) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
-    with ApiServer(create_app(settings_for(max_body_bytes=4096)), free_port()) as api:
-        with api.client() as c:
-            yield c
+def client(settings_for: SettingsFactory) -> Iterator[httpx.Client]:
+    app = create_app(settings_for(max_body_bytes=4096))
+    with ApiServer(app, free_port()) as api, api.client() as c:
+        yield c
 
 
 def assert_error(response: httpx.Response, status: int, code: str, param: str | None) -> None:
@@ -99,13 +100,13 @@ def test_defaults_fill_in_from_the_model(client: httpx.Client) -> None:
     assert params["steps"] == 50 and params["method"] == "self_cascade"
 
 
-def test_full_queue_answers_429_with_retry_after(settings_for) -> None:  # type: ignore[no-untyped-def]
-    with ApiServer(create_app(settings_for(max_queue_length=1)), free_port()) as api:
-        with api.client() as client:
-            assert client.post("/v1/generations", json=VALID).status_code == 202
-            answer = client.post("/v1/generations", json=VALID)
-            assert_error(answer, 429, "queue_full", None)
-            assert int(answer.headers["retry-after"]) > 0
+def test_full_queue_answers_429_with_retry_after(settings_for: SettingsFactory) -> None:
+    app = create_app(settings_for(max_queue_length=1))
+    with ApiServer(app, free_port()) as api, api.client() as client:
+        assert client.post("/v1/generations", json=VALID).status_code == 202
+        answer = client.post("/v1/generations", json=VALID)
+        assert_error(answer, 429, "queue_full", None)
+        assert int(answer.headers["retry-after"]) > 0
 
 
 def test_readyz_is_503_without_a_worker(client: httpx.Client) -> None:

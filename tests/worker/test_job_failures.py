@@ -18,6 +18,7 @@ from contract.queueing import enqueue_generation, generation_queue
 from contract.settings import Settings, load_model_specs
 from contract.state import JobStore
 from contract.storage import build_storage
+from tests.service.conftest import SettingsFactory
 from worker import resident
 from worker.process import GenerationWorker
 from worker.resident import ResidentModel, WorkerRuntime
@@ -40,7 +41,7 @@ class OutOfMemoryOnceEngine:
 
 
 @pytest.fixture
-def runtime_for(settings_for, redis_client: Redis) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+def runtime_for(settings_for: SettingsFactory, redis_client: Redis) -> Iterator[Any]:
     def build(**overrides: object) -> WorkerRuntime:
         settings: Settings = settings_for(**overrides)
         rt = WorkerRuntime(
@@ -72,7 +73,7 @@ def work_burst(rt: WorkerRuntime) -> None:
     )
 
 
-def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime_for) -> None:  # type: ignore[no-untyped-def]
+def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime_for: Any) -> None:
     rt: WorkerRuntime = runtime_for()
     tiny = rt.models["tiny"]
     rt.models["tiny"] = ResidentModel(tiny.spec, OutOfMemoryOnceEngine(tiny.engine))
@@ -87,7 +88,7 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime_for) -
     assert served.outputs[0].sha256
 
 
-def test_job_timeout_fails_with_code_timeout(runtime_for) -> None:  # type: ignore[no-untyped-def]
+def test_job_timeout_fails_with_code_timeout(runtime_for: Any) -> None:
     rt: WorkerRuntime = runtime_for(job_timeout_s=1)
     slow = submit(rt, steps=150, method="direct")
     work_burst(rt)
@@ -96,7 +97,7 @@ def test_job_timeout_fails_with_code_timeout(runtime_for) -> None:  # type: igno
     assert record.error is not None and record.error.code is ErrorCode.TIMEOUT
 
 
-def test_engine_rejection_fails_with_invalid_request(runtime_for) -> None:  # type: ignore[no-untyped-def]
+def test_engine_rejection_fails_with_invalid_request(runtime_for: Any) -> None:
     rt: WorkerRuntime = runtime_for()
     # 64 px at 0.1 strength with 3 steps leaves no step for the re-noise stage.
     rejected = submit(rt, width=128, height=128, steps=3, pivot_strength=0.1)
@@ -107,7 +108,7 @@ def test_engine_rejection_fails_with_invalid_request(runtime_for) -> None:  # ty
     assert "pivot_strength" in record.error.message
 
 
-def test_cancel_requested_before_start_never_runs(runtime_for) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_requested_before_start_never_runs(runtime_for: Any) -> None:
     rt: WorkerRuntime = runtime_for()
     job_id = submit(rt)
     rt.store.request_cancel(job_id)

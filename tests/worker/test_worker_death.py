@@ -16,6 +16,7 @@ from contract.queueing import enqueue_generation, generation_queue
 from contract.settings import Settings
 from contract.state import JobStore
 from tests.live_stack import WorkerProcess, wait_for
+from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def submit(store: JobStore, settings: Settings, job_id: str) -> None:
 
 
 def test_sigkilled_worker_job_is_retried_elsewhere_and_succeeds(
-    settings_for, redis_client: Redis, tmp_path: Path  # type: ignore[no-untyped-def]
+    settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path
 ) -> None:
     settings: Settings = settings_for()
     store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
@@ -71,7 +72,7 @@ def test_sigkilled_worker_job_is_retried_elsewhere_and_succeeds(
 
 
 def test_sigterm_finishes_the_current_job_then_exits(
-    settings_for, redis_client: Redis, tmp_path: Path  # type: ignore[no-untyped-def]
+    settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path
 ) -> None:
     settings: Settings = settings_for()
     store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)

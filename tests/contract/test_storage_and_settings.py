@@ -1,0 +1,77 @@
+"""Local storage, object keys, and settings/models-file parsing (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from contract.settings import Settings, load_model_specs
+from contract.storage import build_storage, object_key
+from contract.storage.local import LocalResultStorage
+
+
+def test_object_keys_come_from_job_ids_only() -> None:
+    assert object_key("a" * 32, 0, "png") == "a" * 32 + "/0.png"
+    for bad in ("../../etc/passwd", "A" * 32, "a" * 31, "a" * 32 + "/x"):
+        with pytest.raises(ValueError):
+            object_key(bad, 0, "png")
+    with pytest.raises(ValueError):
+        object_key("a" * 32, 0, "exe")
+
+
+def test_local_storage_round_trip_and_expiry(tmp_path: Path) -> None:
+    storage = LocalResultStorage(tmp_path / "results")
+    storage.check()
+    key = object_key("b" * 32, 0, "png")
+    stored = storage.put(key, b"image-bytes", "image/png", {"seed": "9"})
+    assert stored.bytes == 11
+    assert b"".join(storage.open(key)) == b"image-bytes"
+    assert storage.metadata(key)["seed"] == "9"
+    with pytest.raises(FileNotFoundError):
+        storage.open("../outside.png")
+
+    old = time.time() - 100
+    os.utime(tmp_path / "results" / key, (old, old))
+    assert storage.delete_older_than(time.time() - 1000) == 0
+    assert storage.delete_older_than(time.time() - 10) == 1
+    with pytest.raises(FileNotFoundError):
+        storage.open(key)
+    assert not (tmp_path / "results" / ("b" * 32)).exists()
+
+
+def test_settings_from_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFCASCADE_REDIS_URL", "redis://example:1/2")
+    monkeypatch.setenv("SELFCASCADE_STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("PORT", "9123")
+    settings = Settings()
+    assert settings.redis_url == "redis://example:1/2"
+    assert settings.port == 9123
+    assert type(build_storage(settings)).__name__ == "S3ResultStorage"
+    monkeypatch.delenv("SELFCASCADE_REDIS_URL")
+    monkeypatch.setenv("REDIS_URL", "redis://plain:6379/0")
+    assert Settings().redis_url == "redis://plain:6379/0"
+
+
+def test_models_file_and_default(tmp_path: Path) -> None:
+    default = load_model_specs(Settings(data_dir=tmp_path))
+    assert [m.name for m in default] == ["tiny"]
+    assert default[0].path == str(tmp_path / "models" / "tiny")
+
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([
+        {"name": "sd21", "path": "stabilityai/stable-diffusion-2-1-base", "native_width": 512,
+         "native_height": 512, "size_multiple": 64, "upsamplers": "ups.safetensors",
+         "dtype": "float16", "device": "cuda"},
+    ]))
+    [spec] = load_model_specs(Settings(models_file=models))
+    assert (spec.name, spec.native_width, spec.upsamplers) == ("sd21", 512, "ups.safetensors")
+
+    models.write_text(json.dumps([{"name": "bad name!", "path": "x", "native_width": 1,
+                                   "native_height": 1}]))
+    with pytest.raises(ValidationError):
+        load_model_specs(Settings(models_file=models))

@@ -1,0 +1,25 @@
+"""The API image stays small: importing and building the app never pulls in torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.live_stack import REPO
+
+PROGRAM = """
+import sys
+import service.app, service.main, service.all_in_one
+from contract.settings import Settings
+service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "selfcascade", "worker")
+               if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+def test_service_never_imports_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
