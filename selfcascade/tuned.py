@@ -97,6 +97,10 @@ class FeatureInjection:
 
     def attach(self) -> list[RemovableHandle]:
         """Register every hook; the caller removes the returned handles."""
+        for hook in self.unet._forward_pre_hooks.values():
+            if isinstance(getattr(hook, "__self__", None), FeatureInjection):
+                # Two injections would each run the other's hooks on their LR passes.
+                raise RuntimeError("feature upsamplers are already injected into this UNet")
         handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         try:
             for name, block in self.blocks():

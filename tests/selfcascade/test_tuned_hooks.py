@@ -253,3 +253,13 @@ def test_engine_cancel_inside_tuned_stage_leaves_no_hooks(tiny_sd: Any) -> None:
         )
     assert hook_count(tiny_sd.unet) == 0
     assert np.array_equal(free, np.asarray(engine.generate(request()).images[0]))
+
+
+def test_nested_injection_is_refused(tiny_sd: Any) -> None:
+    with (
+        inject_upsamplers(tiny_sd.unet, untrained(tiny_sd), pivot()),
+        pytest.raises(RuntimeError, match="already injected"),
+        inject_upsamplers(tiny_sd.unet, untrained(tiny_sd), pivot()),
+    ):
+        pass
+    assert hook_count(tiny_sd.unet) == 0
