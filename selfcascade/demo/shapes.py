@@ -122,9 +122,9 @@ def sample_caption(rng: np.random.Generator) -> Caption:
     first, second = rng.choice(len(pairs), size=2, replace=False)
     counts = [(1, 1), (1, 2), (2, 1)][rng.integers(3)]
     return Caption(
-        (
-            ObjectGroup(*pairs[first], counts[0]),
-            ObjectGroup(*pairs[second], counts[1]),
+        tuple(
+            ObjectGroup(pairs[p][0], pairs[p][1], n)
+            for p, n in zip((first, second), counts, strict=True)
         )
     )
 
