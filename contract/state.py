@@ -79,11 +79,8 @@ class JobStore:
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.hgetall(self.keys.job(job_id))
-        if not raw:
-            return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
-        return _decode(job_id, fields)
+        raw: Mapping[bytes | str, bytes | str] = self.redis.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
+        return decode_record(job_id, raw)
 
     def transition(
         self,
@@ -147,6 +144,16 @@ def _encode(value: object) -> str:
     if isinstance(value, list):
         return "[" + ",".join(_encode(v) for v in value) + "]"
     return json.dumps(value)
+
+
+def decode_record(job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobRecord | None:
+    """A job hash as HGETALL returns it -> the record; None when the hash does not exist.
+
+    Public so an asyncio reader (the API's hot GET path) decodes exactly like JobStore.get.
+    """
+    if not raw:
+        return None
+    return _decode(job_id, {_text(k): _text(v) for k, v in raw.items()})
 
 
 def _decode(job_id: str, f: dict[str, str]) -> JobRecord:

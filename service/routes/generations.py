@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from contract import histograms
 from contract.jobs import ErrorCode, JobEvent, JobRecord, JobStatus
 from contract.queueing import enqueue_generation
-from contract.state import decode_events
+from contract.state import decode_events, decode_record
 from contract.storage.base import CONTENT_TYPES
 from service.deps import Services
 from service.errors import ApiError
@@ -62,8 +62,19 @@ def create_generation(
 
 
 @router.get("/{job_id}", response_model=GenerationView)
-def get_generation(job_id: str, services: Services, request: Request) -> GenerationView:
-    return _view(services, request, _load(services, job_id))
+async def get_generation(job_id: str, services: Services, request: Request) -> GenerationView:
+    # The hot path clients poll: asyncio Redis, no threadpool hop.
+    record = None
+    if _JOB_ID.match(job_id):
+        raw = await services.async_redis.hgetall(services.keys.job(job_id))
+        record = decode_record(job_id, raw)
+    if record is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
+    position = None
+    if record.status is JobStatus.QUEUED:
+        found = await services.async_redis.lpos(services.queue.key, job_id)
+        position = found if isinstance(found, int) else None
+    return _view(services, request, record, position)
 
 
 @router.post("/{job_id}/cancel", response_model=GenerationView)
@@ -174,9 +185,13 @@ def _claim_idempotency_key(
     return earlier_id
 
 
-def _view(services: Services, request: Request, record: JobRecord) -> GenerationView:
-    position = None
-    if record.status is JobStatus.QUEUED:
+def _view(
+    services: Services, request: Request, record: JobRecord, position: int | None = -1
+) -> GenerationView:
+    """The public view; `position` -1 means "look it up" (sync callers)."""
+    if record.status is not JobStatus.QUEUED:
+        position = None
+    elif position == -1:
         position = services.queue.get_job_position(record.id)
     outputs = [
         OutputView(
