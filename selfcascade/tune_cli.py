@@ -34,7 +34,9 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mixed-precision", action="store_true", help="float32 on CUDA too")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="base model dtype (auto: fp16 on CUDA)")
+    # float32 weights + autocast, as diffusers' own training scripts do: the SDXL VAE overflows
+    # in float16, and float16 base weights would gain little over autocast.
+    p.add_argument("--dtype", default="float32", help="base model weight dtype (float32)")
     p.set_defaults(handler=run_tune)
     return p
 

@@ -240,6 +240,8 @@ def load_tuned_hook(
     from selfcascade.checkpoint import load_upsamplers
 
     checkpoint = load_upsamplers(path, pipe.unet)
+    # Moved now, outside any job's inference_mode, so the weights stay ordinary tensors.
+    checkpoint.upsamplers.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
     logger.info(
         "loaded %d-parameter upsamplers from %s (scale %s, K %d)",
         checkpoint.parameter_count,

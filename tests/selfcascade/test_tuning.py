@@ -211,3 +211,24 @@ def test_cli_tune_and_resume(tmp_path: Path, data: Path, capsys: pytest.CaptureF
     assert "after step 3 (started at 2)" in capsys.readouterr().out
     assert cli_main([*args, "--data", str(tmp_path / "missing"), "--steps", "1"]) != 0
     assert "missing is not a directory" in capsys.readouterr().err
+
+
+def test_cli_generate_uses_and_verifies_the_tuned_checkpoint(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = save_tiny_sd(tmp_path / "model")
+    other = save_tiny_sd(tmp_path / "other", seed=5)
+    args = ["tune", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert cli_main([*args, "--steps", "1"]) == 0
+    ckpt = str(tmp_path / "o" / UPSAMPLERS_FILE)
+    generate = ["generate", "--prompt", "x", "--width", "128", "--height", "128", "--steps", "2"]
+    out = tmp_path / "img.png"
+    assert (
+        cli_main([*generate, "--model", str(model), "--upsamplers", ckpt, "--out", str(out)]) == 0
+    )
+    assert Image.open(out).size == (128, 128)
+    capsys.readouterr()
+    assert (
+        cli_main([*generate, "--model", str(other), "--upsamplers", ckpt, "--out", str(out)]) != 0
+    )
+    assert "another base model" in capsys.readouterr().err
