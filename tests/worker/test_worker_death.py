@@ -93,3 +93,33 @@ def test_sigterm_finishes_the_current_job_then_exits(
         assert not redis_client.exists(RedisKeys(settings.redis_prefix).worker("graceful"))
     finally:
         worker.stop()
+
+
+def test_dead_worker_without_retries_left_fails_the_job_instead_of_leaving_it_running(
+    settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path
+) -> None:
+    settings: Settings = settings_for(job_retries=0)
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
+    doomed = WorkerProcess(settings, "only-worker", tmp_path).start()
+    successor = WorkerProcess(settings, "successor", tmp_path)
+    try:
+        doomed.wait_ready(redis_client)
+        job_id = "c" * 32
+        submit(store, settings, job_id)
+        wait_for(
+            lambda: (r := store.get(job_id)) is not None and r.progress is not None,
+            120, "the job to make progress",
+        )
+        doomed.kill()
+        # The next worker to come up reaps the abandoned job.
+        successor.start().wait_ready(redis_client)
+        wait_for(
+            lambda: (r := store.get(job_id)) is not None and r.status.is_terminal,
+            60, "the abandoned job to be failed",
+        )
+        record = store.get(job_id)
+        assert record is not None and record.status is JobStatus.FAILED
+        assert record.error is not None and record.error.code.value == "worker_lost"
+    finally:
+        doomed.stop()
+        successor.stop()

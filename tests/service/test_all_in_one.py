@@ -1,0 +1,61 @@
+"""`selfcascade-serve` (what `make run` starts): embedded Redis with AOF, a worker, the API;
+serves the whole flow and stops everything on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.live_stack import REPO, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_serve_runs_the_flow_on_an_embedded_redis_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
+    env.pop("REDIS_URL", None)
+    env.update(PORT=str(port), SELFCASCADE_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "service.all_in_one"], env=env, cwd=tmp_path, stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: f"serving on {url}" in log.read_text(), 180, "serve to print its URL", 0.2)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            job = client.post("/v1/generations", json={"prompt": "hi", "steps": 2}).json()
+
+            def done() -> dict | None:
+                body = client.get(f"/v1/generations/{job['id']}").json()
+                return body if body["status"] in ("succeeded", "failed") else None
+
+            final = wait_for(done, 120, "the job", 0.1)
+            assert final["status"] == "succeeded", final
+            assert client.get(final["outputs"][0]["url"]).status_code == 200
+        assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
+        assert (tmp_path / "data" / "models" / "tiny" / "model_index.json").exists()
+
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/healthz", timeout=2)
+        leftovers = subprocess.run(
+            ["pgrep", "-f", str(tmp_path / "data" / "redis")], capture_output=True, text=True
+        )
+        assert leftovers.stdout.strip() == ""
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(timeout=10)
