@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
 IDEMPOTENCY_TTL_S = 24 * 3600
+MAX_PREFER_WAIT_S = 60
 
 
 @router.post("", status_code=202, response_model=GenerationView)
@@ -36,6 +37,7 @@ def create_generation(
     request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    prefer: Annotated[str | None, Header()] = None,
 ) -> GenerationView:
     params = normalise(body, services.models, services.settings)
     if len(services.queue) >= services.settings.max_queue_length:
@@ -58,6 +60,11 @@ def create_generation(
         services.store.transition(job_id, [JobStatus.QUEUED], JobStatus.FAILED, None)
         raise
     response.headers["Location"] = f"/v1/generations/{job_id}"
+    wait_s = _preferred_wait(prefer)
+    if wait_s and _wait_for_terminal(services, job_id, wait_s):
+        response.status_code = 200
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+        return _view(services, request, _load(services, job_id))
     return _view(services, request, record)
 
 
@@ -155,6 +162,28 @@ def download_output(
         raise ApiError(404, ErrorCode.NOT_FOUND, "the result has expired", None) from None
     headers = {"Content-Length": str(output.bytes), "ETag": f'"{output.sha256}"'}
     return StreamingResponse(chunks, media_type=CONTENT_TYPES[output.format], headers=headers)
+
+
+def _preferred_wait(prefer: str | None) -> int:
+    """Seconds from `Prefer: wait=N` (RFC 7240), capped so a request never holds a thread long."""
+    for part in (prefer or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            return min(int(value), MAX_PREFER_WAIT_S)
+    return 0
+
+
+def _wait_for_terminal(services: Services, job_id: str, wait_s: int) -> bool:
+    deadline = time.monotonic() + wait_s
+    after = "0"
+    while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+        # Short blocks: the API's Redis socket timeout (3 s) must never fire on a quiet job.
+        block_ms = min(left_ms, 1000)
+        for entry_id, event in services.store.read_events(job_id, after, block_ms=block_ms):
+            after = entry_id
+            if event.status.is_terminal:
+                return True
+    return False
 
 
 def _load(services: Services, job_id: str) -> JobRecord:

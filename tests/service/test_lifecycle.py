@@ -193,3 +193,12 @@ def test_idempotency_key_replays_and_conflicts(stack: Stack) -> None:
     assert other.status_code == 409
     assert other.json()["error"]["param"] == "Idempotency-Key"
     wait_status(stack.client, first.json()["id"], {"succeeded"}, 120)
+
+
+def test_prefer_wait_returns_the_finished_generation(stack: Stack) -> None:
+    answer = stack.client.post(
+        "/v1/generations", json={**FAST, "steps": 2}, headers={"Prefer": "wait=60"}, timeout=90
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["preference-applied"] == "wait=60"
+    assert answer.json()["status"] == "succeeded" and answer.json()["outputs"]
