@@ -193,7 +193,7 @@ def inject_upsamplers(
     pivot_latents: torch.Tensor,
     lr_features: LRFeatureMode = "per_step",
 ) -> Iterator[FeatureInjection]:
-    """Add phi_n(h_n^LR, t) to the UNet's block outputs for the duration of the block."""
+    """Add phi_n(h_n^LR, t) to the UNet's block outputs inside the `with` block; undone on exit."""
     injection = FeatureInjection(unet, upsamplers, pivot_latents, lr_features)
     handles = injection.attach()
     try:
@@ -212,13 +212,20 @@ class TunedStageHook:
     """`StageHook` for the engine: inject `upsamplers` into every re-noise stage.
 
     `lr_features` overrides the request's mode when given (the benchmark compares both).
+    `trained_scale` (from the checkpoint) is only compared with each stage's growth, to log
+    stages the upsamplers were not trained for (they still run: they resize to any size).
+    The set is switched to inference (eval, no grad); don't pass a set that is being trained.
     """
 
     def __init__(
-        self, upsamplers: FeatureUpsamplerSet, lr_features: LRFeatureMode | None = None
+        self,
+        upsamplers: FeatureUpsamplerSet,
+        lr_features: LRFeatureMode | None = None,
+        trained_scale: float | None = None,
     ) -> None:
         self.upsamplers = upsamplers.eval().requires_grad_(False)
         self.lr_features = lr_features
+        self.trained_scale = trained_scale
 
     def __call__(self, stage: StageRun) -> AbstractContextManager[None]:
         return self._inject(stage)
@@ -229,6 +236,14 @@ class TunedStageHook:
         # The set follows the resident UNet's device and dtype; a no-op after the first stage.
         self.upsamplers.to(device=unet.device, dtype=unet.dtype)
         mode = self.lr_features or stage.lr_features
+        growth = stage.size.width / stage.previous_size.width
+        if self.trained_scale and abs(growth - self.trained_scale) > 0.01:
+            logger.info(
+                "stage %d grows %.2fx per side; the upsamplers were tuned for %.2fx",
+                stage.index,
+                growth,
+                self.trained_scale,
+            )
         with inject_upsamplers(unet, self.upsamplers, stage.pivot_latents, mode):
             yield
 
@@ -249,4 +264,4 @@ def load_tuned_hook(
         checkpoint.scale,
         checkpoint.pivot_timestep,
     )
-    return TunedStageHook(checkpoint.upsamplers, lr_features)
+    return TunedStageHook(checkpoint.upsamplers, lr_features, trained_scale=checkpoint.scale)
