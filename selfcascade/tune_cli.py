@@ -33,6 +33,9 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--pivot-strength", type=float, default=0.7, help="K / T (default 0.7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mixed-precision", action="store_true", help="float32 on CUDA too")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="less memory, ~30%% slower steps"
+    )
     p.add_argument("--device", default="auto")
     # float32 weights + autocast, as diffusers' own training scripts do: the SDXL VAE overflows
     # in float16, and float16 base weights would gain little over autocast.
@@ -60,6 +63,7 @@ def run_tune(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         mixed_precision=not args.no_mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     # SelfCascadeError (bad data, bad checkpoint, bad model) is reported by the cli's main.
     config.validate()  # bad arguments fail before the model loads

@@ -18,7 +18,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class TuneConfig:
     seed: int = 0
     resume: bool = False
     mixed_precision: bool = True  # only ever used on CUDA
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         if self.scale < 2:
@@ -325,20 +327,14 @@ def tune(
     checkpoint = out / UPSAMPLERS_FILE
     losses: list[float] = []
     started = time.perf_counter()
-    with (out / LOSS_LOG).open("a", encoding="utf-8") as log_file:
+    with (
+        _gradient_checkpointing(model.unet, config.gradient_checkpointing),
+        (out / LOSS_LOG).open("a", encoding="utf-8") as log_file,
+    ):
         for step in range(start + 1, config.steps + 1):
             pixels, captions = data.sample(config.batch_size, generator)
             batch = model.make_batch(pixels, captions, config.scale, k, generator)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):  # fmt: skip
-                loss = model.loss(upsamplers, batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {step}")
+            value = _train_step(model, upsamplers, optimizer, scaler, batch, amp_dtype, step)
             losses.append(value)
             record = {"step": step, "loss": value, "elapsed_s": time.perf_counter() - started}
             log_file.write(json.dumps(record) + "\n")
@@ -350,6 +346,42 @@ def tune(
     if start >= config.steps and not checkpoint.is_file():
         _save_state(out, config, model, upsamplers, optimizer, scaler, generator, start, k)
     return TuneResult(upsamplers, checkpoint, start, config.steps, losses)
+
+
+def _train_step(
+    model: TuningModel,
+    upsamplers: FeatureUpsamplerSet,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: TrainingBatch,
+    amp_dtype: torch.dtype | None,
+    step: int,
+) -> float:
+    device_type = model.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
+        loss = model.loss(upsamplers, batch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        # Before the update, so the last saved state is never a poisoned one.
+        raise FloatingPointError(f"loss became {value} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # float16 only: skips steps whose gradients overflowed
+    scaler.update()
+    return value
+
+
+@contextmanager
+def _gradient_checkpointing(unet: Any, enabled: bool) -> Iterator[None]:
+    """Recompute the HR pass's activations in backward (for large crops); undone after."""
+    if not enabled:
+        yield
+        return
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:

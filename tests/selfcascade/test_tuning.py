@@ -109,6 +109,16 @@ def test_resume_continues_exactly(tmp_path: Path, data: Path) -> None:
     assert losses == straight.losses
 
 
+def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path, data: Path) -> None:
+    plain = tune(build_tiny_sd_pipeline(0), config(tmp_path / "a", data, steps=2, lr=1e-3))
+    pipe = build_tiny_sd_pipeline(0)
+    ckpt = tune(pipe, config(tmp_path / "b", data, steps=2, lr=1e-3, gradient_checkpointing=True))
+    assert not pipe.unet.is_gradient_checkpointing  # switched off again afterwards
+    assert ckpt.losses == plain.losses
+    a, b = plain.upsamplers.state_dict(), ckpt.upsamplers.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
 def test_resume_drops_log_lines_past_the_checkpoint(tmp_path: Path, data: Path) -> None:
     cfg = config(tmp_path, data, steps=3, save_every=2)
     tune(build_tiny_sd_pipeline(0), cfg)  # checkpoints at 2 and 3
