@@ -96,7 +96,7 @@ def run_job(client: httpx.Client, body: dict) -> tuple[float, float, dict]:
     return end_to_end, float(record["metrics"]["inference_s"]), record
 
 
-async def get_throughput(url: str, job_id: str, seconds: float, concurrency: int) -> dict:
+async def get_throughput(url: str, path: str, seconds: float, concurrency: int) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -107,7 +107,7 @@ async def get_throughput(url: str, job_id: str, seconds: float, concurrency: int
             nonlocal errors
             while time.perf_counter() < deadline:
                 t = time.perf_counter()
-                response = await client.get(f"/v1/generations/{job_id}")
+                response = await client.get(path)
                 latencies.append(time.perf_counter() - t)
                 errors += response.status_code != 200
 
@@ -148,8 +148,11 @@ def main() -> None:
                 samples = [run_job(client, {**body, "seed": i}) for i in range(args.jobs)]
                 job_id = samples[-1][2]["id"]
             throughput = asyncio.run(
-                get_throughput(url, job_id, args.seconds, args.concurrency)
+                get_throughput(url, f"/v1/generations/{job_id}", args.seconds, args.concurrency)
             )
+            # Same load generator on a route that touches nothing: separates the client's own
+            # limit (it shares the CPUs) from the cost of the status route.
+            baseline = asyncio.run(get_throughput(url, "/healthz", args.seconds, args.concurrency))
         finally:
             for child in children:
                 child.terminate()
@@ -170,6 +173,7 @@ def main() -> None:
         "overhead_s": {"median": statistics.median(overhead), "p95": percentile(overhead, 0.95),
                        "min": min(overhead), "max": max(overhead)},
         "get_status": throughput,
+        "get_healthz_baseline": baseline,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"service_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -189,6 +193,7 @@ def main() -> None:
     print(f"{'requests/s':<28}{t['requests_per_s']:>10.0f}")
     print(f"{'latency p50 / p99 (ms)':<28}{t['latency_p50_ms']:>10.1f}{t['latency_p99_ms']:>10.1f}")
     print(f"{'errors':<28}{t['errors']:>10d}")
+    print(f"{'baseline GET /healthz req/s':<28}{baseline['requests_per_s']:>10.0f}")
     print(f"\nwrote {out.relative_to(REPO)}")
 
 
