@@ -1,0 +1,51 @@
+"""A model with an upsampler checkpoint runs tuned when asked (or on "auto"), and not when told
+not to: the worker turns the checkpoint into the engine's stage hook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contract.jobs import JobStatus
+from tests.worker.conftest import submit, work_burst
+from worker.resident import WorkerRuntime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def models_with_upsamplers(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    from selfcascade.checkpoint import save_upsamplers
+    from selfcascade.upsamplers import FeatureUpsamplerSet
+
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model_dir).unet
+    checkpoint = save_upsamplers(
+        tmp_path / "ups.safetensors", FeatureUpsamplerSet.for_unet(unet.config), unet, 2, 700
+    )
+    models = tmp_path / "models-tuned.json"
+    models.write_text(json.dumps([{
+        "name": "tiny", "path": str(tiny_model_dir), "native_width": 64, "native_height": 64,
+        "upsamplers": str(checkpoint),
+    }]))
+    return models
+
+
+def test_tuned_flag_selects_the_upsampler_hook(
+    runtime_for: Any, models_with_upsamplers: Path
+) -> None:
+    rt: WorkerRuntime = runtime_for(models_file=models_with_upsamplers)
+    assert rt.models["tiny"].tuned_hook is not None
+    jobs = {
+        tuned: submit(rt, width=128, height=128, steps=4, tuned=tuned)
+        for tuned in (True, "auto", False)
+    }
+    work_burst(rt)
+    for tuned, job_id in jobs.items():
+        record = rt.store.get(job_id)
+        assert record is not None and record.status is JobStatus.SUCCEEDED, record
+        assert record.metrics.tuned is (tuned is not False)
