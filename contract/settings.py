@@ -14,7 +14,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ModelSpec(BaseModel):
-    """One entry of the models file: what the worker loads and what the API validates against."""
+    """One entry of the models file: what the worker loads and what the API validates against.
+
+    The models file (SELFCASCADE_MODELS_FILE) is JSON, a list or {"models": [...]}:
+        [{"name": "sd21", "path": "stabilityai/stable-diffusion-2-1-base",
+          "native_width": 512, "native_height": 512, "size_multiple": 64,
+          "upsamplers": "/models/sd21-upsamplers.safetensors", "dtype": "float16",
+          "device": "cuda"}]
+    The first entry is the default model of a request that names none.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     path: str  # diffusers folder or hub id
