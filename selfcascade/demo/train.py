@@ -47,13 +47,13 @@ MIN_SNR_GAMMA = 5.0
 @dataclass(frozen=True)
 class TrainConfig:
     out: Path
-    steps: int = 3000
-    vae_steps: int = 800
+    steps: int = 6000
+    vae_steps: int = 1000
     size: int = models.NATIVE_SIZE
     seed: int = 0
     batch_size: int = 32
     vae_batch_size: int = 16
-    dataset_size: int = 8192
+    dataset_size: int = 16384
     learning_rate: float = 5e-4
     vae_learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -62,7 +62,15 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     checkpoint_every: int = 500
     log_every: int = 25
+    # One thread: on a shared 2-core machine a second one mostly adds contention.
     threads: int = 1
+    device: str = "auto"
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -101,6 +109,7 @@ def train_vae(vae: AutoencoderKL, config: TrainConfig, generator: torch.Generato
             config.seed + VAE_DATA_STREAM, step * config.vae_batch_size, config.vae_batch_size,
             config.size,
         )
+        pixels = pixels.to(config.torch_device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         # L1 keeps edges sharp where MSE alone would blur them; KL only keeps latents tame.
@@ -122,7 +131,7 @@ def encode_dataset(vae: AutoencoderKL, config: TrainConfig, chunk: int = 64) -> 
     for start in range(0, config.dataset_size, chunk):
         count = min(chunk, config.dataset_size - start)
         pixels, texts = render_batch(config.seed, start, count, config.size)
-        posterior = vae.encode(pixels).latent_dist
+        posterior = vae.encode(pixels.to(config.torch_device)).latent_dist
         means.append(posterior.mean)
         logvars.append(posterior.logvar)
         captions.extend(texts)
@@ -171,8 +180,9 @@ class DenoiserTraining:
     def __init__(self, tokenizer: CLIPTokenizer, config: TrainConfig) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.unet = models.build_unet(config.size // models.VAE_FACTOR)
-        self.text_encoder = models.build_text_encoder(tokenizer)
+        self.device = config.torch_device
+        self.unet = models.build_unet(config.size // models.VAE_FACTOR).to(self.device)
+        self.text_encoder = models.build_text_encoder(tokenizer).to(self.device)
         params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -187,24 +197,27 @@ class DenoiserTraining:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def step(self, data: LatentDataset, step: int, generator: torch.Generator) -> float:
-        cfg = self.config
+        cfg, device = self.config, self.device
+        # Every random draw comes from the one CPU generator: the same run on any device.
         picks = torch.randint(len(data.captions), (cfg.batch_size,), generator=generator)
-        noise_in_latent = torch.randn(data.mean[picks].shape, generator=generator)
-        latents = data.mean[picks] + (0.5 * data.logvar[picks]).exp() * noise_in_latent
+        mean, logvar = data.mean[picks.to(device)], data.logvar[picks.to(device)]
+        noise_in_latent = torch.randn(mean.shape, generator=generator).to(device)
+        latents = mean + (0.5 * logvar).exp() * noise_in_latent  # (B, 4, h, w)
         dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
         captions = [
             "" if drop else data.captions[i]
             for i, drop in zip(picks.tolist(), dropped.tolist(), strict=True)
         ]
-        noise = torch.randn(latents.shape, generator=generator)  # (B, 4, h, w)
+        noise = torch.randn(latents.shape, generator=generator).to(device)  # (B, 4, h, w)
         timesteps = torch.randint(
             self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
         )
+        weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps).to(device)
+        timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text = self.text_encoder(tokenize(self.tokenizer, captions))[0]  # (B, L, D)
+        text = self.text_encoder(tokenize(self.tokenizer, captions).to(device))[0]  # (B, L, D)
         prediction = self.unet(noisy, timesteps, text).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps)
         loss = (weights * per_sample).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,7 +262,7 @@ def train(config: TrainConfig) -> Path:
     with torch.random.fork_rng():
         # Module initialisation draws from the global RNG: seed it inside a fork, not globally.
         torch.manual_seed(config.seed)
-        vae = models.build_vae()
+        vae = models.build_vae().to(config.torch_device)
         training = DenoiserTraining(tokenizer, config)
     if resumed is None:
         train_vae(vae, config, generator)
