@@ -25,7 +25,7 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_folder_without_model_index_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"model_index\.json is missing"):
         load_pipeline(str(tmp_path))
 
 
