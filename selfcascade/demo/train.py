@@ -264,7 +264,6 @@ class DenoiserTraining:
 
 def train(config: TrainConfig) -> Path:
     """Run both phases (or resume), save the pipeline to `config.out`, and return that path."""
-    torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(config.seed)
     tokenizer = build_word_tokenizer()
     state_path = config.checkpoint_dir / "state.pt"
@@ -367,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = parse_args(argv)
+    torch.set_num_threads(config.threads)
     out = train(config)
     print(f"saved {out}")
 
