@@ -200,9 +200,9 @@ def save_plot(rows: list[dict[str, Any]], path: Path, width: int = 360, height: 
     """Accuracy and edge width (vs truth) against scale, one line per method (PIL only)."""
     colours = {"native": "black", "bicubic": "gray", "self_cascade": "blue",
                "self_cascade_tuned": "green", "direct": "red"}
-    panels = [("accuracy", "composition accuracy", 1.0), ("edge_width_vs_truth",
-              "edge width / truth", max(2.0, *(r["edge_width_vs_truth"] for r in rows
-                                               if not math.isnan(r["edge_width_vs_truth"]))))]
+    ratios = [r["edge_width_vs_truth"] for r in rows if not math.isnan(r["edge_width_vs_truth"])]
+    panels = [("accuracy", "composition accuracy", 1.0),
+              ("edge_width_vs_truth", "edge width / truth", max([2.0, *ratios]))]
     scales = sorted({r["scale"] for r in rows})
     plot = PIL.Image.new("RGB", (width * len(panels), height + 70), "white")
     draw = PIL.ImageDraw.Draw(plot)
