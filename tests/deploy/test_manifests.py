@@ -1,0 +1,82 @@
+"""Compose and Kubernetes configs: they validate with the real tools and keep their promises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+JOB_TIMEOUT_S = 1800
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (make test installs it with apt-get as root)")
+    return path
+
+
+def _kustomize(overlay: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(ROOT / "deploy" / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for doc in docs:
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name}")
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_validates(profile: str) -> None:
+    done = subprocess.run(
+        [_tool("docker-compose"), "--profile", profile, "config"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    worker = services["worker" if profile == "gpu" else "worker-cpu"]
+    assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert "healthcheck" in services["minio"] and "healthcheck" in services["redis"]
+    if profile == "gpu":
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_gpu_overlay_scales_workers_to_zero_on_the_rq_queue() -> None:
+    docs = _kustomize("gpu")
+    scaled = _find(docs, "ScaledObject", "selfcascade-worker")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == "rq:queue:generations"
+
+
+def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
+    docs = _kustomize("gpu")
+    worker = _find(docs, "Deployment", "selfcascade-worker")["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] >= JOB_TIMEOUT_S
+    resources = worker["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment"):
+        _find(docs, kind, "selfcascade-api")
+
+
+def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:
+    docs = _kustomize("cpu-dev")
+    worker = _find(docs, "Deployment", "selfcascade-worker")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(worker["containers"][0]["resources"])
+    settings = _find(docs, "ConfigMap", "selfcascade-settings")["data"]
+    assert "SELFCASCADE_MODELS_FILE" not in settings
