@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed-stamp
 # while a GPU image installs its own CUDA build (docker/worker.Dockerfile).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint typecheck pytest bench clean
+# Binaries some tests drive (config validation, the browser): installed with apt-get when
+# missing and we are root; otherwise those tests skip and say why.
+SYSTEM_TOOLS := docker-compose:docker-compose kubectl:kubectl chromium:chromium
+
+.PHONY: install system-tools run test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
@@ -17,6 +21,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[api,worker,embedded,dev]'
 	touch $@
 
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "WARNING: could not install$$missing; the tests that need them will skip"; \
+	  else echo "WARNING: missing$$missing (not root): the tests that need them will skip"; fi; \
+	fi
+
 run: install
 	$(VENV)/bin/selfcascade-serve
 
@@ -26,7 +41,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install
+pytest: install system-tools
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
