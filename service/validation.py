@@ -36,6 +36,16 @@ def normalise(
             "width" if width >= height else "height",
             f"{width}x{height} exceeds the pixel budget of {settings.max_pixels} pixels",
         )
+    cascades = body.method == "self_cascade" and width * height > (
+        spec.native_width * spec.native_height
+    )
+    # A re-noise stage denoises int(steps * pivot_strength) steps; zero would be no stage at all.
+    if cascades and int(body.steps * body.pivot_strength) < 1:
+        raise _invalid(
+            "pivot_strength",
+            f"steps x pivot_strength must be at least 1 for a re-noise stage "
+            f"(got {body.steps} x {body.pivot_strength})",
+        )
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     fields = body.model_dump(exclude={"model", "width", "height", "seed"})
     return GenerationParams(model=name, width=width, height=height, seed=seed, **fields)

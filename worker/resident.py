@@ -82,11 +82,9 @@ def _tuned_hook(spec: ModelSpec, pipe: Any) -> Any | None:
     """A model's upsampler checkpoint -> the tuned-mode stage hook, verified against its UNet."""
     if spec.upsamplers is None:
         return None
-    from selfcascade.checkpoint import load_upsamplers
-    from selfcascade.tuned import TunedStageHook
+    from selfcascade.tuned import load_tuned_hook
 
-    checkpoint = load_upsamplers(spec.upsamplers, pipe.unet)
-    return TunedStageHook(checkpoint.upsamplers)
+    return load_tuned_hook(spec.upsamplers, pipe)
 
 
 def ensure_tiny_model(settings: Settings) -> None:

@@ -53,6 +53,8 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"method": "bogus"}, "method"),
         ({"pivot_strength": 0}, "pivot_strength"),
         ({"pivot_strength": 1.5}, "pivot_strength"),
+        # 2 x 0.4 rounds down to no re-noise step at a size above native
+        ({"steps": 2, "pivot_strength": 0.4, "width": 128, "height": 128}, "pivot_strength"),
         ({"output_format": "gif"}, "output_format"),
         ({"scheduler": "pndm"}, "scheduler"),
         ({"tuned": True}, "tuned"),  # the tiny model has no upsampler checkpoint
