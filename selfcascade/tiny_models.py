@@ -108,10 +108,9 @@ def _scheduler() -> DDIMScheduler:
     )
 
 
-def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """An SD-1.x/2.x-shaped pipeline, native size 64x64 px (latent 32, VAE factor 2)."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def _tiny_unet(**family: object) -> UNet2DConditionModel:
+    """Two levels of 4 and 8 channels (diffusers' own test size); `family` adds SD or SDXL bits."""
+    return UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=32,
@@ -119,9 +118,15 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_HIDDEN,
         norm_num_groups=2,
+        **family,
     )
+
+
+def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """An SD-1.x/2.x-shaped pipeline, native size 64x64 px (latent 32, VAE factor 2)."""
+    torch.manual_seed(seed)
+    unet = _tiny_unet(cross_attention_dim=TEXT_HIDDEN)
     vae = _tiny_vae()
     tokenizer = build_char_tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer))
@@ -141,14 +146,7 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """An SDXL-shaped pipeline (two text encoders, added size conditioning), native 64x64 px."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -156,7 +154,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
         cross_attention_dim=64,
-        norm_num_groups=2,
     )
     vae = _tiny_vae()
     tokenizer = build_char_tokenizer()
