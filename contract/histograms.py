@@ -12,6 +12,7 @@ from contract.keys import RedisKeys
 
 QUEUE_WAIT = "queue_wait_seconds"
 INFERENCE = "inference_seconds"
+E2E_LATENCY = "e2e_request_latency_seconds"
 JOBS_FINISHED = "jobs_finished_total"
 BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

@@ -42,6 +42,9 @@ class ErrorCode(enum.StrEnum):
     WORKER_LOST = "worker_lost"
     MODEL_UNAVAILABLE = "model_unavailable"
     INTERNAL = "internal_error"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
 
 
 class GenerationParams(BaseModel):
@@ -100,6 +103,29 @@ class JobMetrics(BaseModel):
     tuned: bool | None = None
 
 
+Priority = Literal["interactive", "batch"]
+WebhookEvent = Literal["start", "progress", "completed"]
+
+
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
+class JobOrigin(BaseModel):
+    """Who asked for a generation and where to report it: set by the API, read by everyone.
+
+    `owner` is the API key's id (None in open mode); another key never sees the job.
+    """
+
+    owner: str | None = None
+    user: str | None = None  # the caller's own end-user id (OpenAI's `user`), for their logs
+    priority: Priority = "interactive"
+    request_id: str | None = None
+    traceparent: str | None = None
+    webhook: str | None = None
+    webhook_events_filter: list[WebhookEvent] = Field(default_factory=_completed_only)
+
+
 class JobRecord(BaseModel):
     """Everything stored about a generation (the Redis hash, decoded)."""
 
@@ -115,6 +141,7 @@ class JobRecord(BaseModel):
     outputs: list[OutputRecord] = Field(default_factory=list)
     error: ErrorInfo | None = None
     metrics: JobMetrics = Field(default_factory=JobMetrics)
+    origin: JobOrigin = Field(default_factory=JobOrigin)
 
 
 EventType = Literal["queued", "started", "progress", "succeeded", "failed", "canceled", "requeued"]

@@ -35,5 +35,17 @@ class RedisKeys:
         """Hash of bucket counters written by workers, exported by the API's /metrics."""
         return f"{self.prefix}:metrics:{name}"
 
+    def rate_bucket(self, owner: str) -> str:
+        """Hash: one API key's token bucket (tokens, updated_at)."""
+        return f"{self.prefix}:ratelimit:{owner}"
+
+    def active_jobs(self, owner: str) -> str:
+        """Set: ids of one API key's jobs that may still be live (pruned when checked)."""
+        return f"{self.prefix}:active:{owner}"
+
+    def webhooks(self) -> str:
+        """Sorted set: pending webhook deliveries (JSON), scored by the unix time they are due."""
+        return f"{self.prefix}:webhooks"
+
     def reaper_lock(self) -> str:
         return f"{self.prefix}:lock:reaper"

@@ -74,9 +74,39 @@ class Settings(BaseSettings):
     progress_interval_s: float = 0.2
     sse_keepalive_s: float = 15.0
 
+    # -- API keys: "open" needs none (make run); "keys" requires a bearer token on /v1/*.
+    auth_mode: Literal["open", "keys"] = "open"
+    # "id:token,id2:token2"; tokens are hashed at start and only the digests are kept.
+    api_keys: SecretStr | None = None
+    # JSON list [{"id": "alice", "sha256": "<hex of the token>"}] ("token" also accepted).
+    api_keys_file: Path | None = None
+
+    # -- Backpressure and fairness, per API key (the open mode counts as one key); 0 disables.
+    rate_limit_per_minute: float = 120.0
+    rate_limit_burst: int = 30
+    max_active_jobs_per_key: int = 16
+    openai_wait_s: float = 300.0  # how long POST /v1/images/generations waits for its images
+
+    # -- Webhooks: signed with this secret (Standard Webhooks); refused when it is unset.
+    webhook_secret: SecretStr | None = None
+    # Comma-separated networks a webhook may reach although not public ("127.0.0.0/8" in tests).
+    webhook_allowed_networks: str = ""
+    webhook_allow_http: bool = False
+    webhook_timeout_s: float = 5.0
+    webhook_max_attempts: int = 6
+    webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min
+    # Base of the output URLs in webhook bodies (the API's public address).
+    public_base_url: str | None = None
+
+    log_format: Literal["text", "json"] = "text"
+
     @property
     def results_dir(self) -> Path:
         return self.storage_dir or self.data_dir / "results"
+
+    @property
+    def public_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def tiny_model_dir(self) -> Path:

@@ -18,6 +18,7 @@ from contract.jobs import (
     GenerationParams,
     JobEvent,
     JobMetrics,
+    JobOrigin,
     JobRecord,
     JobStatus,
     OutputRecord,
@@ -61,8 +62,17 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self._transition = redis.register_script(_TRANSITION)
 
-    def create(self, job_id: str, params: GenerationParams, created_at: float) -> JobRecord:
-        record = JobRecord(id=job_id, status=JobStatus.QUEUED, params=params, created_at=created_at)
+    def create(
+        self,
+        job_id: str,
+        params: GenerationParams,
+        created_at: float,
+        origin: JobOrigin | None = None,
+    ) -> JobRecord:
+        origin = origin or JobOrigin()
+        record = JobRecord(
+            id=job_id, status=JobStatus.QUEUED, params=params, created_at=created_at, origin=origin
+        )
         event = JobEvent(type="queued", status=JobStatus.QUEUED, at=created_at)
         with self.redis.pipeline() as pipe:
             pipe.hset(
@@ -72,11 +82,16 @@ class JobStore:
                     "params": params.model_dump_json(),
                     "created_at": repr(created_at),
                     "attempts": "0",
+                    "origin": origin.model_dump_json(),
                 },
             )
             pipe.xadd(self.keys.events(job_id), {"event": event.model_dump_json()})
             pipe.execute()
         return record
+
+    def discard(self, job_id: str) -> None:
+        """Delete a record that was never enqueued (it lost an idempotency race)."""
+        self.redis.delete(self.keys.job(job_id), self.keys.events(job_id))
 
     def get(self, job_id: str) -> JobRecord | None:
         raw: Mapping[bytes | str, bytes | str] = self.redis.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
@@ -173,6 +188,7 @@ def _decode(job_id: str, f: dict[str, str]) -> JobRecord:
         outputs=[OutputRecord.model_validate(o) for o in json.loads(f.get("outputs", "[]"))],
         error=ErrorInfo.model_validate_json(f["error"]) if f.get("error") else None,
         metrics=JobMetrics.model_validate_json(f["metrics"]) if f.get("metrics") else JobMetrics(),
+        origin=JobOrigin.model_validate_json(f["origin"]) if f.get("origin") else JobOrigin(),
     )
 
 

@@ -13,6 +13,7 @@ from types import FrameType
 
 import httpx
 
+from contract.log_format import configure_logging
 from contract.settings import Settings
 from service.embedded_redis import EmbeddedRedis
 
@@ -22,8 +23,8 @@ READY_TIMEOUT_S = 300.0  # the first start writes the tiny model and imports tor
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format)
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
@@ -39,6 +40,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         children.append(subprocess.Popen([sys.executable, "-m", "worker.main"], env=env))
+        # Webhooks are sent by their own small process, never from the GPU loop.
+        children.append(subprocess.Popen([sys.executable, "-m", "service.webhook_worker"], env=env))
         children.append(
             subprocess.Popen(
                 [sys.executable, "-m", "service.main", "--host", settings.host,

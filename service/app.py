@@ -13,6 +13,7 @@ from service.body_limit import BodySizeLimit
 from service.deps import get_settings
 from service.errors import install_error_handlers
 from service.metrics import JobCollector, RequestMetrics
+from service.production import install_production_api
 from service.routes import generations, operations
 from service.services import ApiServices
 
@@ -44,4 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost first: the body limit runs before metrics so a 413 is still counted.
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # API keys, admission limits, webhook policy, OpenAI route, request ids (issue 6).
+    install_production_api(app, services)
     return app

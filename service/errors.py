@@ -47,30 +47,71 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# The OpenAI-compatible routes answer in OpenAI's error shape, which its client libraries parse.
+OPENAI_PREFIX = "/v1/images/"
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_response(
+    status: int,
+    code: ErrorCode | str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    # OpenAI reports bad input as 400, not 422.
+    status = 400 if status == 422 else status
+    kind = _OPENAI_TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": str(code)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _respond(
+    request: Request,
+    status: int,
+    code: ErrorCode | str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error_response(status, code, message, param, headers)
+    return error_response(status, code, message, param, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _respond(request, exc.status, exc.code, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         # loc is ("body", "width") for body fields; the param is the path below the section.
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return error_response(422, ErrorCode.INVALID_REQUEST, message, param)
+        return _respond(request, 422, ErrorCode.INVALID_REQUEST, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-        return error_response(
-            exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
+        return _respond(
+            request, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
         )
 
-    async def redis_down(_: Request, exc: Exception) -> JSONResponse:
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        return error_response(
+        return _respond(
+            request,
             503,
             ErrorCode.REDIS_UNAVAILABLE,
             "the job store (Redis) is unreachable; retry shortly",
@@ -82,6 +123,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.TimeoutError, redis_down)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, ErrorCode.INTERNAL, "internal error")
+        return _respond(request, 500, ErrorCode.INTERNAL, "internal error")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import uvicorn
 
+from contract.log_format import configure_logging
 from contract.settings import Settings
 from service.app import create_app
 
@@ -17,9 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: settings, 8000)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-
     settings = Settings()
+    configure_logging(settings.log_format, args.log_level)
     app = create_app(settings)
     uvicorn.run(
         app,
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port or settings.port,
         log_level=args.log_level,
         access_log=False,
+        log_config=None,  # keep configure_logging's handler (json or text) for uvicorn too
     )
 
 

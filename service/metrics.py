@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -18,6 +19,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import histograms
+from contract.webhook_queue import read_outcomes
+from service.live_workers import live_worker_info
 from service.services import ApiServices
 
 log = logging.getLogger(__name__)
@@ -76,11 +79,15 @@ class JobCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self.services
         try:
-            queued = len(s.queue)
-            running = StartedJobRegistry(queue=s.queue).count
+            waiting: dict[str, int] = {p: len(q) for p, q in s.queues.items()}
+            queued = sum(waiting.values())
+            running = sum(StartedJobRegistry(queue=q).count for q in s.queues.values())
             finished = histograms.read_counts(s.redis, s.keys, histograms.JOBS_FINISHED)
             waits = histograms.read_histogram(s.redis, s.keys, histograms.QUEUE_WAIT)
             infer = histograms.read_histogram(s.redis, s.keys, histograms.INFERENCE)
+            e2e = histograms.read_histogram(s.redis, s.keys, histograms.E2E_LATENCY)
+            webhooks = read_outcomes(s.redis, s.keys)
+            workers = live_worker_info(s.redis, s.keys)
         except redis.exceptions.RedisError as exc:
             log.warning("metrics: redis unavailable: %s", exc)
             up = GaugeMetricFamily("selfcascade_redis_up", "Redis reachable at scrape")
@@ -112,6 +119,67 @@ class JobCollector(Collector):
             hist = HistogramMetricFamily(name, help_text)
             hist.add_metric([], buckets, total)
             yield hist
+        yield from _inference_server_metrics(waiting, running, finished, waits, infer, e2e)
+        yield from _webhook_and_gpu_metrics(webhooks, workers)
+
+
+HistogramData = tuple[list[tuple[str, float]], float]
+
+
+def _inference_server_metrics(
+    waiting: dict[str, int],
+    running: int,
+    finished: dict[str, int],
+    waits: HistogramData,
+    infer: HistogramData,
+    e2e: HistogramData,
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    """The same numbers under the names vLLM and TGI dashboards expect (seconds throughout)."""
+    gauge = GaugeMetricFamily(
+        "selfcascade_num_requests_waiting", "Generations queued, by priority", labels=["priority"]
+    )
+    for priority, count in waiting.items():
+        gauge.add_metric([priority], count)
+    yield gauge
+    gauge = GaugeMetricFamily("selfcascade_num_requests_running", "Generations running now")
+    gauge.add_metric([], running)
+    yield gauge
+    done = CounterMetricFamily(
+        "selfcascade_request_success", "Generations finished, by final status", labels=["status"]
+    )
+    for status, count in sorted(finished.items()):
+        done.add_metric([status], count)
+    yield done
+    for name, (buckets, total), help_text in (
+        ("selfcascade_request_queue_time_seconds", waits, "Queue time: accepted to started"),
+        ("selfcascade_request_inference_time_seconds", infer, "Inference (engine) time"),
+        ("selfcascade_e2e_request_latency_seconds", e2e, "End-to-end: accepted to finished"),
+    ):
+        hist = HistogramMetricFamily(name, help_text)
+        hist.add_metric([], buckets, total)
+        yield hist
+
+
+def _webhook_and_gpu_metrics(
+    outcomes: dict[str, int], workers: list[dict[str, Any]]
+) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    deliveries = CounterMetricFamily(
+        "selfcascade_webhook_deliveries",
+        "Webhook delivery attempts by outcome (delivered, retried, failed, refused)",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(outcomes.items()):
+        deliveries.add_metric([outcome], count)
+    yield deliveries
+    memory = GaugeMetricFamily(
+        "selfcascade_gpu_memory_used_bytes",
+        "CUDA memory allocated by each live worker",
+        labels=["worker", "device"],
+    )
+    for info in workers:
+        for device, used in (info.get("gpu_memory_bytes") or {}).items():
+            memory.add_metric([str(info.get("name")), device], used)
+    yield memory
 
 
 def metrics_request_registry(request: Request) -> CollectorRegistry:

@@ -16,7 +16,9 @@ from contract.jobs import (
     JobMetrics,
     JobStatus,
     OutputFormat,
+    Priority,
     ProgressRecord,
+    WebhookEvent,
 )
 
 
@@ -39,6 +41,12 @@ class GenerationCreate(BaseModel):
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
     output_format: OutputFormat = "png"
+    # Not engine parameters: how the job is scheduled and reported (contract.jobs.JobOrigin).
+    priority: Priority = "interactive"
+    webhook: str | None = Field(default=None, max_length=2000)
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=lambda: list[WebhookEvent](["completed"]), max_length=3
+    )
 
 
 class OutputView(BaseModel):
@@ -64,6 +72,9 @@ class GenerationView(BaseModel):
     outputs: list[OutputView]
     error: ErrorInfo | None
     metrics: JobMetrics
+    priority: Priority = "interactive"
+    webhook: str | None = None
+    webhook_events_filter: list[WebhookEvent] = Field(default_factory=list)
 
 
 class ModelView(BaseModel):

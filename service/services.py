@@ -8,8 +8,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
+from contract.jobs import Priority
 from contract.keys import RedisKeys
-from contract.queueing import generation_queue
+from contract.queueing import PRIORITIES, generation_queue
 from contract.redis_connection import connect
 from contract.settings import ModelSpec, Settings, load_model_specs
 from contract.state import JobStore
@@ -23,7 +24,8 @@ class ApiServices:
     async_redis: AsyncRedis
     keys: RedisKeys
     store: JobStore
-    queue: Queue
+    queue: Queue  # the interactive queue
+    queues: dict[Priority, Queue]
     storage: ResultStorage
     models: list[ModelSpec]
 
@@ -43,6 +45,7 @@ class ApiServices:
             keys=keys,
             store=JobStore(client, keys, settings.result_ttl_s),
             queue=generation_queue(client, settings),
+            queues={p: generation_queue(client, settings, p) for p in PRIORITIES},
             storage=build_storage(settings),
             models=load_model_specs(settings),
         )

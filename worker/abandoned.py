@@ -18,6 +18,7 @@ from rq.job import Job
 from contract import histograms
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
 from contract.state import JobStore
+from contract.webhook_queue import enqueue_webhook
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def make_exception_handler(store: JobStore) -> Any:
         fields = {"finished_at": now, "error": error}
         if store.transition(job.id, live, JobStatus.FAILED, event, fields):
             histograms.count_finished(store.redis, store.keys, JobStatus.FAILED.value)
+            latency = now - record.created_at
+            histograms.observe(store.redis, store.keys, histograms.E2E_LATENCY, latency)
+            enqueue_webhook(store.redis, store.keys, record, "completed")
         return True
 
     return on_job_exception

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from rq.timeouts import JobTimeoutException
 
 from contract import histograms
-from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobMetrics, JobRecord, JobStatus
+from contract.jobs import (
+    ErrorCode,
+    ErrorInfo,
+    JobEvent,
+    JobMetrics,
+    JobRecord,
+    JobStatus,
+    ProgressRecord,
+)
+from contract.trace_context import job_id_var, request_id_var, traceparent_var
+from contract.webhook_queue import enqueue_webhook
 from worker.cancel_flag import RedisCancelFlag
 from worker.engine_errors import free_accelerator_memory, is_out_of_memory
 from worker.outputs import store_images
@@ -23,6 +34,7 @@ from worker.resident import WorkerRuntime, runtime
 log = logging.getLogger(__name__)
 
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+PROGRESS_WEBHOOK_INTERVAL_S = 1.0
 
 
 def run_generation(job_id: str) -> str:
@@ -30,6 +42,22 @@ def run_generation(job_id: str) -> str:
     record = rt.store.get(job_id)
     if record is None or record.status.is_terminal:
         return "skipped"
+    # The request's ids follow the job into this process's logs (contract.log_format).
+    tokens = (
+        job_id_var.set(job_id),
+        request_id_var.set(record.origin.request_id),
+        traceparent_var.set(record.origin.traceparent),
+    )
+    try:
+        return _run(rt, record)
+    finally:
+        job_id_var.reset(tokens[0])
+        request_id_var.reset(tokens[1])
+        traceparent_var.reset(tokens[2])
+
+
+def _run(rt: WorkerRuntime, record: JobRecord) -> str:
+    job_id = record.id
     if rt.store.cancel_requested(job_id):
         _finish(rt, record, JobStatus.CANCELED)
         return JobStatus.CANCELED.value
@@ -49,6 +77,11 @@ def run_generation(job_id: str) -> str:
     }
     if not rt.store.transition(job_id, _LIVE, JobStatus.RUNNING, event, fields):
         return "skipped"  # canceled between the read and the transition
+    log.info(
+        "generation %s started (attempt %d, traceparent %s)",
+        job_id, record.attempts + 1, record.origin.traceparent,
+    )
+    enqueue_webhook(rt.store.redis, rt.store.keys, record, "start")
     if record.attempts == 0:
         histograms.observe(
             rt.store.redis, rt.store.keys, histograms.QUEUE_WAIT, started_at - record.created_at
@@ -77,7 +110,12 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         scheduler=params.scheduler,
         method=params.method,
     )
-    progress = ThrottledProgress(rt.store, record.id, rt.settings.progress_interval_s)
+    progress = ThrottledProgress(
+        rt.store,
+        record.id,
+        rt.settings.progress_interval_s,
+        on_written=_progress_webhook(rt, record),
+    )
     hooks = model.stage_hooks(params)
     try:
         result = model.engine.generate(
@@ -117,6 +155,20 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     return JobStatus.SUCCEEDED.value
 
 
+def _progress_webhook(rt: WorkerRuntime, record: JobRecord) -> Callable[[ProgressRecord], None]:
+    """Progress webhooks at most once a second, plus the end of every stage."""
+    sent_at = 0.0
+
+    def notify(progress: ProgressRecord) -> None:
+        nonlocal sent_at
+        now = time.monotonic()
+        if progress.step == progress.steps or now - sent_at >= PROGRESS_WEBHOOK_INTERVAL_S:
+            sent_at = now
+            enqueue_webhook(rt.store.redis, rt.store.keys, record, "progress")
+
+    return notify
+
+
 def _fail(rt: WorkerRuntime, record: JobRecord, code: ErrorCode, message: str) -> str:
     log.warning("generation %s failed: %s %s", record.id, code.value, message)
     _finish(rt, record, JobStatus.FAILED, error=ErrorInfo(code=code, message=message))
@@ -134,3 +186,8 @@ def _finish(rt: WorkerRuntime, record: JobRecord, status: JobStatus, **fields: o
     )
     if rt.store.transition(record.id, _LIVE, status, event, {"finished_at": now, **fields}):
         histograms.count_finished(rt.store.redis, rt.store.keys, status.value)
+        histograms.observe(
+            rt.store.redis, rt.store.keys, histograms.E2E_LATENCY, now - record.created_at
+        )
+        enqueue_webhook(rt.store.redis, rt.store.keys, record, "completed")
+        log.info("generation %s %s", record.id, status.value)

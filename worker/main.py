@@ -8,7 +8,8 @@ import socket
 import uuid
 
 from contract.keys import RedisKeys
-from contract.queueing import generation_queue
+from contract.log_format import configure_logging
+from contract.queueing import generation_queues
 from contract.redis_connection import connect
 from contract.settings import Settings, load_model_specs
 from contract.state import JobStore
@@ -25,9 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-
     settings = Settings()
+    configure_logging(settings.log_format, args.log_level)
     if not settings.redis_url:
         raise SystemExit("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the worker")
     # The blocking dequeue needs a socket timeout longer than its own wait (RQ adjusts it).
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     install(runtime)
 
     worker = GenerationWorker(
-        [generation_queue(redis, settings)], runtime=runtime, connection=redis, name=name
+        # Listen order is priority order: RQ dequeues from the first non-empty queue.
+        generation_queues(redis, settings), runtime=runtime, connection=redis, name=name
     )
     worker.start_reaper()
     log.info("worker %s ready with models %s", name, ", ".join(runtime.models))

@@ -24,6 +24,7 @@ from rq.worker import WorkerStatus
 
 from contract.keys import RedisKeys
 from worker.abandoned import make_exception_handler
+from worker.gpu_memory import gpu_memory_in_use
 from worker.resident import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class GenerationWorker(SimpleWorker):
             "name": self.name,
             "pid": os.getpid(),
             "models": sorted(self.runtime.models),
+            "gpu_memory_bytes": gpu_memory_in_use(),
             "at": time.time(),
         }
         # Outlives one blocking dequeue (worker_ttl - 15 s) plus slack, and no more.

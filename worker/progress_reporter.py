@@ -4,6 +4,7 @@ of a fast model, but always writing the last step of every stage."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from contract.jobs import ProgressRecord
@@ -11,8 +12,15 @@ from contract.state import JobStore
 
 
 class ThrottledProgress:
-    def __init__(self, store: JobStore, job_id: str, min_interval_s: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        min_interval_s: float,
+        on_written: Callable[[ProgressRecord], None] | None = None,
+    ) -> None:
         self.store = store
+        self.on_written = on_written
         self.job_id = job_id
         self.min_interval_s = min_interval_s
         self._written_at = 0.0
@@ -31,4 +39,5 @@ class ThrottledProgress:
         stage_done = progress.step == progress.steps
         if stage_done or now - self._written_at >= self.min_interval_s:
             self._written_at = now
-            self.store.report_progress(self.job_id, record)
+            if self.store.report_progress(self.job_id, record) and self.on_written:
+                self.on_written(record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 import uuid
@@ -14,19 +13,23 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from contract import histograms
-from contract.jobs import ErrorCode, JobEvent, JobRecord, JobStatus
-from contract.queueing import enqueue_generation
+from contract.jobs import ErrorCode, JobEvent, JobOrigin, JobRecord, JobStatus
 from contract.state import decode_events, decode_record
 from contract.storage.base import CONTENT_TYPES
+from contract.webhook_queue import enqueue_webhook
+from service.auth import Caller, Principal
 from service.deps import Services
 from service.errors import ApiError
-from service.schemas import GenerationCreate, GenerationView, OutputView
+from service.idempotency import IdempotencyClaim
+from service.schemas import GenerationCreate, GenerationView
+from service.submission import origin_for, submit
 from service.validation import normalise
+from service.views import generation_view
+from service.webhook_targets import WebhookPolicy, WebhookTargetRefused
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
-IDEMPOTENCY_TTL_S = 24 * 3600
 MAX_PREFER_WAIT_S = 60
 
 
@@ -34,61 +37,71 @@ MAX_PREFER_WAIT_S = 60
 def create_generation(
     body: GenerationCreate,
     services: Services,
+    caller: Caller,
     request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> GenerationView:
     params = normalise(body, services.models, services.settings)
-    if len(services.queue) >= services.settings.max_queue_length:
-        raise ApiError(
-            429, ErrorCode.QUEUE_FULL, "the queue is full; retry later", None, {"Retry-After": "5"}
-        )
-
+    if body.webhook is not None:
+        check_webhook_url(request, body.webhook)
+    origin = origin_for(
+        request,
+        caller,
+        priority=body.priority,
+        webhook=body.webhook,
+        webhook_events_filter=body.webhook_events_filter,
+    )
     job_id = uuid.uuid4().hex
+    idem = None
     if idempotency_key:
-        existing = _claim_idempotency_key(services, idempotency_key, body, job_id)
+        idem = IdempotencyClaim(services, caller.bucket, idempotency_key, body)
+        existing = idem.claim(job_id)
         if existing is not None:
-            response.headers["Location"] = f"/v1/generations/{existing}"
-            return _view(services, request, _load(services, existing))
-
-    record = services.store.create(job_id, params, time.time())
+            response.headers["Location"] = f"/v1/generations/{existing.id}"
+            return _view(services, request, existing)
     try:
-        enqueue_generation(services.queue, job_id, services.settings)
-    except redis.exceptions.RedisError:
-        # Never leave a record that no worker will ever pick up.
-        services.store.transition(job_id, [JobStatus.QUEUED], JobStatus.FAILED, None)
+        [record] = submit(services, request.app.state.admission, caller, [params], origin, [job_id])
+    except Exception:
+        if idem is not None:
+            idem.release(job_id)  # a refused request must not pin the key to a job never made
         raise
     response.headers["Location"] = f"/v1/generations/{job_id}"
     wait_s = _preferred_wait(prefer)
     if wait_s and _wait_for_terminal(services, job_id, wait_s):
         response.status_code = 200
         response.headers["Preference-Applied"] = f"wait={wait_s}"
-        return _view(services, request, _load(services, job_id))
+        return _view(services, request, _load(services, job_id, caller))
     return _view(services, request, record)
 
 
 @router.get("/{job_id}", response_model=GenerationView)
-async def get_generation(job_id: str, services: Services, request: Request) -> GenerationView:
+async def get_generation(
+    job_id: str, services: Services, caller: Caller, request: Request
+) -> GenerationView:
     # The hot path clients poll: asyncio Redis, no threadpool hop.
     record = None
     if _JOB_ID.match(job_id):
         raw = await services.async_redis.hgetall(services.keys.job(job_id))
-        record = decode_record(job_id, raw)
+        record = _visible(decode_record(job_id, raw), caller)
     if record is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     position = None
     if record.status is JobStatus.QUEUED:
-        found = await services.async_redis.lpos(services.queue.key, job_id)
+        queue = services.queues[record.origin.priority]
+        found = await services.async_redis.lpos(queue.key, job_id)
         position = found if isinstance(found, int) else None
+        if position is not None and record.origin.priority == "batch":
+            position += await services.async_redis.llen(services.queue.key)
     return _view(services, request, record, position)
 
 
 @router.post("/{job_id}/cancel", response_model=GenerationView)
 def cancel_generation(
-    job_id: str, services: Services, request: Request, response: Response
+    job_id: str, services: Services, caller: Caller, request: Request, response: Response
 ) -> GenerationView:
-    record = _load(services, job_id)
+    record = _load(services, job_id, caller)
     if record.status.is_terminal and record.status is not JobStatus.CANCELED:
         raise ApiError(
             409, ErrorCode.CONFLICT, f"generation already {record.status.value}", "job_id"
@@ -101,23 +114,23 @@ def cancel_generation(
         if services.store.transition(
             job_id, [JobStatus.QUEUED], JobStatus.CANCELED, event, {"finished_at": now}
         ):
-            services.queue.remove(job_id)
+            services.queues[record.origin.priority].remove(job_id)
             histograms.count_finished(services.redis, services.keys, JobStatus.CANCELED.value)
+            enqueue_webhook(services.redis, services.keys, record, "completed")
         response.status_code = 202
-    return _view(services, request, _load(services, job_id))
+    return _view(services, request, _load(services, job_id, caller))
 
 
 @router.get("/{job_id}/events")
 async def generation_events(
     job_id: str,
     services: Services,
+    caller: Caller,
     request: Request,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: every status change and progress step, ending at a terminal one."""
-    if not _JOB_ID.match(job_id) or not await services.async_redis.exists(
-        services.keys.events(job_id)
-    ):
+    if not _JOB_ID.match(job_id) or not await _owned_events(services, job_id, caller):
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     stream_key = services.keys.events(job_id)
     keepalive_ms = int(services.settings.sse_keepalive_s * 1000)
@@ -147,9 +160,9 @@ async def generation_events(
 
 @router.get("/{job_id}/outputs/{index}", name="download_output", response_model=None)
 def download_output(
-    job_id: str, index: int, services: Services
+    job_id: str, index: int, services: Services, caller: Caller
 ) -> StreamingResponse | RedirectResponse:
-    record = _load(services, job_id)
+    record = _load(services, job_id, caller)
     output = next((o for o in record.outputs if o.index == index), None)
     if output is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"generation {job_id} has no output {index}")
@@ -162,6 +175,20 @@ def download_output(
         raise ApiError(404, ErrorCode.NOT_FOUND, "the result has expired", None) from None
     headers = {"Content-Length": str(output.bytes), "ETag": f'"{output.sha256}"'}
     return StreamingResponse(chunks, media_type=CONTENT_TYPES[output.format], headers=headers)
+
+
+def check_webhook_url(request: Request, url: str) -> None:
+    policy: WebhookPolicy = request.app.state.webhook_policy
+    if request.app.state.services.settings.webhook_secret is None:
+        raise ApiError(
+            422, ErrorCode.INVALID_REQUEST,
+            "webhook: webhooks are disabled on this server (no signing secret configured)",
+            "webhook",
+        )
+    try:
+        policy.resolve(url)
+    except WebhookTargetRefused as exc:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, f"webhook: {exc}", "webhook") from None
 
 
 def _preferred_wait(prefer: str | None) -> int:
@@ -186,65 +213,36 @@ def _wait_for_terminal(services: Services, job_id: str, wait_s: int) -> bool:
     return False
 
 
-def _load(services: Services, job_id: str) -> JobRecord:
+def _load(services: Services, job_id: str, caller: Principal) -> JobRecord:
     record = services.store.get(job_id) if _JOB_ID.match(job_id) else None
+    record = _visible(record, caller)
     if record is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     return record
 
 
-def _claim_idempotency_key(
-    services: Services, key: str, body: GenerationCreate, job_id: str
-) -> str | None:
-    """None if this request owns the key; the earlier job id if it is a replay; 409 if reused."""
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    redis_key = services.keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
-    value = f"{job_id}:{fingerprint}"
-    if services.redis.set(redis_key, value, nx=True, ex=IDEMPOTENCY_TTL_S):
+def _visible(record: JobRecord | None, caller: Principal) -> JobRecord | None:
+    """Another key's job reads exactly like a missing one (404), never 403: ids stay secret."""
+    if record is None or (caller.key_id is not None and record.origin.owner != caller.key_id):
         return None
-    stored: bytes | None = services.redis.get(redis_key)  # type: ignore[assignment]
-    earlier_id, earlier_fp = (stored.decode() if stored else value).split(":", 1)
-    if earlier_fp != fingerprint:
-        raise ApiError(
-            409,
-            ErrorCode.CONFLICT,
-            "Idempotency-Key was already used with a different body",
-            "Idempotency-Key",
-        )
-    return earlier_id
+    return record
+
+
+async def _owned_events(services: Services, job_id: str, caller: Principal) -> bool:
+    if not await services.async_redis.exists(services.keys.events(job_id)):
+        return False
+    if caller.key_id is None:
+        return True
+    raw = await services.async_redis.hget(services.keys.job(job_id), "origin")
+    return raw is not None and JobOrigin.model_validate_json(raw).owner == caller.key_id
 
 
 def _view(
     services: Services, request: Request, record: JobRecord, position: int | None = -1
 ) -> GenerationView:
     """The public view; `position` -1 means "look it up" (sync callers)."""
-    if record.status is not JobStatus.QUEUED:
-        position = None
-    elif position == -1:
-        position = services.queue.get_job_position(record.id)
-    outputs = [
-        OutputView(
-            url=str(request.url_for("download_output", job_id=record.id, index=o.index)),
-            width=o.width,
-            height=o.height,
-            format=o.format,
-            bytes=o.bytes,
-            sha256=o.sha256,
-        )
-        for o in record.outputs
-    ]
-    return GenerationView(
-        id=record.id,
-        status=record.status,
-        model=record.params.model,
-        params=record.params,
-        progress=record.progress,
-        queue_position=position,
-        created_at=record.created_at,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-        attempts=record.attempts,
-        outputs=outputs,
-        error=record.error,
-        metrics=record.metrics,
-    )
+    if record.status is JobStatus.QUEUED and position == -1:
+        position = services.queues[record.origin.priority].get_job_position(record.id)
+        if position is not None and record.origin.priority == "batch":
+            position += len(services.queue)
+    return generation_view(record, str(request.base_url).rstrip("/"), position)

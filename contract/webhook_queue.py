@@ -1,0 +1,67 @@
+"""Pending webhook deliveries: a Redis sorted set of JSON entries scored by when they are due.
+
+The worker and the API only add entries (never send HTTP from the GPU loop); the delivery
+process (`selfcascade-webhooks`) claims due entries, sends them and re-adds failed ones with a
+later score, which is how exponential backoff works without a scheduler or a sleeping thread.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel
+from redis import Redis
+
+from contract import histograms
+from contract.jobs import JobRecord, JobStatus, WebhookEvent
+from contract.keys import RedisKeys
+
+WEBHOOK_DELIVERIES = "webhook_deliveries_total"
+
+
+class WebhookDelivery(BaseModel):
+    id: str  # the `webhook-id` header: the same across retries, so receivers can deduplicate
+    job_id: str
+    event: WebhookEvent
+    url: str
+    attempt: int = 0
+    body: str | None = None  # frozen at the first attempt so every retry sends the same bytes
+
+
+def webhook_event_for(status: JobStatus) -> WebhookEvent:
+    if status is JobStatus.RUNNING:
+        return "start"
+    return "completed" if status.is_terminal else "progress"
+
+
+def enqueue_webhook(
+    redis: Redis, keys: RedisKeys, record: JobRecord, event: WebhookEvent, due: float | None = None
+) -> bool:
+    """Queue `event` for the job's webhook if it has one and its filter wants the event."""
+    origin = record.origin
+    if not origin.webhook or event not in origin.webhook_events_filter:
+        return False
+    delivery = WebhookDelivery(
+        id=f"msg_{uuid.uuid4().hex}", job_id=record.id, event=event, url=origin.webhook
+    )
+    schedule(redis, keys, delivery, due if due is not None else time.time())
+    return True
+
+
+def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: float) -> None:
+    redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
+
+
+def claim_due(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[WebhookDelivery]:
+    """Entries due by `now`; ZREM decides the owner, so two delivery processes never share one."""
+    raw: list[bytes] = redis.zrangebyscore(keys.webhooks(), "-inf", now, start=0, num=limit)  # type: ignore[assignment]
+    return [WebhookDelivery.model_validate_json(e) for e in raw if redis.zrem(keys.webhooks(), e)]
+
+
+def count_outcome(redis: Redis, keys: RedisKeys, outcome: str) -> None:
+    redis.hincrby(keys.histogram(WEBHOOK_DELIVERIES), outcome, 1)
+
+
+def read_outcomes(redis: Redis, keys: RedisKeys) -> dict[str, int]:
+    return histograms.read_counts(redis, keys, WEBHOOK_DELIVERIES)

@@ -1,0 +1,181 @@
+"""`POST /v1/images/generations`, shaped like OpenAI's Images API so its clients work unchanged.
+
+`n` images are run as n ordinary generations (seeds seed, seed+1, ...): each is visible through
+GET /v1/generations/{id}, and several workers can share them. The request waits for all of
+them (up to `openai_wait_s`) and answers like OpenAI; on timeout the jobs are canceled and the
+answer is 504 in OpenAI's error shape. Fields OpenAI has but this engine cannot honour
+(quality, style, background...) are accepted and ignored, as OpenAI's own smaller models do.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from contract.jobs import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    ErrorCode,
+    JobEvent,
+    JobRecord,
+    JobStatus,
+    OutputFormat,
+)
+from contract.state import JobStore
+from service.auth import Caller
+from service.deps import Services
+from service.errors import ApiError
+from service.schemas import GenerationCreate
+from service.services import ApiServices
+from service.submission import origin_for, submit
+from service.validation import normalise
+
+router = APIRouter(prefix="/v1/images", tags=["openai"])
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_IMAGES = 4
+
+
+class OpenAIImageRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    size: str | None = None  # "WxH"; "auto" or absent: the model's native size
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: OutputFormat = "png"
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool = False
+    # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    method: Literal["self_cascade", "direct"] = "self_cascade"
+
+
+class OpenAIImage(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: OutputFormat
+    size: str
+
+
+@router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
+def create_images(
+    body: OpenAIImageRequest, services: Services, caller: Caller, request: Request
+) -> OpenAIImagesResponse:
+    if body.stream:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "stream: not supported", "stream")
+    width, height = _parse_size(body.size)
+    native = GenerationCreate(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        model=body.model,
+        width=width,
+        height=height,
+        seed=body.seed,
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        method=body.method,
+        output_format=body.output_format,
+    )
+    first = normalise(native, services.models, services.settings)
+    params = [
+        first.model_copy(update={"seed": (first.seed + i) % (MAX_SEED + 1)}) for i in range(body.n)
+    ]
+    origin = origin_for(request, caller, user=body.user)
+    records = submit(services, request.app.state.admission, caller, params, origin)
+    finished = _wait_all(services, [r.id for r in records], services.settings.openai_wait_s)
+    failed = next((r for r in finished if r.status is not JobStatus.SUCCEEDED), None)
+    if failed is not None:
+        raise _job_error(failed)
+    base_url = str(request.base_url).rstrip("/")
+    data = [_image(services, r, body.response_format, base_url) for r in finished]
+    return OpenAIImagesResponse(
+        created=int(records[0].created_at),
+        data=data,
+        output_format=first.output_format,
+        size=f"{first.width}x{first.height}",
+    )
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None or size == "auto":
+        return None, None
+    match = _SIZE.match(size)
+    if not match:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "size: must be 'WIDTHxHEIGHT'", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    if not width or not height:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "size: must be positive", "size")
+    return width, height
+
+
+def _wait_all(services: ApiServices, job_ids: list[str], timeout_s: float) -> list[JobRecord]:
+    """Every job's final record; cancels them all and answers 504 when time runs out."""
+    deadline = time.monotonic() + timeout_s
+    records: list[JobRecord] = []
+    for job_id in job_ids:
+        cursor = "0"
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                _cancel_all(services.store, job_ids)
+                raise ApiError(
+                    504, ErrorCode.TIMEOUT,
+                    f"the images were not ready within {timeout_s:g}s; the jobs were canceled",
+                )
+            # Short blocks: the API's Redis socket timeout (3 s) must never fire on a quiet job.
+            events = services.store.read_events(job_id, cursor, block_ms=min(left_ms, 1000))
+            if events:
+                cursor = events[-1][0]
+            if any(event.status.is_terminal for _, event in events):
+                break
+        record = services.store.get(job_id)
+        if record is None:
+            raise ApiError(500, ErrorCode.INTERNAL, f"generation {job_id} vanished")
+        records.append(record)
+    return records
+
+
+def _cancel_all(store: JobStore, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        store.request_cancel(job_id)  # a running job stops at its next step
+        now = time.time()
+        event = JobEvent(type="canceled", status=JobStatus.CANCELED, at=now)
+        queued = [JobStatus.QUEUED]
+        store.transition(job_id, queued, JobStatus.CANCELED, event, {"finished_at": now})
+
+
+def _job_error(record: JobRecord) -> ApiError:
+    error = record.error
+    code = error.code if error else ErrorCode.INTERNAL
+    message = error.message if error else f"generation {record.status.value}"
+    status = 400 if code is ErrorCode.INVALID_REQUEST else 500
+    return ApiError(status, code, f"generation {record.id}: {message}")
+
+
+def _image(
+    services: ApiServices, record: JobRecord, response_format: str, base_url: str
+) -> OpenAIImage:
+    output = record.outputs[0]
+    if response_format == "b64_json":
+        data = b"".join(services.storage.open(output.key))
+        return OpenAIImage(b64_json=base64.b64encode(data).decode())
+    url = services.storage.presigned_url(output.key, services.settings.presign_expiry_s)
+    return OpenAIImage(url=url or f"{base_url}/v1/generations/{record.id}/outputs/{output.index}")

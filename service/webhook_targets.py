@@ -1,0 +1,80 @@
+"""Where a webhook may point: public addresses only, unless an allow-list names a network.
+
+Checked when the job is created (422) and again at every delivery, after resolving DNS, on
+every address the name resolves to; delivery then connects to the checked address itself, so a
+name that re-resolves to 127.0.0.1 between the check and the connection (DNS rebinding) cannot
+reach an internal service.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from contract.settings import Settings
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class WebhookTargetRefused(ValueError):
+    """The URL is malformed, uses a refused scheme, or reaches a non-public address."""
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str
+    scheme: str
+    host: str
+    port: int
+    address: str  # the checked IP to connect to
+
+
+class WebhookPolicy:
+    def __init__(self, allowed_networks: list[IpNetwork], allow_http: bool) -> None:
+        self.allowed_networks = allowed_networks
+        self.allow_http = allow_http
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookPolicy:
+        networks = [
+            ipaddress.ip_network(n.strip(), strict=False)
+            for n in settings.webhook_allowed_networks.split(",")
+            if n.strip()
+        ]
+        return cls(networks, settings.webhook_allow_http)
+
+    def resolve(self, url: str) -> WebhookTarget:
+        """The target to connect to; raises WebhookTargetRefused with a reason."""
+        parts = urlsplit(url)
+        schemes = ("https", "http") if self.allow_http else ("https",)
+        if parts.scheme not in schemes:
+            raise WebhookTargetRefused(f"scheme must be {' or '.join(schemes)}")
+        if not parts.hostname or parts.username or parts.password:
+            raise WebhookTargetRefused("needs a host and no user info")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as exc:
+            raise WebhookTargetRefused("invalid port") from exc
+        try:
+            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise WebhookTargetRefused(f"cannot resolve {parts.hostname}") from exc
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        for address in addresses:
+            if not self.permits(address):
+                raise WebhookTargetRefused(
+                    f"{parts.hostname} resolves to a non-public address ({address})"
+                )
+        return WebhookTarget(url, parts.scheme, parts.hostname, port, str(addresses[0]))
+
+    def permits(self, address: IpAddress) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.allowed_networks):
+            return True
+        # is_global is False for loopback, RFC 1918, link-local (169.254.169.254, the cloud
+        # metadata address), CGNAT, unique-local IPv6 and the reserved ranges.
+        return address.is_global and not address.is_multicast

@@ -1,0 +1,108 @@
+"""`selfcascade-webhooks`: the process that sends webhooks, away from the GPU workers.
+
+Claims due deliveries from Redis (contract.webhook_queue) and sends them from a small thread
+pool, so one slow receiver (up to webhook_timeout_s) never holds up the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+import httpx
+
+from contract.keys import RedisKeys
+from contract.log_format import configure_logging
+from contract.redis_connection import connect
+from contract.settings import Settings
+from contract.webhook_queue import WebhookDelivery, claim_due
+from service.webhook_delivery import WebhookSender
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.2
+
+
+class WebhookDispatcher:
+    def __init__(self, settings: Settings, threads: int = 4) -> None:
+        if not settings.redis_url:
+            raise ValueError("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set")
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.threads = threads
+        self.stop = threading.Event()
+        self._free = threading.Semaphore(threads)
+
+    def run(self) -> None:
+        if self.settings.webhook_secret is None:
+            log.warning("no SELFCASCADE_WEBHOOK_SECRET: webhooks are disabled, nothing to send")
+            self.stop.wait()
+            return
+        timeout = httpx.Timeout(self.settings.webhook_timeout_s)
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            ThreadPoolExecutor(self.threads, thread_name_prefix="webhook") as pool,
+        ):
+            sender = WebhookSender(self.settings, self.redis, client)
+            log.info("webhook delivery running (%d threads)", self.threads)
+            while not self.stop.is_set():
+                try:
+                    claimed = self._claim()
+                except Exception:
+                    log.exception("claiming webhooks failed; will retry")
+                    claimed = []
+                for delivery in claimed:
+                    pool.submit(self._send, sender, delivery)
+                if not claimed:
+                    self.stop.wait(POLL_INTERVAL_S)
+
+    def _claim(self) -> list[WebhookDelivery]:
+        if not self._free.acquire(timeout=1):
+            return []  # every thread busy
+        available = 1
+        while available < self.threads and self._free.acquire(blocking=False):
+            available += 1
+        claimed = claim_due(self.redis, self.keys, time.time(), available) if available else []
+        for _ in range(available - len(claimed)):
+            self._free.release()
+        return claimed
+
+    def _send(self, sender: WebhookSender, delivery: WebhookDelivery) -> None:
+        try:
+            sender.deliver(delivery)
+        except Exception:
+            log.exception("webhook for generation %s crashed", delivery.job_id)
+        finally:
+            self._free.release()
+
+    def start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="webhooks", daemon=True)
+        thread.start()
+        return thread
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="selfcascade webhook delivery")
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format, args.log_level)
+    dispatcher = WebhookDispatcher(settings, args.threads)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        dispatcher.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dispatcher.run()
+
+
+if __name__ == "__main__":
+    main()
