@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from contract.jobs import ErrorCode
+from service.auth import Caller
 from service.deps import Services
 from service.errors import error_response
 from service.live_workers import live_worker_models
@@ -43,7 +44,7 @@ def readyz(services: Services) -> JSONResponse | dict[str, object]:
 
 
 @router.get("/v1/models", tags=["models"])
-def list_models(services: Services) -> dict[str, list[ModelView]]:
+def list_models(services: Services, _caller: Caller) -> dict[str, list[ModelView]]:
     workers = live_worker_models(services.redis, services.keys)
     views = [
         ModelView(

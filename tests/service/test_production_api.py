@@ -1,0 +1,206 @@
+"""API keys, ownership, backpressure, idempotency races, webhook URL checks and request ids,
+against a real uvicorn and a real Redis. No worker runs here: jobs stay queued on purpose."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from redis import Redis
+
+from service.app import create_app
+from tests.conftest import free_port
+from tests.live_stack import ApiServer
+from tests.service.conftest import SettingsFactory
+
+pytestmark = pytest.mark.integration
+
+BODY = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 2}
+ALICE = {"Authorization": "Bearer alice-secret-token-0123456789"}
+BOB = {"Authorization": "Bearer bob-secret-token-9876543210"}
+KEYS = "alice:alice-secret-token-0123456789,bob:bob-secret-token-9876543210"
+
+
+@contextmanager
+def api(settings_for: SettingsFactory, **overrides: object) -> Iterator[httpx.Client]:
+    with ApiServer(create_app(settings_for(**overrides)), free_port()) as server:
+        with server.client() as client:
+            yield client
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error: dict = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    return error
+
+
+def test_keys_mode_needs_a_valid_key_and_hides_other_keys_jobs(
+    settings_for: SettingsFactory,
+) -> None:
+    with api(settings_for, auth_mode="keys", api_keys=KEYS) as client:
+        missing = client.post("/v1/generations", json=BODY)
+        assert_error(missing, 401, "unauthorized")
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = client.post("/v1/generations", json=BODY, headers={"Authorization": "Bearer x"})
+        assert_error(wrong, 401, "unauthorized")
+        assert_error(client.get("/v1/models"), 401, "unauthorized")
+        assert client.get("/healthz").status_code == 200  # probes never need a key
+
+        created = client.post("/v1/generations", json=BODY, headers=ALICE)
+        assert created.status_code == 202, created.text
+        job = created.json()["id"]
+        assert client.get(f"/v1/generations/{job}", headers=ALICE).status_code == 200
+        for method, path in (
+            ("GET", f"/v1/generations/{job}"),
+            ("GET", f"/v1/generations/{job}/events"),
+            ("POST", f"/v1/generations/{job}/cancel"),
+            ("GET", f"/v1/generations/{job}/outputs/0"),
+        ):
+            foreign = client.request(method, path, headers=BOB)
+            assert_error(foreign, 404, "not_found")
+        # Bob's attempt to cancel did nothing.
+        assert client.get(f"/v1/generations/{job}", headers=ALICE).json()["status"] == "queued"
+
+
+def test_rate_limit_answers_429_with_retry_after(settings_for: SettingsFactory) -> None:
+    with api(settings_for, rate_limit_per_minute=6, rate_limit_burst=2) as client:
+        assert client.post("/v1/generations", json=BODY).status_code == 202
+        assert client.post("/v1/generations", json=BODY).status_code == 202
+        limited = client.post("/v1/generations", json=BODY)
+        assert_error(limited, 429, "rate_limited")
+        # 6/minute refills one token every 10 s.
+        assert 1 <= int(limited.headers["retry-after"]) <= 10
+
+
+def test_rate_limit_is_per_key(settings_for: SettingsFactory) -> None:
+    overrides = dict(auth_mode="keys", api_keys=KEYS, rate_limit_per_minute=1, rate_limit_burst=1)
+    with api(settings_for, **overrides) as client:
+        assert client.post("/v1/generations", json=BODY, headers=ALICE).status_code == 202
+        assert_error(client.post("/v1/generations", json=BODY, headers=ALICE), 429, "rate_limited")
+        assert client.post("/v1/generations", json=BODY, headers=BOB).status_code == 202
+
+
+def test_full_queue_answers_429_with_retry_after(settings_for: SettingsFactory) -> None:
+    with api(settings_for, max_queue_length=2) as client:
+        for _ in range(2):
+            assert client.post("/v1/generations", json=BODY).status_code == 202
+        full = client.post("/v1/generations", json={**BODY, "priority": "batch"})
+        assert_error(full, 429, "queue_full")
+        assert int(full.headers["retry-after"]) > 0
+
+
+def test_active_job_cap_frees_a_slot_when_a_job_ends(settings_for: SettingsFactory) -> None:
+    with api(settings_for, max_active_jobs_per_key=1) as client:
+        first = client.post("/v1/generations", json=BODY)
+        assert first.status_code == 202
+        capped = client.post("/v1/generations", json=BODY)
+        assert_error(capped, 429, "too_many_active_jobs")
+        assert "retry-after" in capped.headers
+        client.post(f"/v1/generations/{first.json()['id']}/cancel")
+        assert client.post("/v1/generations", json=BODY).status_code == 202
+
+
+def test_twenty_concurrent_duplicates_create_exactly_one_job(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for()
+    headers = {"Idempotency-Key": "order-42"}
+    with ApiServer(create_app(settings), free_port()) as server:
+
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                return c.post("/v1/generations", json=BODY, headers=headers)
+
+        with ThreadPoolExecutor(20) as pool:
+            responses = list(pool.map(post, range(20)))
+        assert {r.status_code for r in responses} == {202}, [r.text for r in responses]
+        assert len({r.json()["id"] for r in responses}) == 1
+        jobs = [
+            k for k in redis_client.scan_iter(match=f"{settings.redis_prefix}:job:*")
+            if not k.endswith((b":events", b":cancel"))
+        ]
+        assert len(jobs) == 1
+        queued = sum(redis_client.llen(f"rq:queue:{settings.redis_prefix}:generations{s}")
+                     for s in ("", ":batch"))
+        assert queued == 1
+
+        with server.client() as client:
+            changed = client.post(
+                "/v1/generations", json={**BODY, "prompt": "other"}, headers=headers
+            )
+            assert_error(changed, 409, "conflict")["param"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "https://127.0.0.1/hook",
+        "https://10.0.0.7/hook",
+        "https://10.255.1.1:8443/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://localhost/hook",
+        "https://[::1]/hook",
+        "https://[::ffff:10.0.0.1]/hook",
+        "ftp://example.com/hook",
+    ],
+)
+def test_webhooks_to_internal_addresses_are_refused(
+    settings_for: SettingsFactory, url: str
+) -> None:
+    with api(settings_for, webhook_secret="s3cret", webhook_allow_http=True) as client:
+        refused = client.post("/v1/generations", json={**BODY, "webhook": url})
+        assert assert_error(refused, 422, "invalid_request")["param"] == "webhook"
+
+
+def test_allow_list_admits_a_loopback_webhook_and_http_needs_opt_in(
+    settings_for: SettingsFactory,
+) -> None:
+    overrides = dict(webhook_secret="s3cret", webhook_allowed_networks="127.0.0.0/8")
+    with api(settings_for, **overrides) as client:
+        http = client.post("/v1/generations", json={**BODY, "webhook": "http://127.0.0.1:9/h"})
+        assert_error(http, 422, "invalid_request")  # http not allowed
+        ok = client.post("/v1/generations", json={**BODY, "webhook": "https://127.0.0.1:9/h"})
+        assert ok.status_code == 202, ok.text
+        assert ok.json()["webhook_events_filter"] == ["completed"]
+    with api(settings_for, webhook_allowed_networks="127.0.0.0/8") as client:
+        unsigned = client.post("/v1/generations", json={**BODY, "webhook": "https://127.0.0.1/h"})
+        assert_error(unsigned, 422, "invalid_request")  # no secret: webhooks are off
+
+
+def test_request_id_and_traceparent_are_echoed_and_stored(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        generated = client.get("/healthz").headers["x-request-id"]
+        assert len(generated) == 32
+        response = client.post(
+            "/v1/generations",
+            json=BODY,
+            headers={"X-Request-ID": "req-abc.123", "traceparent": traceparent},
+        )
+        assert response.headers["x-request-id"] == "req-abc.123"
+        error = client.post("/v1/generations", json={}, headers={"X-Request-ID": "bad one!"})
+        assert error.status_code == 422 and len(error.headers["x-request-id"]) == 32
+    raw = redis_client.hget(f"{settings.redis_prefix}:job:{response.json()['id']}", "origin")
+    assert raw is not None
+    origin = json.loads(raw)
+    assert origin["request_id"] == "req-abc.123"
+    assert origin["traceparent"] == traceparent
+
+
+def test_batch_jobs_queue_behind_interactive_ones(settings_for: SettingsFactory) -> None:
+    with api(settings_for) as client:
+        batch = client.post("/v1/generations", json={**BODY, "priority": "batch"}).json()
+        client.post("/v1/generations", json=BODY)
+        client.post("/v1/generations", json=BODY)
+        view = client.get(f"/v1/generations/{batch['id']}").json()
+        assert view["priority"] == "batch"
+        assert view["queue_position"] == 2  # two interactive jobs run first
