@@ -27,9 +27,9 @@ KEYS = "alice:alice-secret-token-0123456789,bob:bob-secret-token-9876543210"
 
 @contextmanager
 def api(settings_for: SettingsFactory, **overrides: object) -> Iterator[httpx.Client]:
-    with ApiServer(create_app(settings_for(**overrides)), free_port()) as server:
-        with server.client() as client:
-            yield client
+    app = create_app(settings_for(**overrides))
+    with ApiServer(app, free_port()) as server, server.client() as client:
+        yield client
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict:
@@ -133,7 +133,7 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
             changed = client.post(
                 "/v1/generations", json={**BODY, "prompt": "other"}, headers=headers
             )
-            assert_error(changed, 409, "conflict")["param"] == "Idempotency-Key"
+            assert assert_error(changed, 409, "conflict")["param"] == "Idempotency-Key"
 
 
 @pytest.mark.parametrize(
