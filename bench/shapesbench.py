@@ -42,6 +42,7 @@ from selfcascade.stage_hooks import StageHook
 RESULTS = Path(__file__).parent / "results"
 BENCH_SEED = 20_261_126
 METHODS = ("bicubic", "self_cascade", "self_cascade_tuned", "direct")
+CASCADES = ("self_cascade", "self_cascade_tuned")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class Sample:
     truth_edge_width: float
     unet_evaluations: int
     seconds: float
+    pivot_strength: float | None = None
+
+
+def method_rank(label: str) -> tuple[int, str]:
+    """Table order: native, bicubic, the cascades (by pivot strength), direct."""
+    return ("native", *METHODS).index(label.split("@")[0]), label
 
 
 def benchmark_pairs(count: int) -> list[Pair]:
@@ -84,11 +91,12 @@ class Runner:
         self.native = engine.native_size.width
         self.images: dict[tuple[str, int, int], PIL.Image.Image] = {}
 
-    def request(self, pair: Pair, size: int, method: str) -> GenerationRequest:
+    def request(
+        self, pair: Pair, size: int, method: str, pivot_strength: float
+    ) -> GenerationRequest:
         return GenerationRequest(
             prompt=pair.caption, width=size, height=size, steps=self.args.steps,
-            guidance_scale=self.args.guidance, seed=pair.seed,
-            pivot_strength=self.args.pivot_strength,
+            guidance_scale=self.args.guidance, seed=pair.seed, pivot_strength=pivot_strength,
             method="direct" if method == "direct" else "self_cascade",
         )
 
@@ -103,27 +111,34 @@ class Runner:
             samples.append(
                 self.score(pair, "bicubic", scale, upscaled, native[1], native[2] + resize_seconds)
             )
-            for method in METHODS[1:]:
+            for method in CASCADES:
                 if method == "self_cascade_tuned" and self.tuned is None:
                     continue
                 hooks: tuple[StageHook, ...] = (
                     (self.tuned,) if method == "self_cascade_tuned" and self.tuned else ()
                 )
-                samples.append(
-                    self.score(pair, method, scale, *self.generate(pair, size, method, hooks))
-                )
+                for strength in self.args.pivot_strength:
+                    label = method if len(self.args.pivot_strength) == 1 else (
+                        f"{method}@K{strength:g}"
+                    )
+                    generated = self.generate(pair, size, method, hooks, strength)
+                    samples.append(self.score(pair, label, scale, *generated, strength))
+            direct = self.generate(pair, size, "direct", (), 1.0)
+            samples.append(self.score(pair, "direct", scale, *direct))
         return samples
 
     def generate(
-        self, pair: Pair, size: int, method: str, hooks: tuple[StageHook, ...]
+        self, pair: Pair, size: int, method: str, hooks: tuple[StageHook, ...],
+        pivot_strength: float = 1.0,
     ) -> tuple[PIL.Image.Image, int, float]:
         started = time.perf_counter()
-        result = self.engine.generate(self.request(pair, size, method), stage_hooks=hooks)
+        request = self.request(pair, size, method, pivot_strength)
+        result = self.engine.generate(request, stage_hooks=hooks)
         return result.images[0], result.unet_evaluations, time.perf_counter() - started
 
     def score(
         self, pair: Pair, method: str, scale: int, image: PIL.Image.Image, evaluations: int,
-        seconds: float,
+        seconds: float, pivot_strength: float | None = None,
     ) -> Sample:
         if pair.index < self.args.grid_columns:
             self.images[(method, scale, pair.index)] = image
@@ -136,13 +151,14 @@ class Runner:
             truth_edge_width=truth_edge_width(pair, image.width),
             unet_evaluations=evaluations,
             seconds=seconds,
+            pivot_strength=pivot_strength,
         )
 
 
 def summarise(samples: list[Sample]) -> list[dict[str, Any]]:
     rows = []
     keys = sorted({(s.scale, s.method) for s in samples},
-                  key=lambda k: (k[0], (("native", *METHODS)).index(k[1])))
+                  key=lambda k: (k[0], method_rank(k[1])))
     for scale, method in keys:
         group = [s for s in samples if (s.scale, s.method) == (scale, method)]
         widths = [s.edge_width for s in group if not math.isnan(s.edge_width)]
@@ -162,12 +178,12 @@ def summarise(samples: list[Sample]) -> list[dict[str, Any]]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = (f"{'scale':>5}  {'method':<19} {'n':>4} {'accuracy':>9} {'edge px':>8} "
+    header = (f"{'scale':>5}  {'method':<24} {'n':>4} {'accuracy':>9} {'edge px':>8} "
               f"{'vs truth':>9} {'UNet evals':>10} {'s/image':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['scale']:>4}x  {r['method']:<19} {r['samples']:>4} {r['accuracy']:>9.1%} "
+        print(f"{r['scale']:>4}x  {r['method']:<24} {r['samples']:>4} {r['accuracy']:>9.1%} "
               f"{r['edge_width_px']:>8.2f} {r['edge_width_vs_truth']:>9.2f} "
               f"{r['unet_evaluations']:>10.0f} {r['seconds_per_image']:>8.2f}")
 
@@ -178,8 +194,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def save_grid(images: dict[tuple[str, int, int], PIL.Image.Image], pairs: list[Pair],
               path: Path, tile: int = 160, label_width: int = 150) -> None:
     """Rows (method, scale), columns pairs; every tile resized nearest so pixels stay visible."""
-    rows = sorted({(m, s) for m, s, _ in images},
-                  key=lambda k: (k[1], (("native", *METHODS)).index(k[0])))
+    rows = sorted({(m, s) for m, s, _ in images}, key=lambda k: (k[1], method_rank(k[0])))
     columns = sorted({i for _, _, i in images})
     grid = PIL.Image.new("RGB", (label_width + tile * len(columns), tile * len(rows) + 20), "white")
     draw = PIL.ImageDraw.Draw(grid)
@@ -218,10 +233,11 @@ def save_plot(rows: list[dict[str, Any]], path: Path, width: int = 360, height: 
 
         for scale in scales:
             draw.text((at(scale, 0)[0] - 6, y1 + 4), f"{scale}x", fill="black")
-        for method, colour in colours.items():
+        for method in sorted({r["method"] for r in rows}, key=method_rank):
+            colour = colours[method.split("@")[0]]
             points = [at(r["scale"], r[key]) for r in rows
                       if r["method"] in (method, "native") and not math.isnan(r[key])]
-            if len(points) > 1 and any(r["method"] == method for r in rows):
+            if len(points) > 1:
                 draw.line(points, fill=colour, width=2)
                 for x, y in points:
                     draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
@@ -241,7 +257,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--pivot-strength", type=float, default=0.7)
+    parser.add_argument("--pivot-strength", type=float, nargs="+", default=[0.7],
+                        help="one or more K/T for the cascades (findings: worth a sweep)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1,
