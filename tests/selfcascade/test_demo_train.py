@@ -37,7 +37,7 @@ def test_stock_diffusers_loads_the_folder_and_generates(trained: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(trained)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae_scale_factor == 4
-    assert pipe.tokenizer("a red circle").input_ids.__len__() == 5
+    assert len(pipe.tokenizer("a red circle").input_ids) == 5
     image = pipe(
         "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
     ).images[0]
