@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 = steadier on a busy box)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1: steadier when busy)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
