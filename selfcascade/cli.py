@@ -71,8 +71,12 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     try:
         from selfcascade.tune_cli import add_tune_parser
     except ImportError:  # the tuning module is optional at this layer
-        return
-    add_tune_parser(commands)
+        pass
+    else:
+        add_tune_parser(commands)
+    from selfcascade.client_cli import add_client_parser  # argparse only: always available
+
+    add_client_parser(commands)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from service.body_limit import BodySizeLimit
 from service.deps import get_settings
 from service.errors import install_error_handlers
 from service.metrics import JobCollector, RequestMetrics
+from service.playground import mount_playground
 from service.production import install_production_api
 from service.routes import generations, operations
 from service.services import ApiServices
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(generations.router)
     app.include_router(operations.router)
+    mount_playground(app)  # the web page at /, static files under /static
     # Outermost first: the body limit runs before metrics so a 413 is still counted.
     app.add_middleware(RequestMetrics, registry=registry)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

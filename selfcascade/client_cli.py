@@ -1,0 +1,229 @@
+"""`selfcascade client ...`: generate through a running service, read a job, cancel one.
+
+Registered by `selfcascade.cli`; imports only argparse at the top so building the parser stays
+cheap, and httpx/tqdm when a command runs (no torch anywhere). Exit codes: 0 done, 1 the job
+or the server said no (one line on stderr), 2 bad arguments, 130 interrupted (job canceled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from selfcascade.client import ServiceClient
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def add_client_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        "client",
+        help="use a running selfcascade service (no torch needed)",
+        description="Talk to a selfcascade API. The API key comes from SELFCASCADE_API_KEY.",
+    )
+    actions = p.add_subparsers(dest="client_command", required=True)
+
+    g = actions.add_parser("generate", help="submit a generation, optionally wait and download")
+    _add_server(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--width", type=int, help="default: the model's native width")
+    g.add_argument("--height", type=int, help="default: the model's native height")
+    g.add_argument("--seed", type=int, help="random when omitted; always printed")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--method", choices=("self_cascade", "direct"))
+    g.add_argument("--tuned", choices=("auto", "true", "false"))
+    g.add_argument("--model", help="default: the server's first model")
+    g.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+    g.add_argument("--out", type=Path, help="write the image here (implies --wait)")
+    g.set_defaults(handler=_generate)
+
+    s = actions.add_parser("status", help="show one generation")
+    _add_server(s)
+    s.add_argument("job_id")
+    s.add_argument("--json", action="store_true", help="print the raw JSON view")
+    s.set_defaults(handler=_status)
+
+    c = actions.add_parser("cancel", help="cancel a queued or running generation")
+    _add_server(c)
+    c.add_argument("job_id")
+    c.set_defaults(handler=_cancel)
+    return p
+
+
+def _add_server(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server", help="API base URL (default: $SELFCASCADE_SERVER or http://127.0.0.1:8000)"
+    )
+
+
+def _client(args: argparse.Namespace) -> ServiceClient:
+    # Read the environment here, when a command runs, never at import.
+    from selfcascade.client import ServiceClient, api_key_from_env, server_from_env
+
+    return ServiceClient(args.server or server_from_env(), api_key=api_key_from_env())
+
+
+def _request_body(args: argparse.Namespace) -> dict[str, Any]:
+    optional = {
+        "negative_prompt": args.negative_prompt,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "steps": args.steps,
+        "method": args.method,
+        "model": args.model,
+        "tuned": {"true": True, "false": False, "auto": "auto"}.get(args.tuned or ""),
+    }
+    return {"prompt": args.prompt, **{k: v for k, v in optional.items() if v is not None}}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from selfcascade.client import ClientError
+
+    try:
+        with _client(args) as client:
+            job = client.create(_request_body(args))
+            params = job["params"]
+            print(
+                f"generation {job['id']} {job['status']}: {params['width']}x{params['height']}, "
+                f"seed {params['seed']}, {params['steps']} steps, {params['method']}"
+            )
+            if not (args.wait or args.out):
+                return 0
+            return _follow_and_download(client, job["id"], args.out)
+    except ClientError as exc:
+        print(f"selfcascade client: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -> int:
+    try:
+        _follow(client, job_id)
+    except KeyboardInterrupt:
+        client.cancel(job_id)
+        print(f"interrupted: canceled {job_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    job = client.get(job_id)
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        reason = f": {error.get('code')}: {error.get('message')}" if error else ""
+        print(f"generation {job_id} {job['status']}{reason}", file=sys.stderr)
+        return EXIT_FAILED
+    print(_summary(job))
+    for output in job["outputs"]:
+        path = out or Path(f"selfcascade-{job_id[:8]}.{output['format']}")
+        if len(job["outputs"]) > 1:
+            path = path.with_stem(f"{path.stem}-{job['outputs'].index(output)}")
+        size = client.download(output["url"], path)
+        print(f"wrote {path} ({output['width']}x{output['height']}, {size} bytes)")
+    return 0
+
+
+def _follow(client: ServiceClient, job_id: str) -> None:
+    """A progress bar over the whole run, its label the current stage, from the event stream."""
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", desc="queued", bar_format="{desc} {bar} {n:.0f}%") as bar:
+        for event in client.events(job_id):
+            progress = event.data.get("progress")
+            if event.type == "started":
+                bar.set_description_str("running", refresh=False)
+            elif progress:
+                bar.set_description_str(
+                    f"stage {progress['stage']}/{progress['stages']} "
+                    f"step {progress['step']}/{progress['steps']}",
+                    refresh=False,
+                )
+                bar.update(round(progress["fraction"] * 100, 1) - bar.n)
+            if event.type == "succeeded":
+                bar.update(100 - bar.n)
+            if event.is_terminal:
+                bar.set_description_str(event.type)  # refreshes: the last line says how it ended
+
+
+def _summary(job: dict[str, Any]) -> str:
+    metrics = job.get("metrics") or {}
+    stages = metrics.get("stage_seconds") or []
+    parts = [f"seed {job['params']['seed']}"]
+    if stages:
+        per_stage = " + ".join(f"{s:.2f}" for s in stages)
+        parts.append(f"{len(stages)} stage(s) in {sum(stages):.2f}s ({per_stage})")
+    if metrics.get("unet_evaluations") is not None:
+        parts.append(f"{metrics['unet_evaluations']} UNet evaluations")
+    if metrics.get("queue_s") is not None:
+        parts.append(f"queued {metrics['queue_s']:.2f}s")
+    return "; ".join(parts)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from selfcascade.client import ClientError
+
+    try:
+        with _client(args) as client:
+            job = client.get(args.job_id)
+    except ClientError as exc:
+        print(f"selfcascade client: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0
+    for line in _status_lines(job):
+        print(line)
+    return 0
+
+
+def _status_lines(job: dict[str, Any]) -> Sequence[str]:
+    params = job["params"]
+    lines = [
+        f"{job['id']}: {job['status']}",
+        f"  {params['width']}x{params['height']} {params['method']}, seed {params['seed']}, "
+        f"{params['steps']} steps, prompt {params['prompt']!r}",
+    ]
+    if job.get("queue_position") is not None:
+        lines.append(f"  queue position {job['queue_position']}")
+    if (progress := job.get("progress")) and job["status"] == "running":
+        lines.append(
+            f"  stage {progress['stage']}/{progress['stages']}, step "
+            f"{progress['step']}/{progress['steps']}, {progress['fraction']:.0%}"
+        )
+    if error := job.get("error"):
+        lines.append(f"  error {error['code']}: {error['message']}")
+    if job["status"] == "succeeded":
+        lines.append(f"  {_summary(job)}")
+    lines.extend(f"  output {o['url']} ({o['width']}x{o['height']})" for o in job["outputs"])
+    return lines
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from selfcascade.client import ClientError
+
+    try:
+        with _client(args) as client:
+            job = client.cancel(args.job_id)
+    except ClientError as exc:
+        print(f"selfcascade client: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if job["status"] == "canceled":
+        print(f"{job['id']}: canceled")
+    else:  # a running job stops between two denoising steps, a moment later
+        print(f"{job['id']}: cancel requested ({job['status']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m selfcascade.client_cli generate ...`: the client alone, for torch-free hosts."""
+    parser = argparse.ArgumentParser(prog="selfcascade")
+    add_client_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["client", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+// The public HTTP API, and its uniform errors turned into sentences a person can act on.
+
+export class ApiError extends Error {
+  constructor(status, code, message, param, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.param = param;
+    this.retryAfter = retryAfter;
+  }
+}
+
+export function createApi(getKey) {
+  async function request(method, path, body) {
+    const headers = { Accept: "application/json" };
+    const key = getKey();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let response;
+    try {
+      response = await fetch(path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch {
+      throw new ApiError(0, "network", "The server cannot be reached. Is it running?", null);
+    }
+    const payload = await response.json().catch(() => null);
+    if (!response.ok) {
+      const error = (payload && payload.error) || {};
+      throw new ApiError(
+        response.status,
+        error.code || "http_error",
+        error.message || `${response.status} ${response.statusText}`,
+        error.param || null,
+        response.headers.get("Retry-After"),
+      );
+    }
+    return payload;
+  }
+  return {
+    models: () => request("GET", "/v1/models"),
+    readiness: () => request("GET", "/readyz"),
+    create: (body) => request("POST", "/v1/generations", body),
+    get: (id) => request("GET", `/v1/generations/${id}`),
+    cancel: (id) => request("POST", `/v1/generations/${id}/cancel`),
+  };
+}
+
+export function describeError(error) {
+  switch (error.status) {
+    case 0:
+      return error.message;
+    case 401:
+    case 403:
+      return `Not allowed: ${error.message} (set an API key below).`;
+    case 422:
+      return `Invalid ${error.param || "request"}: ${stripParam(error.message, error.param)}`;
+    case 429:
+      return `The queue is full (${error.message}). Try again in ${error.retryAfter || "a few"} s.`;
+    case 503:
+      return `The service cannot take jobs right now: ${error.message}`;
+    default:
+      return `${error.status} ${error.code}: ${error.message}`;
+  }
+}
+
+function stripParam(message, param) {
+  const prefix = param ? `${param}: ` : "";
+  return message.startsWith(prefix) ? message.slice(prefix.length) : message;
+}

@@ -1,0 +1,354 @@
+// The playground page: a form that POSTs a generation, follows it over server-sent events,
+// and shows the result. Talks to the public API only; no framework, no build step.
+
+import { ApiError, createApi, describeError } from "./api.js";
+import { loadRecent, remember, renderGallery } from "./gallery.js";
+import { planStages, stageName } from "./stages.js";
+
+const KEY_STORAGE = "selfcascade.apiKey";
+const POLL_INTERVAL_MS = 500;
+const BACKSTOP_POLL_MS = 4000;
+const $ = (id) => document.getElementById(id);
+
+const ui = {
+  form: $("generate-form"),
+  prompt: $("prompt"),
+  negative: $("negative_prompt"),
+  width: $("width"),
+  height: $("height"),
+  customSize: $("custom-size"),
+  seed: $("seed"),
+  steps: $("steps"),
+  tuned: $("tuned"),
+  tunedHint: $("tuned-hint"),
+  apiKey: $("api-key"),
+  generate: $("generate"),
+  cancel: $("cancel"),
+  error: $("error"),
+  status: $("status"),
+  stageLabel: $("stage-label"),
+  percent: $("percent"),
+  progress: $("progress"),
+  progressText: $("progress-text"),
+  figure: $("figure"),
+  image: $("result-image"),
+  caption: $("caption"),
+  placeholder: $("placeholder"),
+  gallery: $("gallery"),
+  modelInfo: $("model-info"),
+  readiness: $("readiness"),
+};
+
+const api = createApi(() => ui.apiKey.value.trim());
+let model = null;
+let current = null; // { id, plan, stop }
+
+function selectedValue(name) {
+  return ui.form.querySelector(`input[name="${name}"]:checked`).value;
+}
+
+function requestBody() {
+  const body = {
+    prompt: ui.prompt.value,
+    method: selectedValue("method"),
+    tuned: ui.tuned.checked,
+    steps: numberOrUndefined(ui.steps.value),
+    seed: numberOrUndefined(ui.seed.value),
+  };
+  if (ui.negative.value.trim()) body.negative_prompt = ui.negative.value;
+  const preset = selectedValue("preset");
+  if (preset === "custom") {
+    body.width = numberOrUndefined(ui.width.value);
+    body.height = numberOrUndefined(ui.height.value);
+  } else if (model) {
+    body.width = model.native_width * Number(preset);
+    body.height = model.native_height * Number(preset);
+  }
+  return body;
+}
+
+function numberOrUndefined(text) {
+  return text.trim() === "" ? undefined : Number(text);
+}
+
+function setStatus(status, text = status) {
+  ui.status.dataset.status = status;
+  ui.status.textContent = text;
+}
+
+function setProgress(fraction, label) {
+  ui.progress.value = Math.round(fraction * 1000) / 10;
+  ui.progress.setAttribute("aria-valuetext", `${label}, ${Math.round(fraction * 100)}%`);
+  ui.percent.textContent = `${Math.round(fraction * 100)}%`;
+  // Announce stage changes, not every step: a screen reader would drown in percentages.
+  if (ui.stageLabel.textContent !== label) {
+    ui.stageLabel.textContent = label;
+    ui.progressText.textContent = label;
+  }
+}
+
+function showError(message, param) {
+  ui.error.textContent = message;
+  ui.error.hidden = false;
+  const field = param && document.getElementById(param);
+  if (field) {
+    field.setAttribute("aria-invalid", "true");
+    if (field.offsetParent !== null) field.focus();
+  }
+}
+
+function clearError() {
+  ui.error.hidden = true;
+  ui.error.textContent = "";
+  for (const field of ui.form.querySelectorAll("[aria-invalid]")) {
+    field.removeAttribute("aria-invalid");
+  }
+}
+
+function setBusy(busy) {
+  ui.generate.disabled = busy;
+  ui.cancel.disabled = !busy;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearError();
+  stopFollowing();
+  setBusy(true);
+  try {
+    const job = await api.create(requestBody());
+    follow(job);
+  } catch (error) {
+    setBusy(false);
+    setStatus("idle");
+    if (!(error instanceof ApiError)) throw error;
+    showError(describeError(error), error.param);
+  }
+}
+
+function follow(job) {
+  const p = job.params;
+  const plan = model
+    ? planStages(p.width, p.height, model.native_width, model.native_height,
+      model.size_multiple, p.method)
+    : null;
+  current = { id: job.id, plan, stop: () => {} };
+  setBusy(true);
+  ui.progress.value = 0;
+  ui.percent.textContent = "";
+  ui.stageLabel.textContent = "";
+  onView(job);
+  if (isTerminal(job.status)) return;
+  // EventSource cannot send an Authorization header: with a key, poll the job instead.
+  current.stop = ui.apiKey.value.trim() ? poll(job.id, POLL_INTERVAL_MS) : listen(job.id);
+}
+
+function listen(id) {
+  const source = new EventSource(`/v1/generations/${id}/events`);
+  const handle = (message) => {
+    const event = JSON.parse(message.data);
+    if (event.status === "queued") setStatus("queued");
+    if (event.type === "started") setStatus("running", "running");
+    if (event.progress) setProgress(event.progress.fraction, stageName(event.progress, current.plan));
+    if (["succeeded", "failed", "canceled"].includes(event.status)) {
+      source.close();
+      refresh(id);
+    }
+  };
+  for (const type of ["queued", "started", "progress", "requeued", "succeeded", "failed",
+    "canceled"]) {
+    source.addEventListener(type, handle);
+  }
+  // A dropped stream or the server's own `event: error` (Redis gone): fall back to polling,
+  // which surfaces the API's readable 503 instead of a silent spinner.
+  source.addEventListener("error", () => {
+    if (current && current.id === id && source.readyState !== EventSource.OPEN) {
+      source.close();
+      stopBackstop();
+      current.stop = poll(id, POLL_INTERVAL_MS);
+    }
+  });
+  // A stream that stalls without closing (a proxy buffering it, say) must not freeze the page:
+  // a slow poll alongside it notices the end of the job anyway.
+  const stopBackstop = poll(id, BACKSTOP_POLL_MS);
+  return () => {
+    source.close();
+    stopBackstop();
+  };
+}
+
+function poll(id, intervalMs) {
+  let timer = null;
+  const tick = async () => {
+    const job = await refresh(id);
+    if (job && current && current.id === id && !isTerminal(job.status)) {
+      timer = setTimeout(tick, intervalMs);
+    }
+  };
+  timer = setTimeout(tick, intervalMs);
+  return () => clearTimeout(timer);
+}
+
+async function refresh(id) {
+  try {
+    const job = await api.get(id);
+    if (current && current.id === id) onView(job);
+    return job;
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    showError(describeError(error), null);
+    return null;
+  }
+}
+
+const isTerminal = (status) => ["succeeded", "failed", "canceled"].includes(status);
+
+function onView(job) {
+  if (job.status === "queued") {
+    const position = job.queue_position;
+    setStatus("queued", position ? `queued (${position} ahead)` : "queued");
+  } else {
+    setStatus(job.status);
+  }
+  if (job.progress) setProgress(job.progress.fraction, stageName(job.progress, current.plan));
+  if (!isTerminal(job.status)) return;
+  setBusy(false);
+  current.stop();
+  if (job.status === "succeeded") {
+    setProgress(1, "done");
+    showResult(job);
+  } else if (job.status === "failed" && job.error) {
+    showError(`The generation failed (${job.error.code}): ${job.error.message}`, null);
+  }
+}
+
+function showResult(job) {
+  const output = job.outputs[0];
+  if (!output) return;
+  ui.image.src = output.url;
+  ui.image.alt = `Generated image for “${job.params.prompt}”, ${output.width}×${output.height}`;
+  // Tiny test-model images stay crisp when shown large.
+  ui.image.classList.toggle("pixelated", output.width < 384);
+  ui.caption.replaceChildren(...captionParts(job, output));
+  ui.figure.hidden = false;
+  ui.placeholder.hidden = true;
+  renderGallery(ui.gallery, remember(job), openJob);
+}
+
+function captionParts(job, output) {
+  const m = job.metrics || {};
+  const plan = current && current.plan;
+  const stages = (m.stage_seconds || []).map((seconds, i) => {
+    const size = plan && plan.length === m.stage_seconds.length ? ` ${plan[i].width}×${plan[i].height}` : "";
+    return `stage ${i + 1}${size}: ${seconds.toFixed(2)} s`;
+  });
+  const facts = [
+    `${output.width}×${output.height}`,
+    `seed ${job.params.seed}`,
+    job.params.method === "direct" ? "direct" : "self-cascade",
+    m.tuned ? "tuned" : null,
+    m.inference_s != null ? `${m.inference_s.toFixed(2)} s total` : null,
+    m.unet_evaluations != null ? `${m.unet_evaluations} UNet evaluations` : null,
+  ].filter(Boolean);
+  const line = (text, className) => {
+    const span = document.createElement("span");
+    span.className = className;
+    span.textContent = text;
+    return span;
+  };
+  const link = document.createElement("a");
+  link.href = output.url;
+  link.download = `selfcascade-${job.id.slice(0, 8)}.${output.format}`;
+  link.textContent = "Download";
+  return [
+    line(job.params.prompt, "prompt"),
+    line(facts.join(" · "), "facts"),
+    line(stages.join(" · "), "timings"),
+    link,
+  ];
+}
+
+async function cancelCurrent() {
+  if (!current) return;
+  ui.cancel.disabled = true;
+  try {
+    const job = await api.cancel(current.id);
+    onView(job);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    showError(describeError(error), null);
+  }
+}
+
+function stopFollowing() {
+  if (current) current.stop();
+  current = null;
+}
+
+async function openJob(id) {
+  clearError();
+  stopFollowing();
+  try {
+    follow(await api.get(id));
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    showError(describeError(error), null);
+  }
+}
+
+function applyModel(found) {
+  model = found;
+  ui.modelInfo.textContent =
+    `${model.name} · native ${model.native_width}×${model.native_height}` +
+    ` · ${model.loaded_by_workers} worker${model.loaded_by_workers === 1 ? "" : "s"}`;
+  for (const dims of document.querySelectorAll(".dims")) {
+    const scale = Number(dims.dataset.scale);
+    dims.textContent = `${model.native_width * scale}×${model.native_height * scale}`;
+  }
+  ui.width.value = model.native_width * 2;
+  ui.height.value = model.native_height * 2;
+  ui.width.step = ui.height.step = model.size_multiple;
+  ui.tuned.disabled = !model.tuned_available;
+  ui.tuned.checked = model.tuned_available;
+  ui.tunedHint.textContent = model.tuned_available ? "" : "(none loaded for this model)";
+}
+
+async function loadModel() {
+  try {
+    const { data } = await api.models();
+    if (data.length) applyModel(data[0]);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    ui.modelInfo.textContent = "model list unavailable";
+    showError(describeError(error), null);
+  }
+}
+
+async function checkReadiness() {
+  try {
+    await api.readiness();
+    ui.readiness.hidden = true;
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    ui.readiness.textContent = `${describeError(error)} Jobs wait in the queue until it recovers.`;
+    ui.readiness.hidden = false;
+  }
+}
+
+function init() {
+  ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  ui.apiKey.addEventListener("change", () => sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value));
+  for (const radio of ui.form.querySelectorAll('input[name="preset"]')) {
+    radio.addEventListener("change", () => {
+      ui.customSize.hidden = selectedValue("preset") !== "custom";
+    });
+  }
+  ui.form.addEventListener("submit", submit);
+  ui.cancel.addEventListener("click", cancelCurrent);
+  ui.image.addEventListener("load", () => document.body.classList.add("has-result"));
+  renderGallery(ui.gallery, loadRecent(), openJob);
+  loadModel();
+  checkReadiness();
+}
+
+init();

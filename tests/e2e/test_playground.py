@@ -1,0 +1,90 @@
+"""The playground in a real browser: generate, watch progress, cancel, see errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.running_stack import RunningStack
+
+pytestmark = pytest.mark.integration
+
+SCREENSHOT = "/tmp/selfcascade-playground.png"
+# Every label the stage line shows, recorded in the page as it changes.
+RECORD_STAGE_LABELS = """
+window.stageLabels = [];
+new MutationObserver(() => {
+  const text = document.querySelector('#stage-label').textContent;
+  if (window.stageLabels.at(-1) !== text) window.stageLabels.push(text);
+}).observe(document.querySelector('#stage-label'), {childList: true, characterData: true,
+                                                    subtree: true});
+"""
+
+
+def status_is(page: Any, stack: RunningStack, status: str, timeout_s: float = 150) -> None:
+    script = f"document.querySelector('#status').dataset.status === '{status}'"
+    try:
+        page.wait_for_function(script, timeout=timeout_s * 1000)
+    except Exception as exc:
+        shown = page.evaluate(
+            "['#status', '#stage-label', '#error'].map(s => document.querySelector(s).innerText)"
+        )
+        log = stack.worker.log()[-3000:]
+        raise AssertionError(f"page never showed {status!r} but {shown}; worker:\n{log}") from exc
+
+
+def test_presets_come_from_the_model(page: Any) -> None:
+    assert page.inner_text("label[for=preset-2x]").endswith("128×128")
+    assert page.inner_text("label[for=preset-4x]").endswith("256×256")
+    # The tiny model has no tuned upsamplers, so the switch is off and says why.
+    assert page.is_disabled("#tuned")
+    assert "none loaded" in page.inner_text("#tuned-hint")
+
+
+def test_generation_reaches_100_percent_and_shows_the_image(page: Any, stack: RunningStack) -> None:
+    page.evaluate(RECORD_STAGE_LABELS)
+    page.fill("#prompt", "a red circle and a blue square")
+    page.click("label[for=preset-2x]")
+    page.fill("#seed", "7")
+    page.fill("#steps", "4")
+    page.click("#generate")
+    status_is(page, stack, "succeeded")
+
+    assert page.eval_on_selector("#progress", "p => p.value") == 100
+    labels = page.evaluate("window.stageLabels")
+    assert "stage 1/2: 64×64" in labels and "stage 2/2: 128×128" in labels, labels
+    page.wait_for_function("document.querySelector('#result-image').complete")
+    size = page.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [128, 128]
+    caption = page.inner_text("#caption")
+    assert "seed 7" in caption and "UNet evaluations" in caption and "stage 2" in caption
+    assert page.locator("#gallery img").count() == 1
+    page.screenshot(path=SCREENSHOT, full_page=True)
+
+
+def test_cancel_stops_a_running_job(page: Any, stack: RunningStack) -> None:
+    page.fill("#prompt", "a long one")
+    page.click("label[for=method-direct]")
+    page.fill("#steps", "150")
+    page.click("#generate")
+    status_is(page, stack, "running", 60)
+    page.click("#cancel")
+    status_is(page, stack, "canceled", 60)
+    assert page.inner_text("#status").lower() == "canceled"
+    assert page.is_enabled("#generate")
+    assert page.is_visible("#figure") is False
+
+
+def test_validation_error_names_the_field(page: Any) -> None:
+    page.fill("#prompt", "too big")
+    page.click("label[for=preset-custom]")
+    page.fill("#width", "1024")
+    page.fill("#height", "1024")
+    page.click("#generate")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert error.inner_text().startswith("Invalid width:")
+    assert "pixel budget" in error.inner_text()
+    assert page.get_attribute("#width", "aria-invalid") == "true"
+    assert page.get_attribute("#status", "data-status") == "idle"
