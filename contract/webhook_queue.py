@@ -16,6 +16,7 @@ from redis import Redis
 from contract import histograms
 from contract.jobs import JobRecord, JobStatus, WebhookEvent
 from contract.keys import RedisKeys
+from contract.state import decode_record
 
 WEBHOOK_DELIVERIES = "webhook_deliveries_total"
 
@@ -26,6 +27,8 @@ class WebhookDelivery(BaseModel):
     event: WebhookEvent
     url: str
     attempt: int = 0
+    # The job as it was when the event happened: the body shows that moment, not a later one.
+    record: JobRecord | None = None
     body: str | None = None  # frozen at the first attempt so every retry sends the same bytes
 
 
@@ -42,8 +45,13 @@ def enqueue_webhook(
     origin = record.origin
     if not origin.webhook or event not in origin.webhook_events_filter:
         return False
+    snapshot = decode_record(record.id, redis.hgetall(keys.job(record.id)))  # type: ignore[arg-type]
     delivery = WebhookDelivery(
-        id=f"msg_{uuid.uuid4().hex}", job_id=record.id, event=event, url=origin.webhook
+        id=f"msg_{uuid.uuid4().hex}",
+        job_id=record.id,
+        event=event,
+        url=origin.webhook,
+        record=snapshot,
     )
     schedule(redis, keys, delivery, due if due is not None else time.time())
     return True

@@ -50,7 +50,7 @@ class WebhookSender:
 
     def deliver(self, delivery: WebhookDelivery) -> str:
         """Send once; re-schedules itself on a retryable failure. Returns the outcome."""
-        record = self.store.get(delivery.job_id)
+        record = delivery.record or self.store.get(delivery.job_id)
         if record is None:
             return self._outcome(delivery, "dropped", "the generation expired")
         if delivery.body is None:
@@ -79,7 +79,9 @@ class WebhookSender:
         if 200 <= response.status_code < 300:
             return self._outcome(delivery, "delivered", str(response.status_code))
         if response.status_code in RETRYABLE or response.status_code >= 500:
-            return self._retry_or_fail(delivery, f"HTTP {response.status_code}")
+            asked = response.headers.get("Retry-After", "")
+            wait_s = float(asked) if asked.isdigit() else 0.0
+            return self._retry_or_fail(delivery, f"HTTP {response.status_code}", wait_s)
         return self._outcome(delivery, "failed", f"HTTP {response.status_code} (not retried)")
 
     def _post(self, target: WebhookTarget, headers: dict[str, str], body: str) -> httpx.Response:
@@ -94,11 +96,15 @@ class WebhookSender:
             pinned, content=body.encode(), headers={**headers, "Host": host}, extensions=extensions
         )
 
-    def _retry_or_fail(self, delivery: WebhookDelivery, reason: str) -> str:
+    def _retry_or_fail(
+        self, delivery: WebhookDelivery, reason: str, retry_after_s: float = 0.0
+    ) -> str:
         delivery.attempt += 1
         if delivery.attempt >= self.settings.webhook_max_attempts:
             return self._outcome(delivery, "failed", f"{reason}; no attempts left")
-        delay = min(MAX_BACKOFF_S, self.settings.webhook_backoff_s * 2 ** (delivery.attempt - 1))
+        # Exponential backoff, or longer when the receiver's Retry-After asks for it.
+        backoff = self.settings.webhook_backoff_s * 2 ** (delivery.attempt - 1)
+        delay = min(MAX_BACKOFF_S, max(backoff, retry_after_s))
         schedule(self.redis, self.keys, delivery, time.time() + delay)
         return self._outcome(delivery, "retried", f"{reason}; retry in {delay:.1f}s")
 

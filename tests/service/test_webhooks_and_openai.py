@@ -162,6 +162,9 @@ def test_filtered_events_arrive_signed_with_the_get_body_and_trace(
         assert hook.headers["traceparent"] == TRACEPARENT
         assert json.loads(hook.body)["id"] == job["id"]
     assert len({h.headers["webhook-id"] for h in hooks}) == 2
+    # Each body is the job as of its event, even when sent later.
+    [start] = [h for h in hooks if h.headers["x-selfcascade-event"] == "start"]
+    assert json.loads(start.body)["status"] == "running"
     final = stack.client.get(f"/v1/generations/{job['id']}").json()
     assert json.loads(done.body) == final
     assert final["status"] == "succeeded"
