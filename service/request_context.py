@@ -3,6 +3,9 @@ routes (into the job's origin) and log records (contract.log_format.TraceFilter)
 
 from __future__ import annotations
 
+import logging
+import time
+
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,6 +15,8 @@ from contract.trace_context import (
     request_id_var,
     traceparent_var,
 )
+
+log = logging.getLogger("selfcascade.access")
 
 
 class RequestContext:
@@ -31,8 +36,13 @@ class RequestContext:
         state["request_id"] = request_id
         state["traceparent"] = traceparent
 
+        started = time.perf_counter()
+        status = 500
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
@@ -41,5 +51,10 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # The access log (uvicorn's own is off): one line per request, with its ids.
+            log.info(
+                "%s %s %d %.1fms",
+                scope["method"], scope["path"], status, (time.perf_counter() - started) * 1000,
+            )
             request_id_var.reset(rid_token)
             traceparent_var.reset(tp_token)
