@@ -3,10 +3,12 @@ against a real uvicorn and a real Redis. No worker runs here: jobs stay queued o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -204,3 +206,18 @@ def test_batch_jobs_queue_behind_interactive_ones(settings_for: SettingsFactory)
         view = client.get(f"/v1/generations/{batch['id']}").json()
         assert view["priority"] == "batch"
         assert view["queue_position"] == 2  # two interactive jobs run first
+
+
+def test_keys_file_holds_only_digests(settings_for: SettingsFactory, tmp_path: Path) -> None:
+    token = "carol-token-5555555555555555"
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(
+        json.dumps([{"id": "carol", "sha256": hashlib.sha256(token.encode()).hexdigest()}])
+    )
+    with api(settings_for, auth_mode="keys", api_keys_file=keys_file) as client:
+        carol = {"Authorization": f"Bearer {token}"}
+        created = client.post("/v1/generations", json=BODY, headers=carol)
+        assert created.status_code == 202, created.text
+        digest_as_token = {"Authorization": f"Bearer {hashlib.sha256(token.encode()).hexdigest()}"}
+        assert_error(client.post("/v1/generations", json=BODY, headers=digest_as_token), 401,
+                     "unauthorized")
