@@ -39,7 +39,16 @@ export function createApi(getKey) {
     }
     return payload;
   }
+  // <img src> cannot send a key: with one, outputs are fetched and shown as blob URLs.
+  async function imageUrl(url) {
+    const key = getKey();
+    if (!key) return url;
+    const response = await fetch(url, { headers: { Authorization: `Bearer ${key}` } });
+    if (!response.ok) throw new ApiError(response.status, "download", "the image could not be loaded", null);
+    return URL.createObjectURL(await response.blob());
+  }
   return {
+    imageUrl,
     models: () => request("GET", "/v1/models"),
     readiness: () => request("GET", "/readyz"),
     create: (body) => request("POST", "/v1/generations", body),

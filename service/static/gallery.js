@@ -31,7 +31,7 @@ export function remember(job) {
   return entries;
 }
 
-export function renderGallery(list, entries, onOpen) {
+export function renderGallery(list, entries, onOpen, imageUrl) {
   list.replaceChildren();
   if (entries.length === 0) {
     const empty = document.createElement("li");
@@ -48,11 +48,11 @@ export function renderGallery(list, entries, onOpen) {
     button.setAttribute("aria-label", `Open “${entry.prompt}”, ${entry.width}×${entry.height}`);
     if (entry.url) {
       const img = document.createElement("img");
-      img.src = entry.url;
       img.alt = "";
       img.loading = "lazy";
       // Results expire on the server; an old entry keeps its caption without a broken image.
       img.addEventListener("error", () => img.remove());
+      imageUrl(entry.url).then((src) => { img.src = src; }, () => img.remove());
       button.append(img);
     }
     const caption = document.createElement("span");

@@ -222,20 +222,28 @@ function onView(job) {
   }
 }
 
-function showResult(job) {
+async function showResult(job) {
   const output = job.outputs[0];
   if (!output) return;
-  ui.image.src = output.url;
+  let src;
+  try {
+    src = await api.imageUrl(output.url);
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    showError(describeError(error), null);
+    return;
+  }
+  ui.image.src = src;
   ui.image.alt = `Generated image for “${job.params.prompt}”, ${output.width}×${output.height}`;
   // Tiny test-model images stay crisp when shown large.
   ui.image.classList.toggle("pixelated", output.width < 384);
-  ui.caption.replaceChildren(...captionParts(job, output));
+  ui.caption.replaceChildren(...captionParts(job, output, src));
   ui.figure.hidden = false;
   ui.placeholder.hidden = true;
-  renderGallery(ui.gallery, remember(job), openJob);
+  renderGallery(ui.gallery, remember(job), openJob, api.imageUrl);
 }
 
-function captionParts(job, output) {
+function captionParts(job, output, src) {
   const m = job.metrics || {};
   const plan = current && current.plan;
   const stages = (m.stage_seconds || []).map((seconds, i) => {
@@ -257,7 +265,7 @@ function captionParts(job, output) {
     return span;
   };
   const link = document.createElement("a");
-  link.href = output.url;
+  link.href = src;
   link.download = `selfcascade-${job.id.slice(0, 8)}.${output.format}`;
   link.textContent = "Download";
   return [
@@ -337,16 +345,26 @@ async function checkReadiness() {
 
 function init() {
   ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
-  ui.apiKey.addEventListener("change", () => sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value));
+  ui.apiKey.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value);
+    clearError();
+    loadModel();  // in keys mode even the model list needs the key
+    renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
+  });
   for (const radio of ui.form.querySelectorAll('input[name="preset"]')) {
     radio.addEventListener("change", () => {
       ui.customSize.hidden = selectedValue("preset") !== "custom";
     });
   }
   ui.form.addEventListener("submit", submit);
+  ui.form.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !ui.generate.disabled) {
+      ui.form.requestSubmit();
+    }
+  });
   ui.cancel.addEventListener("click", cancelCurrent);
   ui.image.addEventListener("load", () => document.body.classList.add("has-result"));
-  renderGallery(ui.gallery, loadRecent(), openJob);
+  renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
   loadModel();
   checkReadiness();
 }

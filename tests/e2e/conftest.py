@@ -7,7 +7,7 @@ Where chromium or Playwright is missing the tests skip and say exactly what to i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,27 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture
-def page(browser: Any, stack: RunningStack) -> Iterator[Any]:
-    """A fresh browser context per test: its own localStorage, so galleries never leak."""
+def open_page(browser: Any) -> Iterator[Callable[[str], Any]]:
+    """Pages in a fresh browser context: its own storage, so galleries never leak between tests.
+    Uncaught script errors fail the test."""
     context = browser.new_context(viewport={"width": 1200, "height": 900})
-    opened = context.new_page()
-    opened.set_default_timeout(20_000)
     errors: list[str] = []
-    opened.on("pageerror", lambda exc: errors.append(str(exc)))
-    opened.goto(stack.url + "/")
-    # The model list fills the size presets; everything after depends on it.
-    opened.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
-    yield opened
+
+    def open_url(url: str) -> Any:
+        opened = context.new_page()
+        opened.set_default_timeout(20_000)
+        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened.goto(url)
+        return opened
+
+    yield open_url
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def page(open_page: Callable[[str], Any], stack: RunningStack) -> Any:
+    opened = open_page(stack.url + "/")
+    # The model list fills the size presets; everything after depends on it.
+    opened.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    return opened

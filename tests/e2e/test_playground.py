@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
+from service.app import create_app
+from tests.conftest import free_port
+from tests.live_stack import ApiServer
 from tests.running_stack import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -88,3 +94,64 @@ def test_validation_error_names_the_field(page: Any) -> None:
     assert "pixel budget" in error.inner_text()
     assert page.get_attribute("#width", "aria-invalid") == "true"
     assert page.get_attribute("#status", "data-status") == "idle"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "shown"),
+    [
+        (429, "queue_full", "the queue is full; retry later", "The queue is full"),
+        (503, "redis_unavailable", "the job store (Redis) is unreachable", "cannot take jobs"),
+    ],
+)
+def test_refusals_are_explained(
+    page: Any, status: int, code: str, message: str, shown: str
+) -> None:
+    # The server's real refusals need a full queue or a dead Redis; their shape is the API's
+    # one error body, so the page is given exactly that body.
+    body = json.dumps({"error": {"code": code, "message": message, "param": None}})
+    page.route(
+        "**/v1/generations",
+        lambda route: route.fulfill(
+            status=status,
+            body=body,
+            content_type="application/json",
+            headers={"Retry-After": "5"},
+        ),
+    )
+    page.fill("#prompt", "refused")
+    page.keyboard.press("Control+Enter")  # the keyboard shortcut submits too
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert shown in error.inner_text() and message in error.inner_text()
+    assert page.is_enabled("#generate")
+
+
+@pytest.fixture
+def keyed_api(stack: RunningStack) -> Iterator[ApiServer]:
+    """A second API in keys mode on the same Redis prefix: the same worker runs its jobs."""
+    settings = stack.settings.model_copy(
+        update={"auth_mode": "keys", "api_keys": SecretStr("e2e:sk-playground")}
+    )
+    with ApiServer(create_app(settings), free_port()) as api:
+        yield api
+
+
+def test_api_key_mode_lists_models_and_shows_the_image(
+    open_page: Callable[[str], Any], keyed_api: ApiServer, stack: RunningStack
+) -> None:
+    page = open_page(keyed_api.url + "/")
+    page.locator("#error").wait_for(state="visible")
+    assert page.inner_text("#error").startswith("Not allowed")
+    page.click("summary")
+    page.fill("#api-key", "sk-playground")
+    page.press("#api-key", "Tab")  # `change` reloads the model list with the key
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    page.fill("#prompt", "with a key")
+    page.click("label[for=preset-2x]")
+    page.fill("#steps", "3")
+    page.click("#generate")
+    status_is(page, stack, "succeeded")
+    page.wait_for_function("document.querySelector('#result-image').naturalWidth > 0")
+    size = page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [128, 128]
+    assert page.get_attribute("#result-image", "src").startswith("blob:")
