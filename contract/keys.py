@@ -47,5 +47,9 @@ class RedisKeys:
         """Sorted set: pending webhook deliveries (JSON), scored by the unix time they are due."""
         return f"{self.prefix}:webhooks"
 
+    def webhooks_in_flight(self) -> str:
+        """Sorted set: claimed deliveries, scored by when their claim lapses (sender died)."""
+        return f"{self.prefix}:webhooks:inflight"
+
     def reaper_lock(self) -> str:
         return f"{self.prefix}:lock:reaper"

@@ -3,6 +3,9 @@
 The worker and the API only add entries (never send HTTP from the GPU loop); the delivery
 process (`selfcascade-webhooks`) claims due entries, sends them and re-adds failed ones with a
 later score, which is how exponential backoff works without a scheduler or a sleeping thread.
+A claimed entry sits in an in-flight set until its attempt ends; if the delivery process dies
+first, the claim lapses and the entry becomes due again (at least once; receivers deduplicate
+on `webhook-id`).
 """
 
 from __future__ import annotations
@@ -61,10 +64,39 @@ def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: floa
     redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
 
 
-def claim_due(redis: Redis, keys: RedisKeys, now: float, limit: int) -> list[WebhookDelivery]:
-    """Entries due by `now`; ZREM decides the owner, so two delivery processes never share one."""
-    raw: list[bytes] = redis.zrangebyscore(keys.webhooks(), "-inf", now, start=0, num=limit)  # type: ignore[assignment]
-    return [WebhookDelivery.model_validate_json(e) for e in raw if redis.zrem(keys.webhooks(), e)]
+# KEYS: pending, in flight. ARGV: now, limit, claim seconds. Lapsed claims go back first.
+_CLAIM = """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, entry in ipairs(lapsed) do
+  redis.call('ZREM', KEYS[2], entry)
+  redis.call('ZADD', KEYS[1], ARGV[1], entry)
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, entry in ipairs(due) do
+  redis.call('ZREM', KEYS[1], entry)
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[3]), entry)
+end
+return due
+"""
+
+
+class Claimed(BaseModel):
+    raw: bytes  # the entry as stored, to remove from the in-flight set when the attempt ends
+    delivery: WebhookDelivery
+
+
+def claim_due(
+    redis: Redis, keys: RedisKeys, now: float, limit: int, claim_s: float
+) -> list[Claimed]:
+    """Up to `limit` due entries, moved atomically to in-flight for `claim_s` seconds."""
+    raw: list[bytes] = redis.eval(  # type: ignore[assignment]
+        _CLAIM, 2, keys.webhooks(), keys.webhooks_in_flight(), now, limit, claim_s
+    )
+    return [Claimed(raw=e, delivery=WebhookDelivery.model_validate_json(e)) for e in raw]
+
+
+def finish_claim(redis: Redis, keys: RedisKeys, claimed: Claimed) -> None:
+    redis.zrem(keys.webhooks_in_flight(), claimed.raw)
 
 
 def count_outcome(redis: Redis, keys: RedisKeys, outcome: str) -> None:

@@ -20,7 +20,7 @@ from contract.keys import RedisKeys
 from contract.log_format import configure_logging
 from contract.redis_connection import connect
 from contract.settings import Settings
-from contract.webhook_queue import WebhookDelivery, claim_due
+from contract.webhook_queue import Claimed, claim_due, finish_claim
 from service.webhook_delivery import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -57,27 +57,31 @@ class WebhookDispatcher:
                 except Exception:
                     log.exception("claiming webhooks failed; will retry")
                     claimed = []
-                for delivery in claimed:
-                    pool.submit(self._send, sender, delivery)
+                for entry in claimed:
+                    pool.submit(self._send, sender, entry)
                 if not claimed:
                     self.stop.wait(POLL_INTERVAL_S)
 
-    def _claim(self) -> list[WebhookDelivery]:
+    def _claim(self) -> list[Claimed]:
         if not self._free.acquire(timeout=1):
             return []  # every thread busy
         available = 1
         while available < self.threads and self._free.acquire(blocking=False):
             available += 1
-        claimed = claim_due(self.redis, self.keys, time.time(), available) if available else []
+        # A claim outlives one attempt (connect + read timeouts) with room to spare.
+        claim_s = 4 * self.settings.webhook_timeout_s + 10
+        claimed = claim_due(self.redis, self.keys, time.time(), available, claim_s)
         for _ in range(available - len(claimed)):
             self._free.release()
         return claimed
 
-    def _send(self, sender: WebhookSender, delivery: WebhookDelivery) -> None:
+    def _send(self, sender: WebhookSender, claimed: Claimed) -> None:
         try:
-            sender.deliver(delivery)
+            sender.deliver(claimed.delivery)
+            finish_claim(self.redis, self.keys, claimed)
         except Exception:
-            log.exception("webhook for generation %s crashed", delivery.job_id)
+            # Left in flight on purpose: the claim lapses and the entry is tried again.
+            log.exception("webhook for generation %s crashed", claimed.delivery.job_id)
         finally:
             self._free.release()
 
