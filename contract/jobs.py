@@ -43,6 +43,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     INTERNAL = "internal_error"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
 

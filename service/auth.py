@@ -19,25 +19,41 @@ from contract.settings import Settings
 from service.errors import ApiError
 
 OPEN_PRINCIPAL = "open"  # the rate-limit and concurrency bucket of open mode
+# "generate": create jobs (both POST routes); "read": see and cancel its own jobs, list models.
+SCOPES = frozenset({"generate", "read"})
 
 
 @dataclass(frozen=True)
 class Principal:
     key_id: str | None  # None in open mode
+    scopes: frozenset[str] = SCOPES
 
     @property
     def bucket(self) -> str:
         return self.key_id or OPEN_PRINCIPAL
 
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise ApiError(
+                403, ErrorCode.FORBIDDEN, f"this API key lacks the {scope!r} scope", "Authorization"
+            )
+
 
 class Keyring:
-    def __init__(self, required: bool, digests: dict[str, str]) -> None:
+    def __init__(
+        self,
+        required: bool,
+        digests: dict[str, str],
+        scopes: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.required = required
         self._digests = digests  # key id -> sha256 hex of the token
+        self._scopes = scopes or {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
         digests: dict[str, str] = {}
+        scopes: dict[str, frozenset[str]] = {}
         if settings.api_keys is not None:
             for pair in settings.api_keys.get_secret_value().split(","):
                 key_id, sep, token = pair.strip().partition(":")
@@ -48,11 +64,15 @@ class Keyring:
             for entry in json.loads(settings.api_keys_file.read_text()):
                 digest = entry.get("sha256") or token_digest(entry["token"])
                 digests[str(entry["id"])] = str(digest).lower()
+                granted = frozenset(entry.get("scopes", SCOPES))
+                if not granted <= SCOPES:
+                    raise ValueError(f"API key {entry['id']}: unknown scopes {granted - SCOPES}")
+                scopes[str(entry["id"])] = granted
         if settings.auth_mode == "keys" and not digests:
             raise ValueError(
                 "auth_mode=keys needs SELFCASCADE_API_KEYS or SELFCASCADE_API_KEYS_FILE"
             )
-        return cls(settings.auth_mode == "keys", digests)
+        return cls(settings.auth_mode == "keys", digests, scopes)
 
     def identify(self, authorization: str | None) -> Principal:
         if not self.required:
@@ -68,7 +88,7 @@ class Keyring:
                 found = key_id
         if found is None:
             raise _unauthorized("invalid API key")
-        return Principal(found)
+        return Principal(found, self._scopes.get(found, SCOPES))
 
 
 def token_digest(token: str) -> str:

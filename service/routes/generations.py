@@ -43,6 +43,7 @@ def create_generation(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> GenerationView:
+    caller.require("generate")
     params = normalise(body, services.models, services.settings)
     if body.webhook is not None:
         check_webhook_url(request, body.webhook)
@@ -81,6 +82,7 @@ async def get_generation(
     job_id: str, services: Services, caller: Caller, request: Request
 ) -> GenerationView:
     # The hot path clients poll: asyncio Redis, no threadpool hop.
+    caller.require("read")
     record = None
     if _JOB_ID.match(job_id):
         raw = await services.async_redis.hgetall(services.keys.job(job_id))
@@ -130,6 +132,7 @@ async def generation_events(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: every status change and progress step, ending at a terminal one."""
+    caller.require("read")
     if not _JOB_ID.match(job_id) or not await _owned_events(services, job_id, caller):
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     stream_key = services.keys.events(job_id)
@@ -214,6 +217,7 @@ def _wait_for_terminal(services: Services, job_id: str, wait_s: int) -> bool:
 
 
 def _load(services: Services, job_id: str, caller: Principal) -> JobRecord:
+    caller.require("read")
     record = services.store.get(job_id) if _JOB_ID.match(job_id) else None
     record = _visible(record, caller)
     if record is None:

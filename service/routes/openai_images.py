@@ -79,6 +79,7 @@ class OpenAIImagesResponse(BaseModel):
 def create_images(
     body: OpenAIImageRequest, services: Services, caller: Caller, request: Request
 ) -> OpenAIImagesResponse:
+    caller.require("generate")
     if body.stream:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "stream: not supported", "stream")
     width, height = _parse_size(body.size)

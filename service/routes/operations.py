@@ -44,7 +44,8 @@ def readyz(services: Services) -> JSONResponse | dict[str, object]:
 
 
 @router.get("/v1/models", tags=["models"])
-def list_models(services: Services, _caller: Caller) -> dict[str, list[ModelView]]:
+def list_models(services: Services, caller: Caller) -> dict[str, list[ModelView]]:
+    caller.require("read")
     workers = live_worker_models(services.redis, services.keys)
     views = [
         ModelView(

@@ -208,11 +208,16 @@ def test_batch_jobs_queue_behind_interactive_ones(settings_for: SettingsFactory)
         assert view["queue_position"] == 2  # two interactive jobs run first
 
 
-def test_keys_file_holds_only_digests(settings_for: SettingsFactory, tmp_path: Path) -> None:
+def test_keys_file_holds_digests_and_scopes(settings_for: SettingsFactory, tmp_path: Path) -> None:
     token = "carol-token-5555555555555555"
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(
-        json.dumps([{"id": "carol", "sha256": hashlib.sha256(token.encode()).hexdigest()}])
+        json.dumps(
+            [
+                {"id": "carol", "sha256": hashlib.sha256(token.encode()).hexdigest()},
+                {"id": "dave", "token": "dave-token-77777777777777", "scopes": ["read"]},
+            ]
+        )
     )
     with api(settings_for, auth_mode="keys", api_keys_file=keys_file) as client:
         carol = {"Authorization": f"Bearer {token}"}
@@ -221,3 +226,9 @@ def test_keys_file_holds_only_digests(settings_for: SettingsFactory, tmp_path: P
         digest_as_token = {"Authorization": f"Bearer {hashlib.sha256(token.encode()).hexdigest()}"}
         assert_error(client.post("/v1/generations", json=BODY, headers=digest_as_token), 401,
                      "unauthorized")
+        dave = {"Authorization": "Bearer dave-token-77777777777777"}
+        assert_error(client.post("/v1/generations", json=BODY, headers=dave), 403, "forbidden")
+        assert client.get("/v1/models", headers=dave).status_code == 200
+        # Same key, other job: still 404, never 403 (the scope does not reveal the job exists).
+        job = created.json()["id"]
+        assert_error(client.get(f"/v1/generations/{job}", headers=dave), 404, "not_found")
