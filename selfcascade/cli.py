@@ -161,8 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_libraries(verbose: bool) -> None:
     if verbose:
         return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # a client-only install (httpx, no torch): nothing to quiet
+        return
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
