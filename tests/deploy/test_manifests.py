@@ -50,6 +50,8 @@ def test_compose_file_validates(profile: str) -> None:
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert "healthcheck" in services["minio"] and "healthcheck" in services["redis"]
+    assert services["api"]["environment"]["SELFCASCADE_AUTH_MODE"] == "keys"
+    assert services["webhooks"]["command"] == ["selfcascade-webhooks"]
     if profile == "gpu":
         devices = worker["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
@@ -72,6 +74,8 @@ def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
     assert resources["limits"]["nvidia.com/gpu"] == 1
     for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment"):
         _find(docs, kind, "selfcascade-api")
+    _find(docs, "Deployment", "selfcascade-webhooks")
+    assert _find(docs, "ConfigMap", "selfcascade-settings")["data"]["SELFCASCADE_AUTH_MODE"] == "keys"
 
 
 def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:
