@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
 
     models_file: Path | None = None
+    # The default model when no models file is given (relative to the working directory).
+    demo_model_dir: Path = Path("models/demo")
+    demo_upsamplers: Path = Path("models/demo-upsamplers-2x.safetensors")
 
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # default: <data_dir>/results
@@ -114,19 +117,14 @@ class Settings(BaseSettings):
 
 
 TINY_MODEL_NAME = "tiny"
+DEMO_MODEL_NAME = "demo"
+DEMO_NATIVE_SIZE = 64
 
 
 def load_model_specs(settings: Settings) -> list[ModelSpec]:
-    """The configured models; without a models file, the tiny demo model under data_dir."""
+    """The configured models; without a models file, the shipped demo model, else a tiny one."""
     if settings.models_file is None:
-        return [
-            ModelSpec(
-                name=TINY_MODEL_NAME,
-                path=str(settings.tiny_model_dir),
-                native_width=64,
-                native_height=64,
-            )
-        ]
+        return [default_model_spec(settings)]
     raw = json.loads(settings.models_file.read_text())
     entries = raw["models"] if isinstance(raw, dict) else raw
     specs = [ModelSpec.model_validate(e) for e in entries]
@@ -134,3 +132,24 @@ def load_model_specs(settings: Settings) -> list[ModelSpec]:
     if len(set(names)) != len(names) or not specs:
         raise ValueError(f"models file {settings.models_file}: names must be unique, non-empty")
     return specs
+
+
+def default_model_spec(settings: Settings) -> ModelSpec:
+    """The demo model trained by `selfcascade.demo.train` (models/demo) with its 2x upsamplers;
+    where it is absent, a tiny random model the worker writes under data_dir (plumbing only)."""
+    demo = settings.demo_model_dir
+    if (demo / "model_index.json").is_file():
+        upsamplers = settings.demo_upsamplers
+        return ModelSpec(
+            name=DEMO_MODEL_NAME,
+            path=str(demo),
+            native_width=DEMO_NATIVE_SIZE,
+            native_height=DEMO_NATIVE_SIZE,
+            upsamplers=str(upsamplers) if upsamplers.is_file() else None,
+        )
+    return ModelSpec(
+        name=TINY_MODEL_NAME,
+        path=str(settings.tiny_model_dir),
+        native_width=64,
+        native_height=64,
+    )

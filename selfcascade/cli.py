@@ -18,6 +18,7 @@ from selfcascade.request import LR_FEATURE_MODES, METHODS, SCHEDULERS, UPSAMPLE_
 log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
+DEFAULT_MODEL = "models/demo"
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -37,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("generate", help="generate one image")
-    p.add_argument("--model", required=True, help="diffusers folder or hub id")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"diffusers folder or hub id (default: the shipped demo model, {DEFAULT_MODEL})",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt")
     p.add_argument("--width", type=int, required=True)

@@ -15,6 +15,10 @@ from collections.abc import Iterator
 import pytest
 from redis import Redis
 
+# Tests (and the processes they start) run the tiny random model: fast, and independent of the
+# shipped demo weights, which have tests of their own.
+os.environ["SELFCASCADE_DEMO_MODEL_DIR"] = "/nonexistent/selfcascade-demo"
+
 TEST_REDIS_URL = os.environ.get("SELFCASCADE_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
