@@ -75,7 +75,8 @@ def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
     for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Deployment"):
         _find(docs, kind, "selfcascade-api")
     _find(docs, "Deployment", "selfcascade-webhooks")
-    assert _find(docs, "ConfigMap", "selfcascade-settings")["data"]["SELFCASCADE_AUTH_MODE"] == "keys"
+    settings = _find(docs, "ConfigMap", "selfcascade-settings")["data"]
+    assert settings["SELFCASCADE_AUTH_MODE"] == "keys"
 
 
 def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:
