@@ -152,7 +152,11 @@ class SelfCascadePipeline:
         reporter = _StepReporter(steps, on_progress, cancel)
         seconds: list[float] = []
 
-        with torch.inference_mode(), _count_calls(self.pipe.unet) as unet_calls:
+        with (
+            torch.inference_mode(),
+            _count_calls(self.pipe.unet) as unet_calls,
+            _module_dtype_restored(self.pipe.vae),
+        ):
             conditioning = self._encode_prompt(request)
             latents: torch.Tensor | None = None
             for index, size in enumerate(sizes, start=1):
@@ -396,6 +400,23 @@ def _count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
         yield count
     finally:
         handle.remove()
+
+
+@contextmanager
+def _module_dtype_restored(module: torch.nn.Module) -> Iterator[None]:
+    """Put `module` back in its dtype however the run ends.
+
+    diffusers' SDXL pipelines upcast a `force_upcast` fp16 VAE to fp32 for the decode and cast
+    it back afterwards, without a `finally`: an out-of-memory error in that decode would leave
+    the resident VAE in fp32 and break every later job of the worker.
+    """
+    dtype = next(module.parameters()).dtype
+    try:
+        yield
+    finally:
+        if next(module.parameters()).dtype != dtype:
+            log.warning("restoring %s to %s after an interrupted run", type(module).__name__, dtype)
+            module.to(dtype=dtype)
 
 
 def _synchronize(device: torch.device) -> None:

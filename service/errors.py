@@ -109,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis unavailable: %s", exc)
+        log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
         return _respond(
             request,
             503,
@@ -119,8 +119,9 @@ def install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": "2"},
         )
 
-    app.add_exception_handler(redis.exceptions.ConnectionError, redis_down)
-    app.add_exception_handler(redis.exceptions.TimeoutError, redis_down)
+    # Every Redis failure, not only a lost connection: a replica promoted mid-failover answers
+    # READONLY, a full one OOM; both are "the store is unavailable", never a bare 500.
+    app.add_exception_handler(redis.exceptions.RedisError, redis_down)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -39,8 +39,12 @@ class ApiServices:
         return cls(
             settings=settings,
             redis=client,
+            # The SSE stream blocks in XREAD up to the keepalive interval: the read timeout sits
+            # just above it, so a Redis that stops answering still ends in a 503, never a hang.
             async_redis=AsyncRedis.from_url(
-                settings.redis_url, socket_connect_timeout=2.0, socket_timeout=None
+                settings.redis_url,
+                socket_connect_timeout=2.0,
+                socket_timeout=settings.sse_keepalive_s + 5.0,
             ),
             keys=keys,
             store=JobStore(client, keys, settings.result_ttl_s),

@@ -20,6 +20,9 @@ def normalise(
     if spec is None:
         raise _invalid("model", f"unknown model {name!r}; known: {', '.join(by_name)}")
 
+    if body.tuned is True and body.method == "direct":
+        raise _invalid("tuned", "tuned upsamplers work inside self-cascade stages; use method "
+                       "self_cascade or tuned false")
     if body.tuned is True and spec.upsamplers is None:
         raise _invalid("tuned", f"model {name} has no tuned upsamplers; use false or auto")
 

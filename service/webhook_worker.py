@@ -70,9 +70,14 @@ class WebhookDispatcher:
             available += 1
         # A claim outlives one attempt (connect + read timeouts) with room to spare.
         claim_s = 4 * self.settings.webhook_timeout_s + 10
-        claimed = claim_due(self.redis, self.keys, time.time(), available, claim_s)
-        for _ in range(available - len(claimed)):
-            self._free.release()
+        claimed: list[Claimed] = []
+        try:
+            claimed = claim_due(self.redis, self.keys, time.time(), available, claim_s)
+        finally:
+            # Permits not used by a claim go back, also when Redis failed: a leak would stall
+            # delivery for good while the process looks healthy.
+            for _ in range(available - len(claimed)):
+                self._free.release()
         return claimed
 
     def _send(self, sender: WebhookSender, claimed: Claimed) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
+from redis.exceptions import RedisError
+
 from contract.state import JobStore
+
+log = logging.getLogger(__name__)
 
 
 class RedisCancelFlag:
@@ -21,5 +26,9 @@ class RedisCancelFlag:
         now = time.monotonic()
         if not self._set and now - self._checked_at >= self.min_interval_s:
             self._checked_at = now
-            self._set = self.store.cancel_requested(self.job_id)
+            try:
+                self._set = self.store.cancel_requested(self.job_id)
+            except RedisError as exc:
+                # A Redis blip must not throw away minutes of GPU work: keep the last answer.
+                log.warning("job %s: cancel flag unreadable (%s); going on", self.job_id, exc)
         return self._set

@@ -17,6 +17,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def is_fatal_accelerator_error(exc: BaseException) -> bool:
+    """CUDA errors that poison the process's context (illegal address, device-side assert,
+    ECC): every later kernel fails too, so only a fresh process recovers."""
+    if is_out_of_memory(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+
+
 def free_accelerator_memory() -> None:
     """Drop what the failed job held so the next job starts from the resident models only."""
     gc.collect()

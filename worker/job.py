@@ -8,6 +8,7 @@ The only things that make RQ retry the job are a worker dying mid-job (see worke
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -26,7 +27,11 @@ from contract.jobs import (
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
 from contract.webhook_queue import enqueue_webhook
 from worker.cancel_flag import RedisCancelFlag
-from worker.engine_errors import free_accelerator_memory, is_out_of_memory
+from worker.engine_errors import (
+    free_accelerator_memory,
+    is_fatal_accelerator_error,
+    is_out_of_memory,
+)
 from worker.outputs import store_images
 from worker.progress_reporter import ThrottledProgress
 from worker.resident import WorkerRuntime, runtime
@@ -34,6 +39,7 @@ from worker.resident import WorkerRuntime, runtime
 log = logging.getLogger(__name__)
 
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+EXIT_ACCELERATOR_BROKEN = 70  # EX_SOFTWARE: restart me
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0
 
 
@@ -140,7 +146,12 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         code = ErrorCode.INTERNAL
         if not isinstance(exc, SelfCascadeError) and isinstance(exc, OSError):
             code = ErrorCode.STORAGE_UNAVAILABLE
-        return _fail(rt, record, code, f"{type(exc).__name__}: {exc}")
+        outcome = _fail(rt, record, code, f"{type(exc).__name__}: {exc}")
+        if is_fatal_accelerator_error(exc):
+            # The job is recorded as failed; the orchestrator restarts a clean process.
+            log.critical("unrecoverable accelerator error: worker exits for a restart")
+            os._exit(EXIT_ACCELERATOR_BROKEN)
+        return outcome
 
     inference_s = result.total_seconds
     histograms.observe(rt.store.redis, rt.store.keys, histograms.INFERENCE, inference_s)
@@ -149,7 +160,8 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         inference_s=inference_s,
         stage_seconds=result.stage_seconds,
         unet_evaluations=result.unet_evaluations,
-        tuned=bool(hooks),
+        # Upsamplers act only inside re-noise stages: a single-stage run was not tuned.
+        tuned=bool(hooks) and len(result.stages) > 1,
     )
     _finish(rt, record, JobStatus.SUCCEEDED, outputs=outputs, metrics=metrics)
     return JobStatus.SUCCEEDED.value

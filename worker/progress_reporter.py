@@ -3,12 +3,17 @@ of a fast model, but always writing the last step of every stage."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from contract.jobs import ProgressRecord
 from contract.state import JobStore
+
+log = logging.getLogger(__name__)
 
 
 class ThrottledProgress:
@@ -39,5 +44,11 @@ class ThrottledProgress:
         stage_done = progress.step == progress.steps
         if stage_done or now - self._written_at >= self.min_interval_s:
             self._written_at = now
-            if self.store.report_progress(self.job_id, record) and self.on_written:
+            try:
+                written = self.store.report_progress(self.job_id, record)
+            except RedisError as exc:
+                # Progress is advisory; the generation goes on and the next write catches up.
+                log.warning("job %s: progress not written (%s)", self.job_id, exc)
+                return
+            if written and self.on_written:
                 self.on_written(record)

@@ -73,6 +73,10 @@ def test_cancel_stops_a_running_job(page: Any, stack: RunningStack) -> None:
     page.fill("#prompt", "a long one")
     page.click("label[for=method-direct]")
     page.fill("#steps", "150")
+    # 256 px keeps the job running for many seconds, so the click always lands mid-run.
+    page.click("label[for=preset-custom]")
+    page.fill("#width", "256")
+    page.fill("#height", "256")
     page.click("#generate")
     status_is(page, stack, "running", 60)
     page.click("#cancel")

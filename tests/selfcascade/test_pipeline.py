@@ -246,3 +246,23 @@ def test_building_the_engine_never_recasts_the_resident_modules() -> None:
     SelfCascadePipeline(pipe)
     assert pipe.unet.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.bfloat16
+
+
+def test_an_interrupted_sdxl_decode_leaves_the_resident_vae_in_its_dtype() -> None:
+    from selfcascade.tiny_models import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline().to(torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.force_upcast  # diffusers upcasts this VAE to fp32 to decode
+
+    def out_of_memory(*_: Any) -> None:
+        assert pipe.vae.dtype == torch.float32  # the upcast happened
+        raise RuntimeError("simulated out of memory in the decode")
+
+    handle = pipe.vae.decoder.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            SelfCascadePipeline(pipe).generate(request(steps=1, guidance_scale=1.0))
+    finally:
+        handle.remove()
+    assert pipe.vae.dtype == torch.float16

@@ -23,8 +23,9 @@ from tests.service.conftest import make_settings
 pytestmark = pytest.mark.integration
 
 FAST = {"prompt": "a red fox", "width": 128, "height": 128, "steps": 6}
-# Long enough to be observed and canceled mid-run on a slow CPU, bounded by the steps limit.
-SLOW = {"prompt": "a long one", "width": 64, "height": 64, "steps": 150, "method": "direct"}
+# Cannot finish before the test cancels it, even on an idle machine: at 256 px the tiny UNet
+# attends over 64x64 latent tokens (~0.1 s a step, 150 steps); at 64 px it would take ~1 s.
+SLOW = {"prompt": "a long one", "width": 256, "height": 256, "steps": 150, "method": "direct"}
 
 
 class Stack:

@@ -46,7 +46,8 @@ def test_out_of_memory_fails_the_job_and_the_worker_keeps_serving(runtime_for: A
 
 def test_job_timeout_fails_with_code_timeout(runtime_for: Any) -> None:
     rt: WorkerRuntime = runtime_for(job_timeout_s=1)
-    slow = submit(rt, steps=150, method="direct")
+    # 256 px, 150 steps: far beyond the 1 s timeout on any CPU (64 px could finish in time).
+    slow = submit(rt, width=256, height=256, steps=150, method="direct")
     work_burst(rt)
     record = rt.store.get(slow)
     assert record is not None and record.status is JobStatus.FAILED

@@ -20,10 +20,21 @@ from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
 
-# Long enough to be caught mid-run on a loaded 2-core machine, short enough to run twice.
+# Long enough to be caught mid-run even on an idle machine (192 px: attention over 48x48 latent
+# tokens, several seconds for 120 steps), short enough to run twice.
 PARAMS = GenerationParams(
-    prompt="kill me", model="tiny", width=64, height=64, seed=3, steps=60, method="direct"
+    prompt="kill me", model="tiny", width=192, height=192, seed=3, steps=120, method="direct"
 )
+
+
+def all_events(store: JobStore, job_id: str) -> list[str]:
+    """Every event type of the job's stream (read_events pages 100 at a time)."""
+    types: list[str] = []
+    after = "0"
+    while page := store.read_events(job_id, after=after):
+        types += [event.type for _, event in page]
+        after = page[-1][0]
+    return types
 
 
 def submit(store: JobStore, settings: Settings, job_id: str) -> None:
@@ -63,7 +74,7 @@ def test_sigkilled_worker_job_is_retried_elsewhere_and_succeeds(
         assert record.status is JobStatus.SUCCEEDED, record.error
         assert record.attempts == 2
         assert record.worker != first
-        events = [e.type for _, e in store.read_events(job_id)]
+        events = all_events(store, job_id)
         assert events.count("started") == 2 and "requeued" in events
         assert events[-1] == "succeeded"
     finally:
