@@ -85,3 +85,22 @@ def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:
     assert "nvidia.com/gpu" not in str(worker["containers"][0]["resources"])
     settings = _find(docs, "ConfigMap", "selfcascade-settings")["data"]
     assert "SELFCASCADE_MODELS_FILE" not in settings
+
+
+# KEDA's kinds are custom resources: kubernetes-validate ships schemas for the core API only.
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
+KUBERNETES_VERSION = "1.31"
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-dev"])
+def test_rendered_core_resources_validate_against_the_kubernetes_schemas(overlay: str) -> None:
+    from kubernetes_validate import validate
+
+    docs = _kustomize(overlay)
+    core = [doc for doc in docs if doc["kind"] not in CUSTOM_KINDS]
+    assert {doc["kind"] for doc in core} >= {
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+        "ConfigMap", "Secret",
+    }
+    for doc in core:
+        validate(doc, KUBERNETES_VERSION, strict=True)  # raises naming the bad field
