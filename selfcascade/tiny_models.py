@@ -127,15 +127,27 @@ def build_tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """An SD-1.x/2.x-shaped pipeline, native size 64x64 px (latent 32, VAE factor 2)."""
     torch.manual_seed(seed)
     unet = _tiny_unet(cross_attention_dim=TEXT_HIDDEN)
-    vae = _tiny_vae()
     tokenizer = build_char_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    return assemble_sd_pipeline(
+        unet, _tiny_vae(), CLIPTextModel(_text_config(tokenizer)), tokenizer, _scheduler()
+    )
+
+
+def assemble_sd_pipeline(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler: object,
+) -> StableDiffusionPipeline:
+    """A stock StableDiffusionPipeline from our own components, without a safety checker (the
+    models built here have no NSFW classifier to pair with)."""
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,

@@ -17,6 +17,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from selfcascade.tiny_models import assemble_sd_pipeline
+
 NATIVE_SIZE = 64
 VAE_FACTOR = 4
 TEXT_HIDDEN = 64
@@ -96,17 +98,7 @@ def assemble_pipeline(
     tokenizer: CLIPTokenizer,
     unet: UNet2DConditionModel,
 ) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_sampling_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(unet, vae, text_encoder, tokenizer, build_sampling_scheduler())
 
 
 def parameter_count(module: torch.nn.Module) -> int:
