@@ -9,6 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+from redis import Redis
+
+from contract.queueing import generation_queues
+from contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 1800
@@ -61,9 +65,11 @@ def test_gpu_overlay_scales_workers_to_zero_on_the_rq_queue() -> None:
     docs = _kustomize("gpu")
     scaled = _find(docs, "ScaledObject", "selfcascade-worker")
     assert scaled["spec"]["minReplicaCount"] == 0
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["listName"] == "rq:queue:generations"
+    lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
+    # The exact Redis lists RQ uses for the queues the API enqueues to.
+    settings = Settings(redis_prefix="selfcascade", queue_name="generations")
+    expected = {queue.key for queue in generation_queues(Redis(), settings)}
+    assert lists == expected
 
 
 def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
