@@ -53,3 +53,6 @@ class RedisKeys:
 
     def reaper_lock(self) -> str:
         return f"{self.prefix}:lock:reaper"
+
+    def result_sweep_lock(self) -> str:
+        return f"{self.prefix}:lock:result-sweep"

@@ -113,7 +113,11 @@ class GenerationWorker(SimpleWorker):
                 reap_abandoned_jobs(
                     self.connection, self.queues, self.keys, interval, self._exc_handlers
                 )
-                if time.time() - swept_at > RESULT_SWEEP_INTERVAL_S:
+                # One sweep per interval across all workers: concurrent sweeps of a shared
+                # results directory race (a folder removed while a job writes into it).
+                if time.time() - swept_at > RESULT_SWEEP_INTERVAL_S and self.connection.set(
+                    self.keys.result_sweep_lock(), "1", nx=True, ex=int(RESULT_SWEEP_INTERVAL_S)
+                ):
                     swept_at = time.time()
                     cutoff = swept_at - self.runtime.settings.result_ttl_s
                     removed = self.runtime.storage.delete_older_than(cutoff)

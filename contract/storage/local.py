@@ -54,13 +54,19 @@ class LocalResultStorage(ResultStorage):
         if not self.root.exists():
             return 0
         for path in self.root.glob("*/*"):
-            if path.suffix != ".json" and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                path.with_suffix(path.suffix + ".json").unlink(missing_ok=True)
-                removed += 1
+            try:
+                if path.suffix != ".json" and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    path.with_suffix(path.suffix + ".json").unlink(missing_ok=True)
+                    removed += 1
+            except OSError:
+                continue  # gone or busy: the next sweep sees it again
         for folder in self.root.iterdir():
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            try:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            except OSError:
+                continue  # a job wrote into it meanwhile
         return removed
 
     def check(self) -> None:
