@@ -1,0 +1,53 @@
+"""The demo model and its 2x upsamplers shipped in models/: they load and run as users run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from contract.settings import DEMO_MODEL_NAME, Settings, default_model_spec
+from selfcascade.loading import load_pipeline
+from selfcascade.pipeline import SelfCascadePipeline
+from selfcascade.request import GenerationRequest
+from selfcascade.tuned import load_tuned_hook
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "models" / "demo"
+UPSAMPLERS = ROOT / "models" / "demo-upsamplers-2x.safetensors"
+MAX_BYTES = 30 * 2**20
+
+
+def test_the_shipped_folder_is_small_and_loads_with_stock_diffusers() -> None:
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    size += UPSAMPLERS.stat().st_size
+    assert size <= MAX_BYTES
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_a_2x_cascade_runs_on_the_demo_model(tuned: bool) -> None:
+    pipe = load_pipeline(str(DEMO), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    hooks = [load_tuned_hook(UPSAMPLERS, pipe)] if tuned else []
+    result = SelfCascadePipeline(pipe).generate(
+        GenerationRequest(prompt="a red circle and a blue square", width=128, height=128, steps=4),
+        stage_hooks=hooks,
+    )
+    assert result.images[0].size == (128, 128)
+    assert [s.width for s in result.stages] == [64, 128]
+
+
+def test_the_demo_model_is_the_default_when_present() -> None:
+    spec = default_model_spec(Settings(demo_model_dir=DEMO, demo_upsamplers=UPSAMPLERS))
+    assert spec.name == DEMO_MODEL_NAME
+    assert spec.upsamplers == str(UPSAMPLERS)
+    missing = default_model_spec(Settings(demo_model_dir=ROOT / "no-such-model"))
+    assert missing.name == "tiny"
