@@ -163,15 +163,26 @@ class SelfCascadePipeline:
                 last = index == len(sizes)
                 reporter.begin_stage(index)
                 started = time.perf_counter()
+                # What every stage passes to diffusers, whichever pipeline runs it.
+                call = {
+                    "guidance_scale": request.guidance_scale,
+                    "generator": generator,
+                    "output_type": "pil" if last else "latent",
+                    "callback_on_step_end": reporter,
+                    **conditioning.kwargs,
+                    **self._size_conditioning(size),
+                }
                 with self._tiled_decode(size if last else None):
                     if latents is None:
-                        output = self._text_to_image(
-                            txt2img, request, size, conditioning, generator, reporter, last
-                        )
+                        output = txt2img(
+                            height=size.height,
+                            width=size.width,
+                            num_inference_steps=request.steps,
+                            **call,
+                        ).images
                     else:
                         output = self._renoise_stage(
-                            img2img, request, index, sizes, latents, conditioning,
-                            generator, reporter, stage_hooks, last,
+                            img2img, request, index, sizes, latents, stage_hooks, call
                         )
                 _synchronize(self.pipe.device)
                 seconds.append(time.perf_counter() - started)
@@ -198,28 +209,6 @@ class SelfCascadePipeline:
         stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
         return stage_pipe
 
-    def _text_to_image(
-        self,
-        txt2img: Any,
-        request: GenerationRequest,
-        size: StageSize,
-        conditioning: _Conditioning,
-        generator: torch.Generator,
-        reporter: _StepReporter,
-        last: bool,
-    ) -> Any:
-        return txt2img(
-            height=size.height,
-            width=size.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=generator,
-            output_type="pil" if last else "latent",
-            callback_on_step_end=reporter,
-            **conditioning.kwargs,
-            **self._size_conditioning(size),
-        ).images
-
     def _renoise_stage(
         self,
         img2img: Any,
@@ -227,11 +216,8 @@ class SelfCascadePipeline:
         index: int,
         sizes: list[StageSize],
         pivot: torch.Tensor,
-        conditioning: _Conditioning,
-        generator: torch.Generator,
-        reporter: _StepReporter,
         stage_hooks: Sequence[StageHook],
-        last: bool,
+        call: dict[str, Any],
     ) -> Any:
         size = sizes[index - 1]
         upsampled = upsample_latents(pivot, size, self.vae_factor, request.upsample_mode)
@@ -250,16 +236,7 @@ class SelfCascadePipeline:
             for hook in stage_hooks:
                 hooks.enter_context(hook(run))
             return renoise_and_denoise(
-                img2img,
-                upsampled,
-                strength=request.pivot_strength,
-                steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                generator=generator,
-                output_type="pil" if last else "latent",
-                callback_on_step_end=reporter,
-                **conditioning.kwargs,
-                **self._size_conditioning(size),
+                img2img, upsampled, strength=request.pivot_strength, steps=request.steps, **call
             )
 
     # -- conditioning ------------------------------------------------------------------------
