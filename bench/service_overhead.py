@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from service.all_in_one import wait_until_ready
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -65,18 +67,6 @@ def start_stack(redis_url: str, data_dir: Path, port: int) -> list[subprocess.Po
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
     return [worker, api]
-
-
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the stack did not become ready")
 
 
 def run_job(client: httpx.Client, body: dict) -> tuple[float, float, dict]:
@@ -140,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
         children = start_stack(args.redis_url, Path(tmp), port)
         try:
-            wait_ready(url)
+            wait_until_ready(url, children)
             body = {"prompt": "a bench", "width": args.size, "height": args.size,
                     "steps": args.steps}
             with httpx.Client(base_url=url, timeout=30) as client:

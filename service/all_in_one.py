@@ -50,7 +50,7 @@ def main() -> None:
             )
         )
         url = f"http://{settings.host}:{settings.port}"
-        _wait_until_ready(url, children)
+        wait_until_ready(url, children)
         print(f"selfcascade is serving on {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
@@ -63,8 +63,11 @@ def main() -> None:
             embedded.stop()
 
 
-def _wait_until_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_until_ready(
+    url: str, children: list[subprocess.Popen[bytes]], timeout_s: float = READY_TIMEOUT_S
+) -> None:
+    """Poll /readyz until a worker holds a model; fail fast if a child process died."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(child.poll() is not None for child in children):
             raise SystemExit("the worker or the API exited during start-up")
@@ -74,7 +77,7 @@ def _wait_until_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"not ready after {READY_TIMEOUT_S:.0f}s")
+    raise SystemExit(f"not ready after {timeout_s:.0f}s")
 
 
 def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
