@@ -59,7 +59,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", type=Path, default=Path("out.png"))
-    p.set_defaults(handler=_generate)
+    p.set_defaults(handler=_generate, loads_models=True)
 
 
 def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_tiny_model)
+    p.set_defaults(handler=_tiny_model, loads_models=True)
 
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
@@ -154,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    _quiet_libraries(args.verbose)
+    # Only commands that load models pay for importing diffusers (the client never needs it).
+    if getattr(args, "loads_models", False):
+        _quiet_libraries(args.verbose)
     handler: Handler = args.handler
     try:
         return handler(args)
