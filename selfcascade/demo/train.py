@@ -70,6 +70,10 @@ class TrainConfig:
     # One thread: on a shared 2-core machine a second one mostly adds contention.
     threads: int = 1
     device: str = "auto"
+    # Seconds for the UNet phase (0: no limit). After the warm-up the step rate is measured and
+    # the run (and its cosine schedule) shortened to fit; the log and the saved model card
+    # say how many steps that was, so `--steps N` reproduces it.
+    time_budget_s: float = 0.0
 
     @property
     def torch_device(self) -> torch.device:
@@ -89,6 +93,9 @@ class LatentDataset:
     mean: torch.Tensor  # (N, 4, h, w)
     logvar: torch.Tensor  # (N, 4, h, w)
     captions: list[str]
+    # Tokenised once: a tokenizer call per step costs more than a GPU training step.
+    input_ids: torch.Tensor  # (N, L)
+    empty_ids: torch.Tensor  # (L,) the dropped caption ""
 
 
 def render_batch(seed: int, start: int, count: int, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -140,12 +147,15 @@ def train_vae(vae: AutoencoderKL, config: TrainConfig, generator: torch.Generato
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        _log_progress("vae", step, config.vae_steps, loss.item(), started, config.log_every)
+        if step % config.log_every == 0 or step == config.vae_steps:
+            _log_progress("vae", step, config.vae_steps, loss.item(), started)
     vae.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
-def encode_dataset(vae: AutoencoderKL, config: TrainConfig, chunk: int = 64) -> LatentDataset:
+def encode_dataset(
+    vae: AutoencoderKL, tokenizer: CLIPTokenizer, config: TrainConfig, chunk: int = 64
+) -> LatentDataset:
     means, logvars, captions = [], [], []
     for start in range(0, config.dataset_size, chunk):
         count = min(chunk, config.dataset_size - start)
@@ -159,7 +169,13 @@ def encode_dataset(vae: AutoencoderKL, config: TrainConfig, chunk: int = 64) -> 
     scaling = 1.0 / float(mean.std())
     vae.register_to_config(scaling_factor=scaling)
     log.info("encoded %d renders; latent scaling factor %.4f", len(captions), scaling)
-    return LatentDataset(mean * scaling, logvar + 2 * math.log(scaling), captions)
+    return LatentDataset(
+        mean * scaling,
+        logvar + 2 * math.log(scaling),
+        captions,
+        input_ids=tokenize(tokenizer, captions).to(config.torch_device),
+        empty_ids=tokenize(tokenizer, [""])[0].to(config.torch_device),
+    )
 
 
 # -- phase 2: the denoiser -------------------------------------------------------------------
@@ -175,10 +191,10 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for averaged, current in zip(
-            self.shadow.parameters(), module.parameters(), strict=True
-        ):
-            averaged.lerp_(current, 1 - decay)
+        # One fused call, not a kernel launch per parameter (they dominate a GPU step).
+        torch._foreach_lerp_(
+            list(self.shadow.parameters()), list(module.parameters()), 1 - decay
+        )
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -204,14 +220,17 @@ class DenoiserTraining:
         self.text_encoder = models.build_text_encoder(tokenizer).to(self.device)
         params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
+        # Mutable: a time budget may shorten the run once the step rate is known.
+        self.total_steps = config.steps
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, config.warmup_steps, config.steps)
+            self.optimizer, lambda step: warmup_cosine(step, config.warmup_steps, self.total_steps)
         )
         self.noise_scheduler = models.build_training_scheduler()
         self.ema_unet = EMA(self.unet, config.ema_decay)
         self.ema_text = EMA(self.text_encoder, config.ema_decay)
 
-    def step(self, data: LatentDataset, step: int, generator: torch.Generator) -> float:
+    def step(self, data: LatentDataset, step: int, generator: torch.Generator) -> torch.Tensor:
+        """One optimiser step; returns the loss as a device tensor (reading it syncs)."""
         cfg, device = self.config, self.device
         # Every random draw comes from the one CPU generator: the same run on any device.
         picks = torch.randint(len(data.captions), (cfg.batch_size,), generator=generator)
@@ -219,10 +238,9 @@ class DenoiserTraining:
         noise_in_latent = torch.randn(mean.shape, generator=generator).to(device)
         latents = mean + (0.5 * logvar).exp() * noise_in_latent  # (B, 4, h, w)
         dropped = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
-        captions = [
-            "" if drop else data.captions[i]
-            for i, drop in zip(picks.tolist(), dropped.tolist(), strict=True)
-        ]
+        input_ids = torch.where(
+            dropped.to(device)[:, None], data.empty_ids, data.input_ids[picks.to(device)]
+        )  # (B, L)
         noise = torch.randn(latents.shape, generator=generator).to(device)  # (B, 4, h, w)
         timesteps = torch.randint(
             self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator
@@ -230,7 +248,7 @@ class DenoiserTraining:
         weights = min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps).to(device)
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text = self.text_encoder(tokenize(self.tokenizer, captions).to(device))[0]  # (B, L, D)
+        text = self.text_encoder(input_ids)[0]  # (B, L, D)
         prediction = self.unet(noisy, timesteps, text).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (weights * per_sample).mean()
@@ -243,7 +261,7 @@ class DenoiserTraining:
         self.schedule.step()
         self.ema_unet.update(self.unet, step)
         self.ema_text.update(self.text_encoder, step)
-        return loss.item()
+        return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -288,19 +306,38 @@ def train(config: TrainConfig) -> Path:
         generator.set_state(resumed["generator"])
         start = resumed["step"] + 1
         log.info("resumed from %s at step %d", state_path, start)
-    data = encode_dataset(vae, config)
+    data = encode_dataset(vae, tokenizer, config)
     training.unet.train()
     training.text_encoder.train()
     started = time.perf_counter()
-    for step in range(start, config.steps + 1):
+    step = start
+    while step <= training.total_steps:
         loss = training.step(data, step, generator)
-        _log_progress("unet", step, config.steps, loss, started, config.log_every, first=start)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step == start + config.warmup_steps and config.time_budget_s > 0:
+            _fit_to_budget(training, config, start, step, time.perf_counter() - started)
+        if step % config.log_every == 0 or step == training.total_steps:
+            _log_progress("unet", step, training.total_steps, loss.item(), started, first=start)
+        if step % config.checkpoint_every == 0 or step == training.total_steps:
             save_pipeline(vae, training, tokenizer, config.out)
             _save_state(state_path, vae, training, generator, step, config)
-    if start > config.steps:
+        step += 1
+    if start > training.total_steps:
         save_pipeline(vae, training, tokenizer, config.out)
     return config.out
+
+
+def _fit_to_budget(
+    training: DenoiserTraining, config: TrainConfig, start: int, step: int, seconds: float
+) -> None:
+    _ = torch.zeros((), device=training.device).item()  # wait for the queued GPU work
+    rate = (step - start + 1) / max(seconds, 1e-9)
+    fitting = start - 1 + int(config.time_budget_s * rate)
+    if fitting < training.total_steps:
+        training.total_steps = max(fitting, step + 1)
+        log.info(
+            "time budget %.0f s at %.1f it/s: the UNet phase runs %d steps (reproduce it with "
+            "--steps %d)", config.time_budget_s, rate, training.total_steps, training.total_steps,
+        )
 
 
 def save_pipeline(
@@ -340,10 +377,8 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _log_progress(
-    phase: str, step: int, total: int, loss: float, started: float, every: int, first: int = 1
+    phase: str, step: int, total: int, loss: float, started: float, first: int = 1
 ) -> None:
-    if step % every and step != total:
-        return
     rate = (step - first + 1) / max(time.perf_counter() - started, 1e-9)
     remaining = (total - step) / rate
     log.info(

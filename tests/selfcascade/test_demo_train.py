@@ -73,3 +73,14 @@ def test_a_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     train(replace(resumed, batch_size=4, dataset_size=8, vae_batch_size=2))
     state = torch.load(config.checkpoint_dir / "state.pt", weights_only=False)
     assert state["step"] == 3
+
+
+def test_a_time_budget_shortens_the_run_after_the_warm_up(tmp_path: Path) -> None:
+    config = replace(
+        smoke_config(tmp_path / "model"), steps=1000, warmup_steps=2, time_budget_s=1e-6,
+        checkpoint_every=1000,
+    )
+    train(config)
+    state = torch.load(config.checkpoint_dir / "state.pt", weights_only=False)
+    # The rate is measured over the 3 steps up to the end of the warm-up; one more step runs.
+    assert state["step"] == 4
