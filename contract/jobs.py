@@ -11,8 +11,17 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
+# Video bounds the API enforces for every model; a model's own frame limit is in its ModelSpec.
+MAX_FRAMES = 64  # = selfcascade.request.MAX_FRAMES, the engine's bound (not imported: no torch)
+MAX_FPS = 60
 
-OutputFormat = Literal["png", "webp", "jpeg"]
+ImageFormat = Literal["png", "webp", "jpeg"]
+VideoFormat = Literal["mp4", "webm", "gif"]
+OutputFormat = Literal[ImageFormat, VideoFormat]
+IMAGE_FORMATS: tuple[ImageFormat, ...] = ("png", "webp", "jpeg")
+VIDEO_FORMATS: tuple[VideoFormat, ...] = ("mp4", "webm", "gif")
+# image: a generated picture; video: a clip; poster: a still of a clip (its first frame).
+OutputRole = Literal["image", "video", "poster"]
 
 
 class JobStatus(enum.StrEnum):
@@ -69,6 +78,13 @@ class GenerationParams(BaseModel):
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
     output_format: OutputFormat = "png"
+    # Set for video models only (the validator fills in the model's defaults), None for images.
+    num_frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    fps: int | None = Field(default=None, ge=1, le=MAX_FPS)
+
+    @property
+    def is_video(self) -> bool:
+        return self.num_frames is not None
 
 
 class ProgressRecord(BaseModel):
@@ -80,7 +96,10 @@ class ProgressRecord(BaseModel):
 
 
 class OutputRecord(BaseModel):
-    """One stored image. `key` is the storage object key (derived from the job id only)."""
+    """One stored result file. `key` is the storage object key (derived from the job id only).
+
+    A video job stores the clip (role "video", with its frame count and rate) and a poster.
+    """
 
     index: int
     key: str
@@ -89,6 +108,9 @@ class OutputRecord(BaseModel):
     format: OutputFormat
     bytes: int
     sha256: str
+    role: OutputRole = "image"
+    frames: int | None = None
+    fps: int | None = None
 
 
 class ErrorInfo(BaseModel):

@@ -9,8 +9,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract.jobs import MAX_FPS, MAX_FRAMES
+from contract.modality import Modality, detect_modality
 
 
 class ModelSpec(BaseModel):
@@ -22,6 +25,11 @@ class ModelSpec(BaseModel):
           "upsamplers": "/models/sd21-upsamplers.safetensors", "dtype": "float16",
           "device": "cuda"}]
     The first entry is the default model of a request that names none.
+
+    `produces` is "image" or "video". Left out, it is read from a local folder's
+    model_index.json (contract.modality); declare it where the API cannot read the folder (a
+    hub id, the API image without the models mounted). Video models also take
+    `default_num_frames`, `max_num_frames` and `default_fps`.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -33,6 +41,23 @@ class ModelSpec(BaseModel):
     upsamplers: str | None = None  # tuned-mode feature upsampler checkpoint
     dtype: str = "auto"
     device: str = "auto"
+    produces: Modality | None = None  # None until load_model_specs resolves it
+    default_num_frames: int = Field(default=16, ge=1, le=MAX_FRAMES)
+    max_num_frames: int = Field(default=MAX_FRAMES, ge=1, le=MAX_FRAMES)
+    default_fps: int = Field(default=8, ge=1, le=MAX_FPS)
+
+    @model_validator(mode="after")
+    def _default_frames_within_max(self) -> ModelSpec:
+        if self.default_num_frames > self.max_num_frames:
+            raise ValueError(
+                f"default_num_frames {self.default_num_frames} exceeds max_num_frames "
+                f"{self.max_num_frames}"
+            )
+        return self
+
+    @property
+    def produces_video(self) -> bool:
+        return self.produces == "video"
 
 
 class Settings(BaseSettings):
@@ -127,11 +152,17 @@ def load_model_specs(settings: Settings) -> list[ModelSpec]:
         return [default_model_spec(settings)]
     raw = json.loads(settings.models_file.read_text())
     entries = raw["models"] if isinstance(raw, dict) else raw
-    specs = [ModelSpec.model_validate(e) for e in entries]
+    specs = [_with_modality(ModelSpec.model_validate(e)) for e in entries]
     names = [s.name for s in specs]
     if len(set(names)) != len(names) or not specs:
         raise ValueError(f"models file {settings.models_file}: names must be unique, non-empty")
     return specs
+
+
+def _with_modality(spec: ModelSpec) -> ModelSpec:
+    if spec.produces is not None:
+        return spec
+    return spec.model_copy(update={"produces": detect_modality(spec.path)})
 
 
 def default_model_spec(settings: Settings) -> ModelSpec:
@@ -146,10 +177,12 @@ def default_model_spec(settings: Settings) -> ModelSpec:
             native_width=DEMO_NATIVE_SIZE,
             native_height=DEMO_NATIVE_SIZE,
             upsamplers=str(upsamplers) if upsamplers.is_file() else None,
+            produces="image",
         )
     return ModelSpec(
         name=TINY_MODEL_NAME,
         path=str(settings.tiny_model_dir),
         native_width=64,
         native_height=64,
+        produces="image",
     )

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import (
+    MAX_FPS,
+    MAX_FRAMES,
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -16,6 +18,7 @@ from contract.jobs import (
     JobMetrics,
     JobStatus,
     OutputFormat,
+    OutputRole,
     Priority,
     ProgressRecord,
     WebhookEvent,
@@ -40,7 +43,11 @@ class GenerationCreate(BaseModel):
     pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
-    output_format: OutputFormat = "png"
+    # default: png for an image model, mp4 for a video model
+    output_format: OutputFormat | None = None
+    # Video models only (default: the model's own); an image model refuses them.
+    num_frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    fps: int | None = Field(default=None, ge=1, le=MAX_FPS)
     # Not engine parameters: how the job is scheduled and reported (contract.jobs.JobOrigin).
     priority: Priority = "interactive"
     webhook: str | None = Field(default=None, max_length=2000)
@@ -56,6 +63,10 @@ class OutputView(BaseModel):
     format: OutputFormat
     bytes: int
     sha256: str
+    role: OutputRole = "image"
+    frames: int | None = None  # video only, as are fps and duration_s
+    fps: int | None = None
+    duration_s: float | None = None
 
 
 class GenerationView(BaseModel):
@@ -84,3 +95,9 @@ class ModelView(BaseModel):
     size_multiple: int
     tuned_available: bool
     loaded_by_workers: int
+    produces: Literal["image", "video"]
+    output_formats: list[OutputFormat]
+    # Video models only: what num_frames and fps default to, and the most frames a job may ask.
+    default_num_frames: int | None = None
+    max_num_frames: int | None = None
+    default_fps: int | None = None

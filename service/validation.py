@@ -1,10 +1,18 @@
-"""Checks that need the configuration: model names, size multiples, the pixel budget."""
+"""Checks that need the configuration: model names, size multiples, the pixel budget, and which
+parameters a model's modality (image or video) takes."""
 
 from __future__ import annotations
 
 import secrets
 
-from contract.jobs import MAX_SEED, ErrorCode, GenerationParams
+from contract.jobs import (
+    IMAGE_FORMATS,
+    MAX_SEED,
+    VIDEO_FORMATS,
+    ErrorCode,
+    GenerationParams,
+    OutputFormat,
+)
 from contract.settings import ModelSpec, Settings
 from service.errors import ApiError
 from service.schemas import GenerationCreate
@@ -25,6 +33,7 @@ def normalise(
                        "self_cascade or tuned false")
     if body.tuned is True and spec.upsamplers is None:
         raise _invalid("tuned", f"model {name} has no tuned upsamplers; use false or auto")
+    output_format, num_frames, fps = _media_fields(body, spec, models)
 
     width = body.width or spec.native_width
     height = body.height or spec.native_height
@@ -49,9 +58,61 @@ def normalise(
             f"steps x pivot_strength must be at least 1 for a re-noise stage "
             f"(got {body.steps} x {body.pivot_strength})",
         )
+    if output_format == "mp4":
+        for param, value in (("width", width), ("height", height)):
+            if value % 2:
+                raise _invalid(param, f"mp4 (H.264, 4:2:0) needs an even {param}, got {value}")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    fields = body.model_dump(exclude={"model", "width", "height", "seed"})
-    return GenerationParams(model=name, width=width, height=height, seed=seed, **fields)
+    fields = body.model_dump(
+        exclude={"model", "width", "height", "seed", "output_format", "num_frames", "fps"}
+    )
+    return GenerationParams(
+        model=name,
+        width=width,
+        height=height,
+        seed=seed,
+        output_format=output_format,
+        num_frames=num_frames,
+        fps=fps,
+        **fields,
+    )
+
+
+def _media_fields(
+    body: GenerationCreate, spec: ModelSpec, models: list[ModelSpec]
+) -> tuple[OutputFormat, int | None, int | None]:
+    """output_format, num_frames and fps for the model's modality, defaults filled in."""
+    if not spec.produces_video:
+        for param in ("num_frames", "fps"):
+            if getattr(body, param) is not None:
+                video = [m.name for m in models if m.produces_video]
+                hint = f"; video models: {', '.join(video)}" if video else ""
+                raise _invalid(
+                    param, f"model {spec.name} produces images; {param} is for video models{hint}"
+                )
+        return _format(body.output_format, spec, IMAGE_FORMATS), None, None
+    num_frames = body.num_frames or spec.default_num_frames
+    if num_frames > spec.max_num_frames:
+        raise _invalid(
+            "num_frames",
+            f"model {spec.name} makes at most {spec.max_num_frames} frames, got {num_frames}",
+        )
+    fps = body.fps or spec.default_fps
+    return _format(body.output_format, spec, VIDEO_FORMATS), num_frames, fps
+
+
+def _format(
+    requested: OutputFormat | None, spec: ModelSpec, allowed: tuple[OutputFormat, ...]
+) -> OutputFormat:
+    if requested is None:
+        return allowed[0]
+    if requested not in allowed:
+        kind = "video" if spec.produces_video else "images"
+        raise _invalid(
+            "output_format",
+            f"model {spec.name} produces {kind}: use {', '.join(allowed)}, not {requested}",
+        )
+    return requested
 
 
 def _invalid(param: str, message: str) -> ApiError:

@@ -16,6 +16,10 @@ def generation_view(record: JobRecord, base_url: str, position: int | None) -> G
             format=o.format,
             bytes=o.bytes,
             sha256=o.sha256,
+            role=o.role,
+            frames=o.frames,
+            fps=o.fps,
+            duration_s=round(o.frames / o.fps, 3) if o.frames and o.fps else None,
         )
         for o in record.outputs
     ]

@@ -8,7 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+    "gif": "image/gif",
+}
 
 
 @dataclass(frozen=True)

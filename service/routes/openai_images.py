@@ -23,10 +23,10 @@ from contract.jobs import (
     MAX_SEED,
     MAX_STEPS,
     ErrorCode,
+    ImageFormat,
     JobEvent,
     JobRecord,
     JobStatus,
-    OutputFormat,
 )
 from contract.state import JobStore
 from service.auth import Caller
@@ -51,7 +51,7 @@ class OpenAIImageRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_IMAGES)
     size: str | None = None  # "WxH"; "auto" or absent: the model's native size
     response_format: Literal["url", "b64_json"] = "url"
-    output_format: OutputFormat = "png"
+    output_format: ImageFormat = "png"
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
     # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
@@ -71,7 +71,7 @@ class OpenAIImage(BaseModel):
 class OpenAIImagesResponse(BaseModel):
     created: int
     data: list[OpenAIImage]
-    output_format: OutputFormat
+    output_format: ImageFormat
     size: str
 
 
@@ -83,6 +83,7 @@ def create_images(
     if body.stream:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "stream: not supported", "stream")
     width, height = _parse_size(body.size)
+    _refuse_video_model(services, body.model)
     native = GenerationCreate(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -110,9 +111,19 @@ def create_images(
     return OpenAIImagesResponse(
         created=int(records[0].created_at),
         data=data,
-        output_format=first.output_format,
+        output_format=body.output_format,
         size=f"{first.width}x{first.height}",
     )
+
+
+def _refuse_video_model(services: ApiServices, name: str | None) -> None:
+    """An images API answers images: a video model is reached through POST /v1/generations."""
+    spec = next((m for m in services.models if m.name == (name or services.models[0].name)), None)
+    if spec is not None and spec.produces_video:
+        raise ApiError(
+            422, ErrorCode.INVALID_REQUEST,
+            f"model: {spec.name} produces video; use POST /v1/generations", "model",
+        )
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:

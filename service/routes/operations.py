@@ -7,7 +7,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from contract.jobs import ErrorCode
+from contract.jobs import IMAGE_FORMATS, VIDEO_FORMATS, ErrorCode
+from contract.settings import ModelSpec
 from service.auth import Caller
 from service.deps import Services
 from service.errors import error_response
@@ -48,17 +49,26 @@ def list_models(services: Services, caller: Caller) -> dict[str, list[ModelView]
     caller.require("read")
     workers = live_worker_models(services.redis, services.keys)
     views = [
-        ModelView(
-            name=m.name,
-            native_width=m.native_width,
-            native_height=m.native_height,
-            size_multiple=m.size_multiple,
-            tuned_available=m.upsamplers is not None,
-            loaded_by_workers=sum(m.name in held for held in workers.values()),
-        )
-        for m in services.models
+        _model_view(m, sum(m.name in held for held in workers.values())) for m in services.models
     ]
     return {"data": views}
+
+
+def _model_view(spec: ModelSpec, loaded_by_workers: int) -> ModelView:
+    video = spec.produces_video
+    return ModelView(
+        name=spec.name,
+        native_width=spec.native_width,
+        native_height=spec.native_height,
+        size_multiple=spec.size_multiple,
+        tuned_available=spec.upsamplers is not None,
+        loaded_by_workers=loaded_by_workers,
+        produces="video" if video else "image",
+        output_formats=list(VIDEO_FORMATS if video else IMAGE_FORMATS),
+        default_num_frames=spec.default_num_frames if video else None,
+        max_num_frames=spec.max_num_frames if video else None,
+        default_fps=spec.default_fps if video else None,
+    )
 
 
 @router.get("/metrics", tags=["operations"], include_in_schema=False)
