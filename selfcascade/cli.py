@@ -89,8 +89,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from selfcascade.cascade_engine import PIPELINE_SIZE_MULTIPLE
     from selfcascade.loading import load_pipeline
-    from selfcascade.pipeline import PIPELINE_SIZE_MULTIPLE, SelfCascadePipeline
+    from selfcascade.pipeline import SelfCascadePipeline
     from selfcascade.progress import Progress
     from selfcascade.request import GenerationRequest
 

@@ -1,18 +1,35 @@
-"""Loading a diffusers pipeline from a folder or a hub id, the way users run SD2.1 and SDXL."""
+"""Loading a diffusers pipeline from a folder or a hub id, the way users run SD2.1 and SDXL, and
+the text-to-video (UNet3DConditionModel) and AnimateDiff pipelines the video engine serves."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AnimateDiffPipeline,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    TextToVideoSDPipeline,
+)
 
 from selfcascade.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+IMAGE_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline)
+VIDEO_PIPELINES = (TextToVideoSDPipeline, AnimateDiffPipeline)
+SUPPORTED_PIPELINES = IMAGE_PIPELINES + VIDEO_PIPELINES
+# Any supported pipeline; model_index.json's _class_name says which one a folder holds.
+LoadedPipeline: TypeAlias = (
+    StableDiffusionPipeline
+    | StableDiffusionXLPipeline
+    | TextToVideoSDPipeline
+    | AnimateDiffPipeline
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,8 +57,9 @@ def load_pipeline(
     device: str = "auto",
     variant: str | None = None,
     local_files_only: bool = False,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """A Stable Diffusion 1.x/2.x or SDXL pipeline on `device`, progress bars off.
+) -> LoadedPipeline:
+    """A Stable Diffusion 1.x/2.x, SDXL, text-to-video or AnimateDiff pipeline on `device`,
+    progress bars off (`selfcascade.engines.engine_for` picks the engine for it).
 
     `model` is a diffusers folder (with model_index.json) or a hub id such as
     "stabilityai/stable-diffusion-2-1-base". Anything else fails with `ModelLoadError`.

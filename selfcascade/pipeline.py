@@ -10,11 +10,10 @@ all pipelines share the resident components of the one loaded model.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
@@ -31,8 +30,9 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from selfcascade.cascade_engine import CascadeEngine, StagedResult
 from selfcascade.errors import GenerationCancelled, InvalidRequest, ModelLoadError
-from selfcascade.plan import StageSize, plan_stages
+from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, Progress, ProgressCallback
 from selfcascade.request import GenerationRequest
 from selfcascade.stage_hooks import StageHook, StageRun
@@ -42,21 +42,11 @@ log = logging.getLogger(__name__)
 # Above this many output pixels the VAE decodes in tiles: an SD VAE decode at 4096^2 needs
 # ~38 GiB in one piece and ~1 GiB tiled (shared/GPU.md); at 2048^2 one piece still fits.
 DEFAULT_TILED_DECODE_ABOVE_PIXELS = 2048 * 2048
-PIPELINE_SIZE_MULTIPLE = 8
 
 
-@dataclass(frozen=True)
-class GenerationResult:
+@dataclass(frozen=True, kw_only=True)
+class GenerationResult(StagedResult):
     images: list[PIL.Image.Image]
-    seed: int
-    stages: list[StageSize]
-    stage_seconds: list[float]
-    unet_evaluations: int
-    stage_steps: list[int] = field(default_factory=list)
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(self.stage_seconds)
 
 
 @dataclass(frozen=True)
@@ -66,7 +56,7 @@ class _Conditioning:
     kwargs: dict[str, torch.Tensor | None]
 
 
-class SelfCascadePipeline:
+class SelfCascadePipeline(CascadeEngine):
     """Self-cascade (tuning-free, or tuned through stage hooks) over a loaded SD or SDXL pipeline.
 
     Holds views of the one resident pipeline, so it runs one generation at a time: a worker
@@ -91,14 +81,11 @@ class SelfCascadePipeline:
         # diffusers pipelines expose their modules as dynamic attributes mypy cannot see.
         self.pipe: Any = pipe
         self.tiled_decode_above_pixels = tiled_decode_above_pixels
-        vae_factor = self.vae_factor = int(pipe.vae_scale_factor)
-        down_levels = len(pipe.unet.config.down_block_types) - 1
-        # diffusers' SD pipelines insist on multiples of 8 px whatever the VAE factor.
-        self.size_multiple = math.lcm(vae_factor, PIPELINE_SIZE_MULTIPLE)
-        # Intermediate stages are rounded to what the UNet downsamples without padding.
-        self.stage_multiple = math.lcm(vae_factor * 2**down_levels, PIPELINE_SIZE_MULTIPLE)
-        native = int(pipe.unet.config.sample_size) * vae_factor
-        self.native_size = StageSize(native, native)
+        super().__init__(
+            vae_factor=int(pipe.vae_scale_factor),
+            down_levels=len(pipe.unet.config.down_block_types) - 1,
+            native_latent_side=int(pipe.unet.config.sample_size),
+        )
         self._scheduler_config = pipe.scheduler.config
         self._txt2img = self._stage_pipeline(type(pipe))
         self._img2img = self._stage_pipeline(self._img2img_cls)
@@ -106,33 +93,6 @@ class SelfCascadePipeline:
     @property
     def is_sdxl(self) -> bool:
         return self._img2img_cls is StableDiffusionXLImg2ImgPipeline
-
-    def plan(self, request: GenerationRequest) -> list[StageSize]:
-        if request.method == "direct":
-            return [StageSize(request.width, request.height)]
-        return plan_stages(
-            request.width,
-            request.height,
-            self.native_size.width,
-            self.native_size.height,
-            self.stage_multiple,
-        )
-
-    def stage_steps(self, request: GenerationRequest, stages: int) -> list[int]:
-        """Denoising steps per stage, as diffusers' img2img computes them from the strength."""
-        renoise = min(int(request.steps * request.pivot_strength), request.steps)
-        return [request.steps] + [renoise] * (stages - 1)
-
-    def validate(self, request: GenerationRequest) -> list[StageSize]:
-        request.validate(self.size_multiple)
-        sizes = self.plan(request)
-        if len(sizes) > 1 and self.stage_steps(request, 2)[1] < 1:
-            raise InvalidRequest(
-                "pivot_strength",
-                f"steps x pivot_strength must be at least 1 for a re-noise stage "
-                f"(got {request.steps} x {request.pivot_strength})",
-            )
-        return sizes
 
     def generate(
         self,
@@ -149,13 +109,13 @@ class SelfCascadePipeline:
         scheduler = make_scheduler(request.scheduler, self._scheduler_config)
         txt2img, img2img = self._txt2img, self._img2img
         txt2img.scheduler = img2img.scheduler = scheduler
-        reporter = _StepReporter(steps, on_progress, cancel)
+        reporter = StepReporter(steps, on_progress, cancel)
         seconds: list[float] = []
 
         with (
             torch.inference_mode(),
-            _count_calls(self.pipe.unet) as unet_calls,
-            _module_dtype_restored(self.pipe.vae),
+            count_calls(self.pipe.unet) as unet_calls,
+            module_dtype_restored(self.pipe.vae),
         ):
             conditioning = self._encode_prompt(request)
             latents: torch.Tensor | None = None
@@ -184,7 +144,7 @@ class SelfCascadePipeline:
                         output = self._renoise_stage(
                             img2img, request, index, sizes, latents, stage_hooks, call
                         )
-                _synchronize(self.pipe.device)
+                synchronize_device(self.pipe.device)
                 seconds.append(time.perf_counter() - started)
                 log.debug("stage %d/%d %s took %.3fs", index, len(sizes), size, seconds[-1])
                 if last:
@@ -322,7 +282,7 @@ def make_scheduler(name: str, config: Any) -> SchedulerMixin:
     raise InvalidRequest("scheduler", f"unknown scheduler {name!r}")
 
 
-class _StepReporter:
+class StepReporter:
     """diffusers' `callback_on_step_end`: reports progress and stops the run when cancelled."""
 
     def __init__(
@@ -365,7 +325,7 @@ class _StepReporter:
 
 
 @contextmanager
-def _count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
+def count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
     """Count forward calls of `module` (one UNet evaluation = one batched CFG call)."""
     count = [0]
 
@@ -380,7 +340,7 @@ def _count_calls(module: torch.nn.Module) -> Iterator[list[int]]:
 
 
 @contextmanager
-def _module_dtype_restored(module: torch.nn.Module) -> Iterator[None]:
+def module_dtype_restored(module: torch.nn.Module) -> Iterator[None]:
     """Put `module` back in its dtype however the run ends.
 
     diffusers' SDXL pipelines upcast a `force_upcast` fp16 VAE to fp32 for the decode and cast
@@ -396,6 +356,6 @@ def _module_dtype_restored(module: torch.nn.Module) -> Iterator[None]:
             module.to(dtype=dtype)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -21,6 +21,10 @@ LR_FEATURE_MODES: tuple[str, ...] = ("per_step", "per_stage")
 MIN_SIDE = 8
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
+# Frames of one video request. Every frame is denoised in each UNet call (frames are folded into
+# the batch), so memory and time grow linearly with it; 64 covers AnimateDiff's longest
+# motion modules (32 positions) twice over.
+MAX_FRAMES = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class GenerationRequest:
     method: Method = "self_cascade"
     # Tuned mode only: recompute the pivot's features every step (official code) or once a stage.
     lr_features: LRFeatureMode = "per_step"
+    # Video models only: frames of the clip. None means an image request; the video engine then
+    # uses its default (`selfcascade.video_pipeline.DEFAULT_FRAMES`).
+    num_frames: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self, size_multiple: int) -> None:
@@ -66,6 +73,14 @@ class GenerationRequest:
         if not _finite(self.pivot_strength) or not 0 < self.pivot_strength <= 1:
             raise InvalidRequest(
                 "pivot_strength", f"must be in (0, 1], got {self.pivot_strength}"
+            )
+        if self.num_frames is not None and (
+            not isinstance(self.num_frames, int)
+            or isinstance(self.num_frames, bool)
+            or not 1 <= self.num_frames <= MAX_FRAMES
+        ):
+            raise InvalidRequest(
+                "num_frames", f"must be an integer in 1..{MAX_FRAMES}, got {self.num_frames!r}"
             )
         _check_choice("upsample_mode", self.upsample_mode, UPSAMPLE_MODES)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)

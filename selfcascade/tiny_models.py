@@ -1,4 +1,5 @@
-"""Tiny Stable Diffusion and SDXL pipelines built from configs, with random weights.
+"""Tiny Stable Diffusion, SDXL, text-to-video and AnimateDiff pipelines built from configs, with
+random weights.
 
 No model hub is reachable from the machines this project is developed and tested on, so tests,
 `make run` (until a trained demo model is configured) and benchmarks build these instead, the way
@@ -14,11 +15,15 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AnimateDiffPipeline,
     AutoencoderKL,
     DDIMScheduler,
+    MotionAdapter,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TextToVideoSDPipeline,
     UNet2DConditionModel,
+    UNet3DConditionModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -188,4 +193,79 @@ def save_tiny_sd(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny SD pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
     path = Path(path)
     build_tiny_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# -- video ---------------------------------------------------------------------------------------
+
+
+def _tiny_unet_3d() -> UNet3DConditionModel:
+    """ModelScope text-to-video's UNet at diffusers' test size: 4 and 8 channels, two levels."""
+    return UNet3DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=2,
+        norm_num_groups=2,
+    )
+
+
+def build_tiny_text_to_video_pipeline(seed: int = 0) -> TextToVideoSDPipeline:
+    """A `TextToVideoSDPipeline` (UNet3DConditionModel), native 64x64 px (latent 32, VAE 2)."""
+    torch.manual_seed(seed)
+    unet = _tiny_unet_3d()
+    tokenizer = build_char_tokenizer()
+    return TextToVideoSDPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
+
+
+def build_tiny_animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
+    """An `AnimateDiffPipeline`: the tiny SD UNet plus a tiny motion adapter, native 64x64 px.
+
+    The pipeline merges the two into a `UNetMotionModel` when it is built, as it does for
+    SD1.5 + a released motion adapter.
+    """
+    torch.manual_seed(seed)
+    unet = _tiny_unet(cross_attention_dim=TEXT_HIDDEN)
+    adapter = MotionAdapter(
+        block_out_channels=(4, 8),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=2,
+        motion_num_attention_heads=2,
+        motion_max_seq_length=32,
+    )
+    tokenizer = build_char_tokenizer()
+    return AnimateDiffPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=adapter,
+        scheduler=_scheduler(),
+        feature_extractor=None,
+        image_encoder=None,
+    )
+
+
+def save_tiny_text_to_video(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny text-to-video pipeline folder that `load_pipeline` loads."""
+    path = Path(path)
+    build_tiny_text_to_video_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_animatediff(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny AnimateDiff pipeline folder that `load_pipeline` loads."""
+    path = Path(path)
+    build_tiny_animatediff_pipeline(seed).save_pretrained(path, safe_serialization=True)
     return path

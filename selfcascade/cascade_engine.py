@@ -1,0 +1,94 @@
+"""What every self-cascade engine shares: the stage plan, steps per stage, request validation,
+and the result's timing fields. The image engine (`selfcascade.pipeline`) and the video engine
+(`selfcascade.video_pipeline`) differ only in how a stage calls diffusers and what they return.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from selfcascade.errors import InvalidRequest
+from selfcascade.plan import StageSize, plan_stages
+from selfcascade.progress import CancelToken, ProgressCallback
+from selfcascade.request import GenerationRequest
+from selfcascade.stage_hooks import StageHook
+
+# diffusers' SD-family pipelines insist on multiples of 8 px whatever the VAE factor.
+PIPELINE_SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagedResult:
+    """What a cascade run reports besides its pixels."""
+
+    seed: int
+    stages: list[StageSize]
+    stage_seconds: list[float]
+    unet_evaluations: int
+    stage_steps: list[int] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.stage_seconds)
+
+
+class CascadeEngine:
+    """Stage planning and validation over a model with `vae_factor` and `down_levels` UNet levels.
+
+    Subclasses set `produces_video` and implement `generate`.
+    """
+
+    produces_video: bool = False
+
+    def __init__(self, *, vae_factor: int, down_levels: int, native_latent_side: int) -> None:
+        self.vae_factor = vae_factor
+        self.size_multiple = math.lcm(vae_factor, PIPELINE_SIZE_MULTIPLE)
+        # Intermediate stages are rounded to what the UNet downsamples without padding.
+        self.stage_multiple = math.lcm(vae_factor * 2**down_levels, PIPELINE_SIZE_MULTIPLE)
+        native = native_latent_side * vae_factor
+        self.native_size = StageSize(native, native)
+
+    def plan(self, request: GenerationRequest) -> list[StageSize]:
+        if request.method == "direct":
+            return [StageSize(request.width, request.height)]
+        return plan_stages(
+            request.width,
+            request.height,
+            self.native_size.width,
+            self.native_size.height,
+            self.stage_multiple,
+        )
+
+    def stage_steps(self, request: GenerationRequest, stages: int) -> list[int]:
+        """Denoising steps per stage, as diffusers' img2img computes them from the strength."""
+        renoise = min(int(request.steps * request.pivot_strength), request.steps)
+        return [request.steps] + [renoise] * (stages - 1)
+
+    def validate(self, request: GenerationRequest) -> list[StageSize]:
+        request.validate(self.size_multiple)
+        self._check_kind(request)
+        sizes = self.plan(request)
+        if len(sizes) > 1 and self.stage_steps(request, 2)[1] < 1:
+            raise InvalidRequest(
+                "pivot_strength",
+                f"steps x pivot_strength must be at least 1 for a re-noise stage "
+                f"(got {request.steps} x {request.pivot_strength})",
+            )
+        return sizes
+
+    def _check_kind(self, request: GenerationRequest) -> None:
+        """Image engines refuse a frame count: a request for a video sent to an image model."""
+        if not self.produces_video and request.num_frames is not None:
+            raise InvalidRequest("num_frames", "this model makes images, not videos")
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        stage_hooks: Sequence[StageHook] = (),
+    ) -> StagedResult:
+        raise NotImplementedError

@@ -1,0 +1,269 @@
+"""The self-cascade sampler for text-to-video models, assembled from stock diffusers pipelines.
+
+Two families: `TextToVideoSDPipeline` (ModelScope's UNet3DConditionModel) and
+`AnimateDiffPipeline` (an SD UNet plus a motion adapter, run as a UNetMotionModel). The cascade
+is spatial only: every stage keeps the clip's frames; stage 1 is the stock text-to-video run at
+the base size, and every later stage upsamples the previous stage's clean 5-D latent frame by
+frame (the pivot), re-noises it to the pivot timestep and denoises it at the larger size with the
+same frozen UNet, through the family's own video-to-video pipeline:
+
+- `VideoToVideoSDPipeline` takes an already-encoded 4-channel latent as its `video` (as the
+  image img2img does) and re-noises it itself with `scheduler.add_noise`.
+- `AnimateDiffVideoToVideoPipeline` always VAE-encodes `video`, so the pivot goes in as
+  `latents=` instead, which that pipeline takes as already noised. The engine noises it first:
+  the timestep comes from the pipeline's own `get_timesteps` (the same truncation its call then
+  makes) and the noise from `randn_tensor` with the job's generator, as the pipeline would draw it.
+
+Nothing of diffusers is copied; all pipelines share the resident components of the one model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    AnimateDiffVideoToVideoPipeline,
+    TextToVideoSDPipeline,
+    VideoToVideoSDPipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from selfcascade.cascade_engine import CascadeEngine, StagedResult
+from selfcascade.errors import ModelLoadError
+from selfcascade.pipeline import (
+    StepReporter,
+    count_calls,
+    make_scheduler,
+    module_dtype_restored,
+    synchronize_device,
+    upsample_latents,
+)
+from selfcascade.plan import StageSize
+from selfcascade.progress import CancelToken, ProgressCallback
+from selfcascade.request import GenerationRequest
+from selfcascade.stage_hooks import StageHook, StageRun
+
+log = logging.getLogger(__name__)
+
+# Frames when a request names none: diffusers' own default for both pipeline families.
+DEFAULT_FRAMES = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoResult(StagedResult):
+    frames: list[PIL.Image.Image]  # one clip, in order, each at the requested size
+
+
+class VideoSelfCascadePipeline(CascadeEngine):
+    """Self-cascade over a loaded `TextToVideoSDPipeline` or `AnimateDiffPipeline`.
+
+    Same contract as `SelfCascadePipeline` (one generation at a time over views of the resident
+    pipeline), but the result carries `frames`.
+    """
+
+    produces_video = True
+
+    def __init__(self, pipe: TextToVideoSDPipeline | AnimateDiffPipeline) -> None:
+        if isinstance(pipe, AnimateDiffPipeline):
+            renoise_cls: Any = AnimateDiffVideoToVideoPipeline
+        elif isinstance(pipe, TextToVideoSDPipeline):
+            renoise_cls = VideoToVideoSDPipeline
+        else:
+            raise ModelLoadError(f"unsupported video pipeline {type(pipe).__name__}")
+        if pipe.vae.config.latent_channels != 4:
+            # VideoToVideoSDPipeline recognises an already-encoded latent by its 4 channels.
+            raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
+        # diffusers pipelines expose their modules as dynamic attributes mypy cannot see.
+        self.pipe: Any = pipe
+        super().__init__(
+            vae_factor=int(pipe.vae_scale_factor),
+            down_levels=len(pipe.unet.config.down_block_types) - 1,
+            native_latent_side=int(pipe.unet.config.sample_size),
+        )
+        self._scheduler_config = pipe.scheduler.config
+        self._txt2vid = self._stage_pipeline(type(pipe))
+        self._vid2vid = self._stage_pipeline(renoise_cls)
+
+    @property
+    def is_animatediff(self) -> bool:
+        return isinstance(self.pipe, AnimateDiffPipeline)
+
+    def num_frames(self, request: GenerationRequest) -> int:
+        return DEFAULT_FRAMES if request.num_frames is None else request.num_frames
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        stage_hooks: Sequence[StageHook] = (),
+    ) -> VideoResult:
+        sizes = self.validate(request)
+        steps = self.stage_steps(request, len(sizes))
+        frames = self.num_frames(request)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        # Schedulers are stateful: each job gets its own, shared by its stages.
+        scheduler = make_scheduler(request.scheduler, self._scheduler_config)
+        self._txt2vid.scheduler = self._vid2vid.scheduler = scheduler
+        reporter = StepReporter(steps, on_progress, cancel)
+        seconds: list[float] = []
+
+        with (
+            torch.inference_mode(),
+            count_calls(self.pipe.unet) as unet_calls,
+            module_dtype_restored(self.pipe.vae),
+        ):
+            call = {
+                "guidance_scale": request.guidance_scale,
+                "generator": generator,
+                **self._encode_prompt(request),
+                **self._progress_kwargs(reporter),
+            }
+            latents: torch.Tensor | None = None  # (B, C, F, h, w) once stage 1 ran
+            for index, size in enumerate(sizes, start=1):
+                last = index == len(sizes)
+                reporter.begin_stage(index)
+                started = time.perf_counter()
+                stage_call = {**call, "output_type": "pil" if last else "latent"}
+                if latents is None:
+                    output = self._txt2vid(
+                        height=size.height,
+                        width=size.width,
+                        num_frames=frames,
+                        num_inference_steps=request.steps,
+                        **stage_call,
+                    ).frames
+                else:
+                    output = self._renoise_stage(
+                        request, index, sizes, latents, stage_hooks, stage_call
+                    )
+                synchronize_device(self.pipe.device)
+                seconds.append(time.perf_counter() - started)
+                log.debug("stage %d/%d %s took %.3fs", index, len(sizes), size, seconds[-1])
+                if last:
+                    clip = list(output[0])
+                else:
+                    latents = output
+        return VideoResult(
+            frames=clip,
+            seed=request.seed,
+            stages=sizes,
+            stage_seconds=seconds,
+            unet_evaluations=unet_calls[0],
+            stage_steps=steps,
+        )
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _stage_pipeline(self, cls: Any) -> Any:
+        """A view of the resident pipeline: the same modules, never copied or re-cast."""
+        stage_pipe = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
+        stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return stage_pipe
+
+    def _renoise_stage(
+        self,
+        request: GenerationRequest,
+        index: int,
+        sizes: list[StageSize],
+        pivot: torch.Tensor,
+        stage_hooks: Sequence[StageHook],
+        call: dict[str, Any],
+    ) -> Any:
+        size = sizes[index - 1]
+        upsampled = upsample_video_latents(pivot, size, self.vae_factor, request.upsample_mode)
+        run = StageRun(
+            index=index,
+            stages=len(sizes),
+            size=size,
+            previous_size=sizes[index - 2],
+            unet=self.pipe.unet,
+            pivot_latents=pivot,
+            upsampled_latents=upsampled,
+            pivot_strength=request.pivot_strength,
+            lr_features=request.lr_features,
+        )
+        with ExitStack() as hooks:
+            for hook in stage_hooks:
+                hooks.enter_context(hook(run))
+            if self.is_animatediff:
+                return self._renoise_animatediff(upsampled, size, request, call)
+            # (B, F, C, H, W): the frame-major layout VideoToVideoSDPipeline's `video` takes.
+            return self._vid2vid(
+                video=upsampled.permute(0, 2, 1, 3, 4),
+                strength=request.pivot_strength,
+                num_inference_steps=request.steps,
+                **call,
+            ).frames
+
+    def _renoise_animatediff(
+        self,
+        upsampled: torch.Tensor,
+        size: StageSize,
+        request: GenerationRequest,
+        call: dict[str, Any],
+    ) -> Any:
+        vid2vid = self._vid2vid
+        device = vid2vid._execution_device
+        vid2vid.scheduler.set_timesteps(request.steps, device=device)
+        timesteps, _ = vid2vid.get_timesteps(
+            request.steps, vid2vid.scheduler.timesteps, request.pivot_strength, device
+        )
+        latents = upsampled.to(device=device, dtype=vid2vid.dtype)  # (B, C, F, H, W)
+        noise = randn_tensor(
+            latents.shape, generator=call["generator"], device=device, dtype=latents.dtype
+        )
+        noised = vid2vid.scheduler.add_noise(latents, noise, timesteps[:1])
+        return vid2vid(
+            latents=noised,
+            height=size.height,
+            width=size.width,
+            strength=request.pivot_strength,
+            num_inference_steps=request.steps,
+            **call,
+        ).frames
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    def _encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor | None]:
+        pipe = self.pipe
+        cfg = request.guidance_scale > 1
+        pe, npe = pipe.encode_prompt(
+            request.prompt,
+            pipe.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=request.negative_prompt,
+        )
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+
+    def _progress_kwargs(self, reporter: StepReporter) -> dict[str, Any]:
+        """AnimateDiff calls `callback_on_step_end`; the older text-to-video pipelines only have
+        the per-step `callback(step, timestep, latents)`, adapted here to the same reporter."""
+        if self.is_animatediff:
+            return {"callback_on_step_end": reporter}
+
+        def callback(step: int, timestep: Any, _latents: torch.Tensor) -> None:
+            reporter(self._txt2vid, step, timestep, {})
+
+        return {"callback": callback, "callback_steps": 1}
+
+
+def upsample_video_latents(
+    latents: torch.Tensor, size: StageSize, vae_factor: int, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Resize a clean video latent (B, C, F, h, w) frame by frame to the latent grid of `size`."""
+    b, c, f, h, w = latents.shape
+    per_frame = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)  # (B*F, C, h, w)
+    resized = upsample_latents(per_frame, size, vae_factor, mode)  # (B*F, C, H, W)
+    height, width = resized.shape[-2:]
+    return resized.reshape(b, f, c, height, width).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W)
