@@ -254,7 +254,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="models/demo")
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--upsamplers", help="tuned upsampler checkpoint (selfcascade tune)")
-    parser.add_argument("--scales", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--scales", type=int, nargs="*", default=[2, 4],
+                        help="scales above native (none: the native row only)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--pivot-strength", type=float, nargs="+", default=[0.7],

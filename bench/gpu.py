@@ -1,0 +1,391 @@
+"""GPU speed of self-cascade on the real SD2.1-base and SDXL-base architectures (issue #8).
+
+One prepared script for one device call. Both architectures are built from their public
+configs with random weights (no hub on the GPU machine; speed does not depend on the values).
+For each case it times, side by side in one process, at the same step count and scheduler
+(DDIM), end to end (prompt encoding to decoded image):
+
+- `stock_direct`: the stock diffusers pipeline called at the target size, what a user would
+  otherwise run;
+- `tuning_free`: this project's self-cascade (native -> 2x -> ... , pivot strength 0.7);
+- `tuned`: the same with the time-aware feature upsamplers (random weights, LR features
+  recomputed every step as in the official code);
+
+plus, on the largest SD2.1 case, two optimisation variants (`tuned_per_stage`: LR features
+cached once per stage; `tuning_free_channels_last`). It records median seconds, per-stage
+seconds, peak GPU memory (allocated and reserved), UNet evaluations, whether the decoded
+pixels were finite, the warm-up cost at load and first-vs-warm job times, and host syncs per
+denoising step. It writes JSON after every run (a killed run keeps what it measured) and prints
+a table last.
+
+    python bench/gpu.py --out $OUT/gpu.json            # on the lent GPU, ~5 minutes
+    .venv/bin/python bench/gpu.py --tiny               # the same code path on tiny CPU models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from selfcascade.pipeline import SelfCascadePipeline
+from selfcascade.public_architectures import build_public_pipeline
+from selfcascade.request import GenerationRequest
+from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+from selfcascade.tuned import TunedStageHook
+from selfcascade.upsamplers import FeatureUpsamplerSet
+from selfcascade.warmup import warm_up
+
+RESULTS = Path(__file__).parent / "results" / "gpu.json"
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+BASE_VARIANTS = ("stock_direct", "tuning_free", "tuned")
+EXTRA_VARIANTS = ("tuned_per_stage", "tuning_free_channels_last")
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Case:
+    architecture: str
+    size: int
+    steps: int
+    reps: int = 2
+    extras: bool = False  # the optimisation variants, on one case only (device time is short)
+
+
+FULL_CASES = (
+    Case("sd21-base", 1024, 50),
+    Case("sd21-base", 2048, 50, extras=True),
+    Case("sdxl-base", 2048, 50),
+    # 20 steps, one rep: at 50 steps the three 4096^2 runs alone would take ~3 minutes.
+    Case("sdxl-base", 4096, 20, reps=1),
+)
+TINY_CASES = (
+    Case("tiny-sd", 128, 4),
+    Case("tiny-sd", 256, 4, extras=True),
+    Case("tiny-sdxl", 256, 4, reps=1),
+)
+
+
+@dataclass
+class Run:
+    architecture: str
+    size: int
+    steps: int
+    variant: str
+    rep: int
+    seconds: float
+    stage_seconds: list[float]
+    stages: list[str]
+    unet_evaluations: int
+    peak_allocated_gib: float
+    peak_reserved_gib: float
+    finite: bool
+
+
+@dataclass
+class Report:
+    device: str
+    torch: str
+    diffusers: str
+    dtype: str
+    cases: list[dict[str, Any]]
+    runs: list[Run] = field(default_factory=list)
+    startup: list[dict[str, Any]] = field(default_factory=list)
+    host_syncs: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data["summary"] = summarise(self.runs)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build(architecture: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if architecture == "tiny-sd":
+        pipe: Any = build_tiny_sd_pipeline()
+    elif architecture == "tiny-sdxl":
+        pipe = build_tiny_sdxl_pipeline()
+    else:
+        return build_public_pipeline(architecture, device=device, dtype=dtype)  # type: ignore[arg-type]
+    return pipe.to(device=device, dtype=dtype)
+
+
+def random_upsamplers(pipe: Any) -> FeatureUpsamplerSet:
+    """Upsamplers with small random (non-zero) weights: the cost does not depend on the values."""
+    ups = FeatureUpsamplerSet.for_unet(pipe.unet.config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ups.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    return ups.to(device=pipe.device, dtype=pipe.dtype)
+
+
+@contextmanager
+def finite_output_check(pipe: Any) -> Iterator[list[torch.Tensor]]:
+    """Collect, per VAE decoder call (one per tile when tiled), whether its pixels are finite."""
+    flags: list[torch.Tensor] = []
+
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        flags.append(torch.isfinite(output).all())
+
+    handle = pipe.vae.decoder.register_forward_hook(hook)
+    try:
+        yield flags
+    finally:
+        handle.remove()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(
+    engine: SelfCascadePipeline, case: Case, variant: str, rep: int, hooks: dict[str, Any]
+) -> Run:
+    pipe, device = engine.pipe, engine.pipe.device
+    request = GenerationRequest(PROMPT, case.size, case.size, steps=case.steps, seed=rep)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    channels_last = variant.endswith("channels_last")
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    try:
+        with finite_output_check(pipe) as flags:
+            synchronize(device)
+            started = time.perf_counter()
+            if variant == "stock_direct":
+                calls = [0]
+                handle = pipe.unet.register_forward_pre_hook(
+                    lambda *_: calls.__setitem__(0, calls[0] + 1)
+                )
+                try:
+                    pipe(
+                        PROMPT,
+                        height=case.size,
+                        width=case.size,
+                        num_inference_steps=case.steps,
+                        generator=torch.Generator().manual_seed(rep),
+                    )
+                finally:
+                    handle.remove()
+                synchronize(device)
+                seconds = time.perf_counter() - started
+                stage_seconds, stages, evaluations = [seconds], [f"{case.size}"], calls[0]
+            else:
+                result = engine.generate(request, stage_hooks=hooks.get(variant, []))
+                synchronize(device)
+                seconds = time.perf_counter() - started
+                stage_seconds = result.stage_seconds
+                stages = [f"{s.width}" for s in result.stages]
+                evaluations = result.unet_evaluations
+            finite = bool(torch.stack(flags).all()) if flags else False
+    finally:
+        if channels_last:
+            pipe.unet.to(memory_format=torch.contiguous_format)
+    allocated = reserved = 0.0
+    if device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated(device) / GIB
+        reserved = torch.cuda.max_memory_reserved(device) / GIB
+    return Run(
+        case.architecture, case.size, case.steps, variant, rep, seconds, stage_seconds, stages,
+        evaluations, allocated, reserved, finite,
+    )
+
+
+def count_host_syncs(engine: SelfCascadePipeline, size: int, steps: int) -> dict[str, Any]:
+    """Synchronising CUDA calls per denoising step of a tuning-free run (sync debug mode)."""
+    request = GenerationRequest(PROMPT, size, size, steps=steps)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = engine.generate(request)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    denoising_steps = sum(result.stage_steps)
+    return {
+        "size": size,
+        "denoising_steps": denoising_steps,
+        "synchronizing_calls": len(syncs),
+        "per_step": len(syncs) / denoising_steps,
+        "examples": sorted(set(syncs))[:5],
+    }
+
+
+def bench_architecture(
+    architecture: str,
+    cases: list[Case],
+    report: Report,
+    args: argparse.Namespace,
+    deadline: float,
+) -> None:
+    device, dtype = torch.device(args.device), args.torch_dtype
+    started = time.perf_counter()
+    pipe = build(architecture, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    synchronize(device)
+    built_s = time.perf_counter() - started
+    engine = SelfCascadePipeline(pipe)
+    ups = random_upsamplers(pipe)
+    hooks = {
+        "tuned": [TunedStageHook(ups, "per_step")],
+        "tuned_per_stage": [TunedStageHook(ups, "per_stage")],
+    }
+    # What a worker does at load: the first warm-up pays the one-time costs, a second shows
+    # what a warm one costs.
+    startup = {"architecture": architecture, "build_s": built_s,
+               "warm_up_cold_s": warm_up(engine), "warm_up_warm_s": warm_up(engine)}
+    report.startup.append(startup)
+    if device.type == "cuda" and args.sync_check:
+        report.host_syncs.append(
+            {"architecture": architecture, **count_host_syncs(engine, cases[0].size, 5)}
+        )
+    report.save(args.out)
+
+    for case in cases:
+        for rep in range(case.reps):
+            variants = list(BASE_VARIANTS)
+            if case.extras and rep == case.reps - 1:
+                variants += EXTRA_VARIANTS
+            for variant in variants:
+                label = f"{architecture} {case.size} {variant} rep {rep}"
+                if rep > 0 and time.perf_counter() > deadline:
+                    report.skipped.append(f"{label}: over the time budget")
+                    continue
+                run = timed_run(engine, case, variant, rep, hooks)
+                report.runs.append(run)
+                report.save(args.out)
+                print(f"{label}: {run.seconds:.2f}s peak {run.peak_allocated_gib:.1f} GiB"
+                      f" finite={run.finite}", flush=True)
+        first = [r for r in report.runs if (r.architecture, r.size) == (architecture, case.size)]
+        if first and not startup.get("first_job_s"):
+            # The first job after the warm-up: the worker's first real job.
+            startup["first_job_s"] = first[0].seconds
+            startup["first_job"] = f"{case.size} {first[0].variant}"
+
+    del engine, pipe, ups, hooks
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def summarise(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per (case, variant): median over reps, ratios against the same case's runs."""
+    keyed: dict[tuple[str, int, str], list[Run]] = {}
+    for run in runs:
+        keyed.setdefault((run.architecture, run.size, run.variant), []).append(run)
+
+    def median(arch: str, size: int, variant: str) -> float | None:
+        group = keyed.get((arch, size, variant))
+        if not group:
+            return None
+        # The first rep of a case includes the allocator's growth to that size: a warm worker
+        # has paid that already, so with two or more reps the first is left out.
+        warm = group[1:] if len(group) > 1 else group
+        return statistics.median(r.seconds for r in warm)
+
+    rows = []
+    for (arch, size, variant), group in keyed.items():
+        seconds = median(arch, size, variant)
+        direct = median(arch, size, "stock_direct")
+        free = median(arch, size, "tuning_free")
+        warm = group[1:] if len(group) > 1 else group
+        rows.append({
+            "architecture": arch,
+            "size": size,
+            "steps": group[0].steps,
+            "variant": variant,
+            "median_s": seconds,
+            "first_s": group[0].seconds,
+            "reps": len(group),
+            "stage_seconds": [statistics.median(s) for s in zip(*(r.stage_seconds for r in warm),
+                                                                 strict=True)],
+            "stages": group[0].stages,
+            "vs_stock_direct": seconds / direct if seconds and direct else None,
+            "vs_tuning_free": seconds / free if seconds and free else None,
+            "peak_allocated_gib": max(r.peak_allocated_gib for r in group),
+            "peak_reserved_gib": max(r.peak_reserved_gib for r in group),
+            "unet_evaluations": group[0].unet_evaluations,
+            "finite": all(r.finite for r in group),
+        })
+    return rows
+
+
+def print_table(report: Report) -> None:
+    print(f"\n{report.device}, {report.dtype}, torch {report.torch}, diffusers {report.diffusers}")
+    header = (f"{'model':<10} {'size':>5} {'steps':>5} {'variant':<26} {'median s':>9}"
+              f" {'/stock':>7} {'/free':>6} {'stages (s)':<24} {'peak GiB':>8} {'evals':>5} fin")
+    print(header)
+    for r in summarise(report.runs):
+        ratio = f"{r['vs_stock_direct']:.3f}" if r["vs_stock_direct"] else "-"
+        free = f"{r['vs_tuning_free']:.3f}" if r["vs_tuning_free"] else "-"
+        stages = " ".join(f"{s:.2f}" for s in r["stage_seconds"])
+        print(f"{r['architecture']:<10} {r['size']:>5} {r['steps']:>5} {r['variant']:<26}"
+              f" {r['median_s']:>9.3f} {ratio:>7} {free:>6} {stages:<24}"
+              f" {r['peak_allocated_gib']:>8.2f} {r['unet_evaluations']:>5} {r['finite']}")
+    for s in report.startup:
+        first = s.get("first_job_s")
+        print(f"startup {s['architecture']}: build {s['build_s']:.1f}s, warm-up cold"
+              f" {s['warm_up_cold_s']:.2f}s / warm {s['warm_up_warm_s']:.2f}s, first job"
+              f" {first if first is None else round(first, 2)}s ({s.get('first_job')})")
+    for h in report.host_syncs:
+        print(f"host syncs {h['architecture']} {h['size']}: {h['synchronizing_calls']} in"
+              f" {h['denoising_steps']} steps ({h['per_step']:.1f}/step)")
+    for skipped in report.skipped:
+        print(f"skipped: {skipped}")
+
+
+def main(argv: list[str] | None = None) -> Report:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny CPU models (tests the script)")
+    parser.add_argument("--only", nargs="+", help="architectures to run (default: all)")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="after this, only the first rep of each variant still runs")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-sync-check", dest="sync_check", action="store_false")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.torch_dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        args.torch_dtype = torch.float32
+    diffusers_logging.set_verbosity_error()
+    import diffusers
+
+    cases = [c for c in (TINY_CASES if args.tiny else FULL_CASES)
+             if not args.only or c.architecture in args.only]
+    device_name = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine())
+    report = Report(device=device_name, torch=torch.__version__, diffusers=diffusers.__version__,
+                    dtype=str(args.torch_dtype).removeprefix("torch."),
+                    cases=[asdict(c) for c in cases])
+    deadline = time.perf_counter() + args.budget_s
+    architectures = list(dict.fromkeys(c.architecture for c in cases))
+    for index, architecture in enumerate(architectures):
+        # Each architecture gets its share of what is left, so SD2.1's optional reps cannot
+        # starve SDXL's mandatory ones.
+        left = deadline - time.perf_counter()
+        share = time.perf_counter() + left / (len(architectures) - index)
+        bench_architecture(architecture, [c for c in cases if c.architecture == architecture],
+                           report, args, share)
+    report.save(args.out)
+    print_table(report)
+    print(f"\nwrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
