@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
@@ -22,6 +23,7 @@ from contract.jobs import (
     JobMetrics,
     JobRecord,
     JobStatus,
+    OutputRecord,
     ProgressRecord,
 )
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
@@ -32,7 +34,7 @@ from worker.engine_errors import (
     is_fatal_accelerator_error,
     is_out_of_memory,
 )
-from worker.outputs import store_images
+from worker.outputs import store_images, store_video
 from worker.progress_reporter import ThrottledProgress
 from worker.resident import WorkerRuntime, runtime
 
@@ -103,6 +105,14 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     model = rt.models.get(params.model)
     if model is None:
         return _fail(rt, record, ErrorCode.MODEL_UNAVAILABLE, f"model {params.model} not loaded")
+    video = model.spec.produces_video  # load_models checked it against the engine
+    if video != params.is_video:
+        held, asked = ("video", "an image") if video else ("images", "a video")
+        return _fail(
+            rt, record, ErrorCode.MODEL_UNAVAILABLE,
+            f"model {params.model} produces {held} on this worker but the API accepted {asked} "
+            "job for it: the API's and the worker's models files disagree",
+        )
     request = GenerationRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -115,6 +125,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         upsample_mode=params.upsample_mode,
         scheduler=params.scheduler,
         method=params.method,
+        num_frames=params.num_frames,
     )
     progress = ThrottledProgress(
         rt.store,
@@ -130,7 +141,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
             cancel=RedisCancelFlag(rt.store, record.id),
             stage_hooks=hooks,
         )
-        outputs = store_images(rt.storage, record.id, result.images, params, result.stage_seconds)
+        outputs = _store(rt, record, result, video)
     except GenerationCancelled:
         _finish(rt, record, JobStatus.CANCELED)
         return JobStatus.CANCELED.value
@@ -165,6 +176,14 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     )
     _finish(rt, record, JobStatus.SUCCEEDED, outputs=outputs, metrics=metrics)
     return JobStatus.SUCCEEDED.value
+
+
+def _store(rt: WorkerRuntime, record: JobRecord, result: Any, video: bool) -> list[OutputRecord]:
+    """The engine's result as stored files: a clip and its poster, or the images."""
+    params = record.params
+    if video:
+        return store_video(rt.storage, record.id, result.frames, params, result.stage_seconds)
+    return store_images(rt.storage, record.id, result.images, params, result.stage_seconds)
 
 
 def _progress_webhook(rt: WorkerRuntime, record: JobRecord) -> Callable[[ProgressRecord], None]:

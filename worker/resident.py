@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ResidentModel:
     spec: ModelSpec
-    engine: Any  # selfcascade.pipeline.SelfCascadePipeline; typed loosely to keep imports lazy
+    # selfcascade.engines.engine_for's answer (image or video); typed loosely to keep imports lazy
+    engine: Any
     tuned_hook: Any | None = None  # selfcascade.tuned.TunedStageHook when upsamplers are set
 
     def stage_hooks(self, params: GenerationParams) -> list[Any]:
@@ -59,15 +60,16 @@ def install(runtime_: WorkerRuntime) -> None:
 
 def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, ResidentModel]:
     """Load every configured model; the tiny default is written to disk the first time."""
+    from selfcascade.engines import engine_for
     from selfcascade.loading import load_pipeline
-    from selfcascade.pipeline import SelfCascadePipeline
 
     loaded: dict[str, ResidentModel] = {}
     for spec in specs:
         if spec.name == TINY_MODEL_NAME and settings.models_file is None:
             ensure_tiny_model(settings)
         pipe = load_pipeline(spec.path, dtype=spec.dtype, device=spec.device)
-        engine = SelfCascadePipeline(pipe)
+        engine = engine_for(pipe)
+        spec = _with_modality(spec, engine.produces_video)
         if spec.size_multiple % engine.size_multiple:
             log.warning(
                 "model %s: models file says size_multiple %d but the engine needs multiples of %d",
@@ -76,6 +78,24 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
+
+
+def _with_modality(spec: ModelSpec, produces_video: bool) -> ModelSpec:
+    """The spec, saying what the loaded engine produces.
+
+    The API validates requests by the models file's modality: a worker holding the other kind
+    would take jobs it cannot run, so it refuses to start instead.
+    """
+    held = "video" if produces_video else "image"
+    if spec.produces is None:
+        return spec.model_copy(update={"produces": held})
+    if spec.produces != held:
+        raise ValueError(
+            f"model {spec.name}: the models file says it produces {spec.produces}, but "
+            f"{spec.path} holds {'a video' if produces_video else 'an image'} pipeline; fix "
+            "`produces` in the models file"
+        )
+    return spec
 
 
 def _tuned_hook(spec: ModelSpec, pipe: Any) -> Any | None:
