@@ -31,9 +31,11 @@ class StageRun:
     previous_size: StageSize
     unet: UNet2DConditionModel
     # The previous stage's clean latent, as the pipeline returns it with output_type="latent"
-    # (already multiplied by the VAE scaling factor, never again). Shape (B, C, h, w).
+    # (already multiplied by the VAE scaling factor, never again). Shape (B, C, h, w), or
+    # (B, C, F, h, w) from the video engine.
     pivot_latents: torch.Tensor
-    # The pivot upsampled to this stage's latent size, before re-noising. Shape (B, C, H, W).
+    # The pivot upsampled to this stage's latent size, before re-noising. Shape (B, C, H, W), or
+    # (B, C, F, H, W) from the video engine (every frame upsampled alone).
     upsampled_latents: torch.Tensor
     pivot_strength: float
     lr_features: LRFeatureMode

@@ -20,7 +20,17 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("--model", required=True, help="diffusers folder or hub id of the base model")
     p.add_argument(
-        "--data", type=Path, required=True, help="folder of images, optional same-name .txt"
+        "--data",
+        type=Path,
+        required=True,
+        help="folder of images (image models) or of clips: frame folders or video files (video "
+        "models); optional same-name .txt captions",
+    )
+    p.add_argument(
+        "--clip-frames",
+        type=int,
+        default=None,
+        help="video models: frames per training window (default 8)",
     )
     p.add_argument("--scale", type=int, default=2, help="side ratio HR / LR (default 2)")
     p.add_argument("--steps", type=int, default=4000, help="total steps (paper: 4k-10k)")
@@ -64,6 +74,7 @@ def run_tune(args: argparse.Namespace) -> int:
         resume=args.resume,
         mixed_precision=not args.no_mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        clip_frames=args.clip_frames,
     )
     # SelfCascadeError (bad data, bad checkpoint, bad model) is reported by the cli's main.
     config.validate()  # bad arguments fail before the model loads

@@ -4,6 +4,10 @@ For every UNet call while injected:
 
 1. A forward pre-hook on the UNet takes the pivot latent (the previous stage's clean latent),
    repeats it to the call's batch (classifier-free guidance doubles it) and runs `conv_in` on it.
+   A video pivot (B, C, F, h, w) is first folded to (B*F, C, h, w), frames into the batch, as
+   UNet3DConditionModel and UNetMotionModel fold their own input; their blocks then see the LR
+   state exactly as they see the HR one (with `num_frames` among the reused keyword arguments),
+   and UNet3DConditionModel's `transformer_in` joins the LR chain ahead of the down blocks.
 2. A forward hook on each covered down block / the mid block runs that same block on the LR
    state, with the very keyword arguments the UNet passed for the HR state (timestep embedding
    incl. SDXL add-embeddings, text states, attention masks), giving h_n^LR. Reusing the UNet's own
@@ -49,7 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A diffusers UNet2DConditionModel; mypy cannot see the attributes diffusers' classes set.
+# A diffusers UNet2DConditionModel, UNet3DConditionModel or UNetMotionModel; mypy cannot see the
+# attributes diffusers' classes set.
 UNet = Any
 
 # Keyword arguments the UNet passes to a block that must not be applied to the LR state:
@@ -71,7 +76,7 @@ class FeatureInjection:
             raise ValueError(f"lr_features must be per_step or per_stage, got {lr_features!r}")
         self.unet: UNet = unet
         self.upsamplers = upsamplers
-        self.pivot = pivot_latents.detach()  # (B, C, h, w)
+        self.pivot = pivot_latents.detach()  # (B, C, h, w) or (B, C, F, h, w)
         self.mode = lr_features
         self.unet_calls = 0
         self.lr_computations = 0
@@ -83,9 +88,12 @@ class FeatureInjection:
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """Every block the LR chain must run through: up to the last level the set covers."""
-        chain: list[tuple[str, nn.Module]] = [
-            (f"down_{i}", block) for i, block in enumerate(self.unet.down_blocks)
-        ]
+        chain: list[tuple[str, nn.Module]] = []
+        if getattr(self.unet, "transformer_in", None) is not None:
+            # UNet3DConditionModel runs a temporal transformer between conv_in and the down
+            # blocks: the LR state passes through it too (it never gets an upsampler).
+            chain.append(("transformer_in", self.unet.transformer_in))
+        chain += [(f"down_{i}", block) for i, block in enumerate(self.unet.down_blocks)]
         if self.unet.mid_block is not None:
             chain.append(("mid", self.unet.mid_block))
         names = [name for name, _ in chain]
@@ -116,7 +124,7 @@ class FeatureInjection:
     def _before_unet(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        sample = args[0] if args else kwargs["sample"]  # (kB, C, H, W)
+        sample = args[0] if args else kwargs["sample"]  # (kB, C, H, W) or (kB, C, F, H, W)
         self.unet_calls += 1
         batch = sample.shape[0]
         if batch % self.pivot.shape[0]:
@@ -131,12 +139,13 @@ class FeatureInjection:
         self._features = {}
         conv_in = self.unet.conv_in
         # CFG batches are [uncond; cond], each a copy of the latents: repeat the pivot the same way.
-        lr = self.pivot.repeat(batch // self.pivot.shape[0], 1, 1, 1)  # (kB, C, h, w)
+        repeats = (batch // self.pivot.shape[0],) + (1,) * (self.pivot.dim() - 1)
+        lr = _frames_into_batch(self.pivot.repeat(*repeats))  # (kB[*F], C, h, w)
         lr = lr.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
-        if self.unet.config.center_input_sample:
+        if getattr(self.unet.config, "center_input_sample", False):
             lr = 2 * lr - 1.0
         with torch.no_grad():  # the base is frozen: LR features never need a graph
-            self._lr_state = conv_in(lr)  # (kB, C0, h, w)
+            self._lr_state = conv_in(lr)  # (kB[*F], C0, h, w)
 
     def _after_block(self, name: str) -> Any:
         def hook(
@@ -184,6 +193,15 @@ class FeatureInjection:
         lr_hidden = out[0] if isinstance(out, tuple) else out  # (kB, C_n, h_n, w_n)
         self._lr_state = lr_hidden
         return lr_hidden
+
+
+def _frames_into_batch(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B*F, C, h, w), batch-major as the video UNets fold their input; a
+    4-D image latent passes unchanged."""
+    if latents.dim() == 4:
+        return latents
+    b, c, f, h, w = latents.shape
+    return latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
 
 @contextmanager

@@ -1,10 +1,16 @@
-"""Tuning the feature upsamplers on high-resolution images, with the base model frozen.
+"""Tuning the feature upsamplers on high-resolution images (or short clips, for a video model),
+with the base model frozen.
 
 One step: random crops x0 at the target size (native size x scale), the pair
 (x0, downsample(x0)) encoded by the VAE into z0^r and z0^(r-1), t ~ U{1..K} with K the pivot
 timestep, z_t = add_noise(z0^r, eps, t), and the MSE between the UNet's prediction, with the
 upsamplers injected from the clean pivot z0^(r-1) (see `selfcascade.tuned`), and the target the
 scheduler's `prediction_type` asks for (eps, v, or z0).
+
+A video model (text-to-video or AnimateDiff) tunes on clips (`selfcascade.tuning_clips`): a
+sample is a window of consecutive frames with one crop; every frame is downsampled and encoded on
+its own, the latents are stacked as the video pipelines lay them out, (B, C, F, H, W), and the
+whole window shares one timestep, as every frame of a generated clip does.
 
 Everything random (crop offsets, VAE posterior samples, noise, timesteps) is drawn from one
 `torch.Generator` that the run owns, so a run resumed from its training state continues exactly
@@ -26,12 +32,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
+from diffusers import DDPMScheduler, UNet3DConditionModel, UNetMotionModel
 
 from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
 from selfcascade.errors import CheckpointError, InvalidRequest
+from selfcascade.image_files import image_size, load_rgb
 from selfcascade.tuned import inject_upsamplers
+from selfcascade.tuning_clips import TuningClips
 from selfcascade.upsamplers import FeatureUpsamplerSet
 
 logger = logging.getLogger(__name__)
@@ -40,6 +47,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 UPSAMPLERS_FILE = "upsamplers.safetensors"
 STATE_FILE = "training_state.pt"
 LOSS_LOG = "loss.jsonl"
+# Frames per training window of a video model: enough for the temporal layers to matter, few
+# enough that a window at 2x the native size fits next to the frozen UNet.
+DEFAULT_CLIP_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ class TuneConfig:
     resume: bool = False
     mixed_precision: bool = True  # only ever used on CUDA
     gradient_checkpointing: bool = False
+    # Video models only: frames per training window (None: DEFAULT_CLIP_FRAMES).
+    clip_frames: int | None = None
 
     def validate(self) -> None:
         if self.scale < 2:
@@ -72,6 +84,8 @@ class TuneConfig:
             raise InvalidRequest("pivot_strength", f"must be in (0, 1], got {self.pivot_strength}")
         if self.save_every < 1:
             raise InvalidRequest("save_every", f"must be >= 1, got {self.save_every}")
+        if self.clip_frames is not None and self.clip_frames < 1:
+            raise InvalidRequest("clip_frames", f"must be >= 1, got {self.clip_frames}")
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
@@ -83,6 +97,8 @@ class TuneConfig:
             "pivot_strength": self.pivot_strength,
             "crop_size": self.crop_size,
             "seed": self.seed,
+            # Only when set, so image runs saved before video tuning existed still resume.
+            **({"clip_frames": self.clip_frames} if self.clip_frames is not None else {}),
         }
 
 
@@ -106,7 +122,7 @@ class TuningImages:
             raise InvalidRequest("data", f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data_dir}")
         captions = []
         for path in paths:
-            width, height = _image_size(path)
+            width, height = image_size(path)
             if min(width, height) < crop_size:
                 raise InvalidRequest(
                     "data",
@@ -123,7 +139,7 @@ class TuningImages:
         picks = torch.randint(len(self.paths), (batch_size,), generator=generator).tolist()
         crops = []
         for i in picks:
-            image = _load_rgb(self.paths[i])
+            image = load_rgb(self.paths[i])
             top = int(torch.randint(image.height - self.crop_size + 1, (1,), generator=generator))
             left = int(torch.randint(image.width - self.crop_size + 1, (1,), generator=generator))
             box = (left, top, left + self.crop_size, top + self.crop_size)
@@ -133,24 +149,6 @@ class TuningImages:
         return torch.stack(crops), [self.captions[i] for i in picks]
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            image.verify()  # catches truncated files that open() alone accepts
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise InvalidRequest("data", f"{path} is not a readable image: {exc}") from exc
-
-
-def _load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InvalidRequest("data", f"{path} is not a readable image: {exc}") from exc
-
-
 # -- one step ----------------------------------------------------------------------------------
 
 
@@ -158,9 +156,9 @@ def _load_rgb(path: Path) -> Image.Image:
 class TrainingBatch:
     """Everything one loss evaluation needs, drawn up front so it can be replayed."""
 
-    latents: torch.Tensor  # z0^r, (B, C, H, W)
-    pivot: torch.Tensor  # z0^(r-1), (B, C, H/scale, W/scale)
-    noise: torch.Tensor  # (B, C, H, W)
+    latents: torch.Tensor  # z0^r, (B, C, H, W); video: (B, C, F, H, W)
+    pivot: torch.Tensor  # z0^(r-1), (B, C, H/scale, W/scale); video: (B, C, F, h, w)
+    noise: torch.Tensor  # shaped like latents
     timesteps: torch.Tensor  # (B,), in 1..K
     encoder_hidden_states: torch.Tensor  # (B, L, D)
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
@@ -170,7 +168,7 @@ class TrainingBatch:
 class TuningModel:
     """The frozen pipeline's parts the loss uses, plus the training noise schedule."""
 
-    pipe: Any  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    pipe: Any  # a diffusers SD, SDXL, TextToVideoSD or AnimateDiff pipeline
     noise_scheduler: Any = field(init=False)  # a diffusers DDPMScheduler
 
     def __post_init__(self) -> None:
@@ -195,7 +193,11 @@ class TuningModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.pipe.unet.config.addition_embed_type == "text_time"
+        return getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def is_video(self) -> bool:
+        return isinstance(self.pipe.unet, UNet3DConditionModel | UNetMotionModel)
 
     def pivot_timestep(self, pivot_strength: float) -> int:
         return int(self.noise_scheduler.config.num_train_timesteps * pivot_strength)
@@ -237,11 +239,13 @@ class TuningModel:
         generator: torch.Generator,
     ) -> TrainingBatch:
         size = pixels.shape[-1]
+        frames = pixels.shape[1] if pixels.dim() == 5 else None  # video: (B, F, 3, S, S)
+        flat = pixels.flatten(0, 1) if frames else pixels  # (B[*F], 3, S, S)
         low = F.interpolate(
-            pixels, size=(size // scale, size // scale), mode="bicubic", antialias=True
-        ).clamp(-1, 1)  # (B, 3, S/scale, S/scale)
-        latents = self.encode_images(pixels, generator)
-        pivot = self.encode_images(low, generator)
+            flat, size=(size // scale, size // scale), mode="bicubic", antialias=True
+        ).clamp(-1, 1)  # (B[*F], 3, S/scale, S/scale)
+        latents = _unflatten_frames(self.encode_images(flat, generator), frames)
+        pivot = _unflatten_frames(self.encode_images(low, generator), frames)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         timesteps = torch.randint(1, pivot_timestep + 1, (len(captions),), generator=generator)
         embeds, added = self.encode_text(captions, size)
@@ -249,7 +253,7 @@ class TuningModel:
 
     def loss(self, upsamplers: FeatureUpsamplerSet, batch: TrainingBatch) -> torch.Tensor:
         sched = self.noise_scheduler
-        noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)  # (B, C, H, W)
+        noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)  # like latents
         prediction_type = sched.config.prediction_type
         if prediction_type == "epsilon":
             target = batch.noise
@@ -259,15 +263,25 @@ class TuningModel:
             target = batch.latents
         else:
             raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+        text = batch.encoder_hidden_states  # (B, L, D)
+        if isinstance(self.unet, UNetMotionModel):
+            # AnimateDiff's pipeline hands its UNet one text state per frame; UNet3D repeats itself.
+            text = text.repeat_interleave(batch.latents.shape[2], dim=0)  # (B*F, L, D)
+        # UNet3DConditionModel's forward has no `added_cond_kwargs` at all: pass it only when set.
+        added = {"added_cond_kwargs": batch.added_cond_kwargs} if batch.added_cond_kwargs else {}
         with inject_upsamplers(self.unet, upsamplers, batch.pivot, "per_step"):
             pred = self.unet(
-                noisy,
-                batch.timesteps,
-                encoder_hidden_states=batch.encoder_hidden_states,
-                added_cond_kwargs=batch.added_cond_kwargs,
-                return_dict=False,
-            )[0]  # (B, C, H, W)
+                noisy, batch.timesteps, encoder_hidden_states=text, return_dict=False, **added
+            )[0]  # shaped like latents
         return F.mse_loss(pred.float(), target.float())
+
+
+def _unflatten_frames(latents: torch.Tensor, frames: int | None) -> torch.Tensor:
+    """(B*F, C, h, w) -> (B, C, F, h, w), the video pipelines' latent layout; images unchanged."""
+    if frames is None:
+        return latents
+    bf, c, h, w = latents.shape
+    return latents.reshape(bf // frames, frames, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -303,7 +317,12 @@ def tune(
         raise InvalidRequest(
             "crop_size", f"must be a multiple of {multiple * config.scale} px, got {crop}"
         )
-    data = TuningImages.scan(Path(config.data_dir), crop)
+    data: TuningImages | TuningClips
+    if model.is_video:
+        frames = config.clip_frames or DEFAULT_CLIP_FRAMES
+        data = TuningClips.scan(Path(config.data_dir), crop, frames)
+    else:
+        data = TuningImages.scan(Path(config.data_dir), crop)
     k = model.pivot_timestep(config.pivot_strength)
     device = model.device
 
