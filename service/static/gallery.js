@@ -13,7 +13,8 @@ export function loadRecent() {
 }
 
 export function remember(job) {
-  const output = job.outputs[0];
+  // A still for the thumbnail: an image, or a video's poster (an <img> cannot show an mp4).
+  const output = job.outputs.find((o) => o.role !== "video") || job.outputs[0];
   const entry = {
     id: job.id,
     prompt: job.params.prompt,

@@ -32,6 +32,11 @@ const ui = {
   progressText: $("progress-text"),
   figure: $("figure"),
   image: $("result-image"),
+  video: $("result-video"),
+  videoFields: $("video-fields"),
+  numFrames: $("num_frames"),
+  fps: $("fps"),
+  outputFormat: $("output_format"),
   caption: $("caption"),
   placeholder: $("placeholder"),
   gallery: $("gallery"),
@@ -56,6 +61,11 @@ function requestBody() {
     seed: numberOrUndefined(ui.seed.value),
   };
   if (ui.negative.value.trim()) body.negative_prompt = ui.negative.value;
+  if (model && model.produces === "video") {
+    body.num_frames = numberOrUndefined(ui.numFrames.value);
+    body.fps = numberOrUndefined(ui.fps.value);
+    body.output_format = ui.outputFormat.value;
+  }
   const preset = selectedValue("preset");
   if (preset === "custom") {
     body.width = numberOrUndefined(ui.width.value);
@@ -225,18 +235,37 @@ function onView(job) {
 async function showResult(job) {
   const output = job.outputs[0];
   if (!output) return;
+  // A video job's outputs are the clip and its poster (a still of the first frame).
+  const poster = job.outputs.find((o) => o.role === "poster");
   let src;
+  let posterSrc;
   try {
     src = await api.imageUrl(output.url);
+    posterSrc = poster ? await api.imageUrl(poster.url) : null;
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
     showError(describeError(error), null);
     return;
   }
-  ui.image.src = src;
-  ui.image.alt = `Generated image for “${job.params.prompt}”, ${output.width}×${output.height}`;
-  // Tiny test-model images stay crisp when shown large.
-  ui.image.classList.toggle("pixelated", output.width < 384);
+  // A gif is a video job's output but plays in an <img>; mp4 and webm need a <video>.
+  const isVideo = output.role === "video" && output.format !== "gif";
+  const shown = isVideo ? ui.video : ui.image;
+  ui.image.hidden = isVideo;
+  ui.video.hidden = !isVideo;
+  if (isVideo) {
+    ui.image.removeAttribute("src");
+    ui.video.poster = posterSrc || "";
+    ui.video.src = src;
+  } else {
+    ui.video.removeAttribute("src");
+    ui.image.src = src;
+  }
+  const kind = output.role === "video" ? "clip" : "image";
+  const label = `Generated ${kind} for “${job.params.prompt}”, ${output.width}×${output.height}`;
+  shown.setAttribute("aria-label", label);
+  ui.image.alt = isVideo ? "" : label;
+  // Tiny test-model results stay crisp when shown large.
+  shown.classList.toggle("pixelated", output.width < 384);
   ui.caption.replaceChildren(...captionParts(job, output, src));
   ui.figure.hidden = false;
   ui.placeholder.hidden = true;
@@ -252,6 +281,7 @@ function captionParts(job, output, src) {
   });
   const facts = [
     `${output.width}×${output.height}`,
+    output.frames ? `${output.frames} frames at ${output.fps} fps (${output.duration_s} s)` : null,
     `seed ${job.params.seed}`,
     job.params.method === "direct" ? "direct" : "self-cascade",
     m.tuned ? "tuned" : null,
@@ -319,6 +349,13 @@ function applyModel(found) {
   ui.tuned.disabled = !model.tuned_available;
   ui.tuned.checked = model.tuned_available;
   ui.tunedHint.textContent = model.tuned_available ? "" : "(none loaded for this model)";
+  const video = model.produces === "video";
+  ui.videoFields.hidden = !video;
+  if (video) {
+    ui.numFrames.value = model.default_num_frames;
+    ui.numFrames.max = model.max_num_frames;
+    ui.fps.value = model.default_fps;
+  }
 }
 
 async function loadModel() {
@@ -364,6 +401,7 @@ function init() {
   });
   ui.cancel.addEventListener("click", cancelCurrent);
   ui.image.addEventListener("load", () => document.body.classList.add("has-result"));
+  ui.video.addEventListener("loadeddata", () => document.body.classList.add("has-result"));
   renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
   loadModel();
   checkReadiness();
