@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("generate", help="generate one image")
+    p = commands.add_parser("generate", help="generate one image (or one clip, on a video model)")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -58,7 +58,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-features", choices=LR_FEATURE_MODES, default="per_step")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--out", type=Path, default=Path("out.png"))
+    p.add_argument(
+        "--frames", type=int, help="video models: frames of the clip (default: the model's 16)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out.png"),
+        help="image file; for a video model an animated .gif, .png or .webp",
+    )
     p.set_defaults(handler=_generate, loads_models=True)
 
 
@@ -90,10 +98,12 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from selfcascade.cascade_engine import PIPELINE_SIZE_MULTIPLE
+    from selfcascade.engines import engine_for
     from selfcascade.loading import load_pipeline
-    from selfcascade.pipeline import SelfCascadePipeline
+    from selfcascade.pipeline import GenerationResult
     from selfcascade.progress import Progress
     from selfcascade.request import GenerationRequest
+    from selfcascade.video_pipeline import VideoResult
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     request = GenerationRequest(
@@ -109,11 +119,12 @@ def _generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         method=args.method,
         lr_features=args.lr_features,
+        num_frames=args.frames,
     )
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
-    engine = SelfCascadePipeline(pipe)
+    engine = engine_for(pipe)
     engine.validate(request)
     hooks = _stage_hooks(args, pipe)
 
@@ -125,10 +136,17 @@ def _generate(args: argparse.Namespace) -> int:
 
         result = engine.generate(request, on_progress=on_progress, stage_hooks=hooks)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(args.out)
+    if isinstance(result, VideoResult):
+        frames = result.frames
+    else:
+        assert isinstance(result, GenerationResult)
+        frames = result.images
+    # Pillow writes every frame of a clip as one animated .gif/.png/.webp; no video encoder here.
+    frames[0].save(args.out, save_all=len(frames) > 1, append_images=frames[1:])
+    kind = f"{len(frames)} frames of " if isinstance(result, VideoResult) else ""
+    print(f"wrote {args.out} ({kind}{frames[0].width}x{frames[0].height})")
     stages = " -> ".join(str(s) for s in result.stages)
     timings = ", ".join(f"{s:.2f}s" for s in result.stage_seconds)
-    print(f"wrote {args.out} ({result.images[0].width}x{result.images[0].height})")
     print(f"seed {seed}; stages {stages}; {result.unet_evaluations} UNet evaluations; {timings}")
     return 0
 
