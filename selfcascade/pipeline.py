@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,19 +236,24 @@ class SelfCascadePipeline(CascadeEngine):
         hw = (size.height, size.width)
         return {"original_size": hw, "target_size": hw, "crops_coords_top_left": (0, 0)}
 
-    @contextmanager
-    def _tiled_decode(self, final_size: StageSize | None) -> Iterator[None]:
-        vae = self.pipe.vae
-        threshold = self.tiled_decode_above_pixels
-        wanted = final_size is not None and threshold is not None and final_size.pixels > threshold
-        if not wanted or getattr(vae, "use_tiling", False):
-            yield
-            return
-        vae.enable_tiling()
-        try:
-            yield
-        finally:
-            vae.disable_tiling()
+    def _tiled_decode(self, final_size: StageSize | None) -> AbstractContextManager[None]:
+        pixels = None if final_size is None else final_size.pixels
+        return vae_tiling_above(self.pipe.vae, pixels, self.tiled_decode_above_pixels)
+
+
+@contextmanager
+def vae_tiling_above(vae: Any, pixels: int | None, threshold: int | None) -> Iterator[None]:
+    """VAE tiling on while decoding `pixels` at once exceeds `threshold` (None: never), then off
+    again, unless the caller had turned it on for good."""
+    wanted = pixels is not None and threshold is not None and pixels > threshold
+    if not wanted or getattr(vae, "use_tiling", False):
+        yield
+        return
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
 
 
 def renoise_and_denoise(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from selfcascade.cascade_engine import CascadeEngine, StagedResult
 from selfcascade.errors import ModelLoadError
 from selfcascade.pipeline import (
+    DEFAULT_TILED_DECODE_ABOVE_PIXELS,
     StepReporter,
     count_calls,
     make_scheduler,
     module_dtype_restored,
     synchronize_device,
     upsample_latents,
+    vae_tiling_above,
 )
 from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, ProgressCallback
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Frames when a request names none: diffusers' own default for both pipeline families.
 DEFAULT_FRAMES = 16
+# AnimateDiff decodes this many frames per VAE call (its own default); text-to-video all at once.
+DECODE_CHUNK_FRAMES = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +75,12 @@ class VideoSelfCascadePipeline(CascadeEngine):
 
     produces_video = True
 
-    def __init__(self, pipe: TextToVideoSDPipeline | AnimateDiffPipeline) -> None:
+    def __init__(
+        self,
+        pipe: TextToVideoSDPipeline | AnimateDiffPipeline,
+        *,
+        tiled_decode_above_pixels: int | None = DEFAULT_TILED_DECODE_ABOVE_PIXELS,
+    ) -> None:
         if isinstance(pipe, AnimateDiffPipeline):
             renoise_cls: Any = AnimateDiffVideoToVideoPipeline
         elif isinstance(pipe, TextToVideoSDPipeline):
@@ -83,6 +92,8 @@ class VideoSelfCascadePipeline(CascadeEngine):
             raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
         # diffusers pipelines expose their modules as dynamic attributes mypy cannot see.
         self.pipe: Any = pipe
+        # Compared with the pixels one VAE call decodes: every frame of a chunk, not one image.
+        self.tiled_decode_above_pixels = tiled_decode_above_pixels
         super().__init__(
             vae_factor=int(pipe.vae_scale_factor),
             down_levels=len(pipe.unet.config.down_block_types) - 1,
@@ -127,6 +138,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
                 "generator": generator,
                 **self._encode_prompt(request),
                 **self._progress_kwargs(reporter),
+                **({"decode_chunk_size": DECODE_CHUNK_FRAMES} if self.is_animatediff else {}),
             }
             latents: torch.Tensor | None = None  # (B, C, F, h, w) once stage 1 ran
             for index, size in enumerate(sizes, start=1):
@@ -134,18 +146,19 @@ class VideoSelfCascadePipeline(CascadeEngine):
                 reporter.begin_stage(index)
                 started = time.perf_counter()
                 stage_call = {**call, "output_type": "pil" if last else "latent"}
-                if latents is None:
-                    output = self._txt2vid(
-                        height=size.height,
-                        width=size.width,
-                        num_frames=frames,
-                        num_inference_steps=request.steps,
-                        **stage_call,
-                    ).frames
-                else:
-                    output = self._renoise_stage(
-                        request, index, sizes, latents, stage_hooks, stage_call
-                    )
+                with self._tiled_decode(size, frames) if last else nullcontext():
+                    if latents is None:
+                        output = self._txt2vid(
+                            height=size.height,
+                            width=size.width,
+                            num_frames=frames,
+                            num_inference_steps=request.steps,
+                            **stage_call,
+                        ).frames
+                    else:
+                        output = self._renoise_stage(
+                            request, index, sizes, latents, stage_hooks, stage_call
+                        )
                 synchronize_device(self.pipe.device)
                 seconds.append(time.perf_counter() - started)
                 log.debug("stage %d/%d %s took %.3fs", index, len(sizes), size, seconds[-1])
@@ -169,6 +182,12 @@ class VideoSelfCascadePipeline(CascadeEngine):
         stage_pipe = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
         stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
         return stage_pipe
+
+    def _tiled_decode(self, size: StageSize, frames: int) -> AbstractContextManager[None]:
+        at_once = min(frames, DECODE_CHUNK_FRAMES) if self.is_animatediff else frames
+        return vae_tiling_above(
+            self.pipe.vae, size.pixels * at_once, self.tiled_decode_above_pixels
+        )
 
     def _renoise_stage(
         self,

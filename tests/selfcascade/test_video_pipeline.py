@@ -274,3 +274,24 @@ def test_cli_generate_writes_an_animated_image_for_a_video_model(tmp_path: Path)
     assert code == 0
     with Image.open(out) as clip:
         assert clip.size == (128, 64) and clip.n_frames == 3
+
+
+def test_large_clips_decode_tiled_and_tiling_is_undone(pipe: Any, monkeypatch: Any) -> None:
+    switched: list[bool] = []
+    vae = pipe.vae
+    enable_tiling = vae.enable_tiling
+
+    def recorded_enable_tiling() -> None:
+        switched.append(True)
+        enable_tiling()
+
+    monkeypatch.setattr(vae, "enable_tiling", recorded_enable_tiling)
+    # 3 frames of 128x128 decode in one VAE call: one pixel over the threshold tiles.
+    engine = VideoSelfCascadePipeline(pipe, tiled_decode_above_pixels=3 * 128 * 128 - 1)
+    result = engine.generate(request(width=128, height=128, steps=2, num_frames=3))
+    assert switched == [True] and vae.use_tiling is False
+    assert len(result.frames) == 3 and result.frames[0].size == (128, 128)
+    switched.clear()
+    engine = VideoSelfCascadePipeline(pipe, tiled_decode_above_pixels=3 * 128 * 128)
+    engine.generate(request(width=128, height=128, steps=2, num_frames=3))
+    assert switched == []
