@@ -40,8 +40,18 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     g.add_argument("--method", choices=("self_cascade", "direct"))
     g.add_argument("--tuned", choices=("auto", "true", "false"))
     g.add_argument("--model", help="default: the server's first model")
+    g.add_argument("--num-frames", type=int, help="video models: frames of the clip")
+    g.add_argument("--fps", type=int, help="video models: frames per second")
+    g.add_argument(
+        "--output-format",
+        choices=("png", "webp", "jpeg", "mp4", "webm", "gif"),
+        help="default: png for image models, mp4 for video models",
+    )
     g.add_argument("--wait", action="store_true", help="follow progress until the job ends")
-    g.add_argument("--out", type=Path, help="write the image here (implies --wait)")
+    g.add_argument(
+        "--out", type=Path,
+        help="write the image (or clip, its poster beside it) here (implies --wait)",
+    )
     g.set_defaults(handler=_generate)
 
     s = actions.add_parser("status", help="show one generation")
@@ -79,6 +89,9 @@ def _request_body(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "method": args.method,
         "model": args.model,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
+        "output_format": args.output_format,
         "tuned": {"true": True, "false": False, "auto": "auto"}.get(args.tuned or ""),
     }
     return {"prompt": args.prompt, **{k: v for k, v in optional.items() if v is not None}}
@@ -117,13 +130,25 @@ def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -
         print(f"generation {job_id} {job['status']}{reason}", file=sys.stderr)
         return EXIT_FAILED
     print(_summary(job))
-    for output in job["outputs"]:
-        path = out or Path(f"selfcascade-{job_id[:8]}.{output['format']}")
-        if len(job["outputs"]) > 1:
-            path = path.with_stem(f"{path.stem}-{job['outputs'].index(output)}")
+    outputs = job["outputs"]
+    base = out or Path(f"selfcascade-{job_id[:8]}.{outputs[0]['format']}")
+    for index, output in enumerate(outputs):
+        path = _download_path(base, output, index, len(outputs))
         size = client.download(output["url"], path)
-        print(f"wrote {path} ({output['width']}x{output['height']}, {size} bytes)")
+        clip = f", {output['frames']} frames at {output['fps']} fps" if output.get("frames") else ""
+        print(f"wrote {path} ({output['width']}x{output['height']}{clip}, {size} bytes)")
     return 0
+
+
+def _download_path(base: Path, output: dict[str, Any], index: int, count: int) -> Path:
+    """`base` for a single image or a clip; a clip's poster beside it (clip.poster.png);
+    several images numbered (out-0.png, out-1.png)."""
+    role = output.get("role", "image")
+    if role == "poster":
+        return base.with_name(f"{base.stem}.poster.{output['format']}")
+    if role == "video" or count == 1:
+        return base
+    return base.with_stem(f"{base.stem}-{index}")
 
 
 def _follow(client: ServiceClient, job_id: str) -> None:
@@ -181,9 +206,12 @@ def _status(args: argparse.Namespace) -> int:
 
 def _status_lines(job: dict[str, Any]) -> Sequence[str]:
     params = job["params"]
+    clip = ""
+    if params.get("num_frames"):
+        clip = f", {params['num_frames']} frames at {params['fps']} fps"
     lines = [
         f"{job['id']}: {job['status']}",
-        f"  {params['width']}x{params['height']} {params['method']}, seed {params['seed']}, "
+        f"  {params['width']}x{params['height']}{clip} {params['method']}, seed {params['seed']}, "
         f"{params['steps']} steps, prompt {params['prompt']!r}",
     ]
     if job.get("queue_position") is not None:
@@ -197,7 +225,10 @@ def _status_lines(job: dict[str, Any]) -> Sequence[str]:
         lines.append(f"  error {error['code']}: {error['message']}")
     if job["status"] == "succeeded":
         lines.append(f"  {_summary(job)}")
-    lines.extend(f"  output {o['url']} ({o['width']}x{o['height']})" for o in job["outputs"])
+    lines.extend(
+        f"  output {o['url']} ({o['width']}x{o['height']} {o.get('role', 'image')})"
+        for o in job["outputs"]
+    )
     return lines
 
 
