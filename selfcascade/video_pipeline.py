@@ -37,7 +37,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from selfcascade.cascade_engine import CascadeEngine, StagedResult
-from selfcascade.errors import ModelLoadError
+from selfcascade.errors import InvalidRequest, ModelLoadError
 from selfcascade.pipeline import (
     DEFAULT_TILED_DECODE_ABOVE_PIXELS,
     StepReporter,
@@ -109,6 +109,17 @@ class VideoSelfCascadePipeline(CascadeEngine):
 
     def num_frames(self, request: GenerationRequest) -> int:
         return DEFAULT_FRAMES if request.num_frames is None else request.num_frames
+
+    def validate(self, request: GenerationRequest) -> list[StageSize]:
+        sizes = super().validate(request)
+        # A motion module's positional embedding has a fixed length (32 in released adapters);
+        # more frames would fail deep inside diffusers instead of naming the field.
+        limit = getattr(self.pipe.unet.config, "motion_max_seq_length", None)
+        if limit is not None and self.num_frames(request) > limit:
+            raise InvalidRequest(
+                "num_frames", f"this model's motion module takes at most {limit} frames"
+            )
+        return sizes
 
     def generate(
         self,

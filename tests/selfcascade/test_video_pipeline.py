@@ -295,3 +295,13 @@ def test_large_clips_decode_tiled_and_tiling_is_undone(pipe: Any, monkeypatch: A
     engine = VideoSelfCascadePipeline(pipe, tiled_decode_above_pixels=3 * 128 * 128)
     engine.generate(request(width=128, height=128, steps=2, num_frames=3))
     assert switched == []
+
+
+def test_animatediff_refuses_more_frames_than_its_motion_module_takes(
+    tiny_animatediff: Any,
+) -> None:
+    engine = VideoSelfCascadePipeline(tiny_animatediff)
+    engine.validate(request(num_frames=32))
+    with pytest.raises(InvalidRequest) as caught:
+        engine.validate(request(num_frames=33))
+    assert caught.value.param == "num_frames"
