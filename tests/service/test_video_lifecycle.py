@@ -18,7 +18,7 @@ from redis import Redis
 
 from service.app import create_app
 from tests.conftest import free_port
-from tests.live_stack import ApiServer, WorkerProcess
+from tests.live_stack import ApiServer, WorkerProcess, wait_status
 from tests.service.conftest import make_settings
 from tests.service.test_lifecycle import read_sse
 
@@ -141,3 +141,18 @@ def test_an_image_format_for_the_video_model_is_refused(client: httpx.Client) ->
     answer = client.post("/v1/generations", json={**CLIP, "output_format": "png"})
     assert answer.status_code == 422
     assert answer.json()["error"]["param"] == "output_format"
+
+
+def test_a_running_video_job_cancels_between_two_steps(client: httpx.Client) -> None:
+    # 8 frames of 128 px take about a second a step on a CPU: 150 direct steps cannot finish
+    # before the cancel lands, and one step is short enough for it to land quickly.
+    slow = {"prompt": "a long clip", "width": 128, "height": 128, "num_frames": 8,
+            "steps": 150, "method": "direct"}
+    created = client.post("/v1/generations", json=slow)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    wait_status(client, job_id, {"running"}, 60)
+    assert client.post(f"/v1/generations/{job_id}/cancel").status_code == 202
+    job = wait_status(client, job_id, {"canceled", "succeeded", "failed"}, 60)
+    assert job["status"] == "canceled" and job["outputs"] == []
+    assert job["progress"]["step"] < 150
