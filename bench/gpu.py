@@ -12,7 +12,8 @@ For each case it times, side by side in one process, at the same step count and 
   recomputed every step as in the official code);
 
 plus, on the largest SD2.1 case, two optimisation variants (`tuned_per_stage`: LR features
-cached once per stage; `tuning_free_channels_last`). It records median seconds, per-stage
+cached once per stage; `tuning_free_channels_last`); `--experiment attention` compares SDPA's
+attention kernels on SD2.1 2048^2. It records median seconds, per-stage
 seconds, peak GPU memory (allocated and reserved), UNet evaluations, whether the decoded
 pixels were finite, the warm-up cost at load and first-vs-warm job times, and host syncs per
 denoising step. It writes JSON after every run (a killed run keeps what it measured) and prints
@@ -51,6 +52,12 @@ RESULTS = Path(__file__).parent / "results" / "gpu.json"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 BASE_VARIANTS = ("stock_direct", "tuning_free", "tuned")
 EXTRA_VARIANTS = ("tuned_per_stage", "tuning_free_channels_last")
+# `--experiment attention`: the attention-bound 2048^2 step with cuDNN's fused attention (the
+# Hopper kernel) preferred over the FlashAttention-2 kernel SDPA picks by default, stock too.
+ATTENTION_VARIANTS = (
+    "stock_direct", "tuning_free", "stock_direct_cudnn_attention",
+    "tuning_free_cudnn_attention", "tuned_per_stage_cudnn_attention",
+)
 GIB = 2**30
 
 
@@ -61,6 +68,7 @@ class Case:
     steps: int
     reps: int = 2
     extras: bool = False  # the optimisation variants, on one case only (device time is short)
+    variants: tuple[str, ...] = BASE_VARIANTS
 
 
 FULL_CASES = (
@@ -70,6 +78,10 @@ FULL_CASES = (
     # 20 steps, one rep: at 50 steps the three 4096^2 runs alone would take ~3 minutes.
     Case("sdxl-base", 4096, 20, reps=1),
 )
+EXPERIMENTS = {
+    "attention": (Case("sd21-base", 2048, 50, reps=1, variants=ATTENTION_VARIANTS),),
+    "attention-tiny": (Case("tiny-sd", 128, 4, reps=1, variants=ATTENTION_VARIANTS),),
+}
 TINY_CASES = (
     Case("tiny-sd", 128, 4),
     Case("tiny-sd", 256, 4, extras=True),
@@ -147,6 +159,20 @@ def finite_output_check(pipe: Any) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def attention_backend(variant: str) -> Iterator[None]:
+    """SDPA with cuDNN attention first for `*_cudnn_attention` variants, else SDPA's choice."""
+    if not variant.endswith("_cudnn_attention"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    preferred = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(preferred, set_priority=True):
+        yield
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,14 +185,15 @@ def timed_run(
     request = GenerationRequest(PROMPT, case.size, case.size, steps=case.steps, seed=rep)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    channels_last = variant.endswith("channels_last")
+    channels_last = variant.endswith("_channels_last")
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
+    base = variant.removesuffix("_channels_last").removesuffix("_cudnn_attention")
     try:
-        with finite_output_check(pipe) as flags:
+        with attention_backend(variant), finite_output_check(pipe) as flags:
             synchronize(device)
             started = time.perf_counter()
-            if variant == "stock_direct":
+            if base == "stock_direct":
                 calls = [0]
                 handle = pipe.unet.register_forward_pre_hook(
                     lambda *_: calls.__setitem__(0, calls[0] + 1)
@@ -185,7 +212,7 @@ def timed_run(
                 seconds = time.perf_counter() - started
                 stage_seconds, stages, evaluations = [seconds], [f"{case.size}"], calls[0]
             else:
-                result = engine.generate(request, stage_hooks=hooks.get(variant, []))
+                result = engine.generate(request, stage_hooks=hooks.get(base, []))
                 synchronize(device)
                 seconds = time.perf_counter() - started
                 stage_seconds = result.stage_seconds
@@ -258,7 +285,7 @@ def bench_architecture(
 
     for case in cases:
         for rep in range(case.reps):
-            variants = list(BASE_VARIANTS)
+            variants = list(case.variants)
             if case.extras and rep == case.reps - 1:
                 variants += EXTRA_VARIANTS
             for variant in variants:
@@ -326,14 +353,14 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
 
 def print_table(report: Report) -> None:
     print(f"\n{report.device}, {report.dtype}, torch {report.torch}, diffusers {report.diffusers}")
-    header = (f"{'model':<10} {'size':>5} {'steps':>5} {'variant':<26} {'median s':>9}"
+    header = (f"{'model':<10} {'size':>5} {'steps':>5} {'variant':<32} {'median s':>9}"
               f" {'/stock':>7} {'/free':>6} {'stages (s)':<24} {'peak GiB':>8} {'evals':>5} fin")
     print(header)
     for r in summarise(report.runs):
         ratio = f"{r['vs_stock_direct']:.3f}" if r["vs_stock_direct"] else "-"
         free = f"{r['vs_tuning_free']:.3f}" if r["vs_tuning_free"] else "-"
         stages = " ".join(f"{s:.2f}" for s in r["stage_seconds"])
-        print(f"{r['architecture']:<10} {r['size']:>5} {r['steps']:>5} {r['variant']:<26}"
+        print(f"{r['architecture']:<10} {r['size']:>5} {r['steps']:>5} {r['variant']:<32}"
               f" {r['median_s']:>9.3f} {ratio:>7} {free:>6} {stages:<24}"
               f" {r['peak_allocated_gib']:>8.2f} {r['unet_evaluations']:>5} {r['finite']}")
     for s in report.startup:
@@ -352,6 +379,8 @@ def main(argv: list[str] | None = None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny CPU models (tests the script)")
     parser.add_argument("--only", nargs="+", help="architectures to run (default: all)")
+    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS),
+                        help="run one optimisation experiment instead of the standard cases")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="after this, only the first rep of each variant still runs")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
@@ -360,12 +389,13 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
-    if args.tiny:
-        args.torch_dtype = torch.float32
+    if args.tiny or args.device == "cpu":
+        args.torch_dtype = torch.float32  # half precision on a CPU is slow and not what runs
     diffusers_logging.set_verbosity_error()
     import diffusers
 
-    cases = [c for c in (TINY_CASES if args.tiny else FULL_CASES)
+    standard = TINY_CASES if args.tiny else FULL_CASES
+    cases = [c for c in (EXPERIMENTS[args.experiment] if args.experiment else standard)
              if not args.only or c.architecture in args.only]
     device_name = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
                    else platform.processor() or platform.machine())
