@@ -77,6 +77,9 @@ class GenerationParams(BaseModel):
     pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    # Tuned mode: the pivot's features recomputed every step (official) or once per stage
+    # (bench/GPU_NOTES.md: 1.085x -> 1.033x of tuning-free at SD2.1 2048^2); ignored otherwise.
+    lr_features: Literal["per_step", "per_stage"] = "per_step"
     output_format: OutputFormat = "png"
     # Set for video models only (the validator fills in the model's defaults), None for images.
     num_frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     worker_lease_s: int = 30
     reaper_interval_s: float = 5.0
     progress_interval_s: float = 0.2
+    # One short job per model at load, so the first real job runs at warm speed (bench/gpu.py on
+    # an H200: SD2.1's first generation paid 3.3 s of one-time costs, a warm one 0.26 s).
+    warm_up_on_load: bool = True
     sse_keepalive_s: float = 15.0
 
     # -- API keys: "open" needs none (make run); "keys" requires a bearer token on /v1/*.

@@ -123,6 +123,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         seed=params.seed,
         pivot_strength=params.pivot_strength,
         upsample_mode=params.upsample_mode,
+        lr_features=params.lr_features,
         scheduler=params.scheduler,
         method=params.method,
         num_frames=params.num_frames,

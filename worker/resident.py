@@ -76,6 +76,10 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
                 spec.name, spec.size_multiple, engine.size_multiple,
             )
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
+        if settings.warm_up_on_load:
+            from selfcascade.warmup import warm_up
+
+            warm_up(engine)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
 

@@ -57,6 +57,7 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"steps": 2, "pivot_strength": 0.4, "width": 128, "height": 128}, "pivot_strength"),
         ({"output_format": "gif"}, "output_format"),
         ({"scheduler": "pndm"}, "scheduler"),
+        ({"lr_features": "per_epoch"}, "lr_features"),
         ({"tuned": True}, "tuned"),  # the tiny model has no upsampler checkpoint
         ({"unexpected": 1}, "unexpected"),
     ],

@@ -49,3 +49,14 @@ def test_tuned_flag_selects_the_upsampler_hook(
         record = rt.store.get(job_id)
         assert record is not None and record.status is JobStatus.SUCCEEDED, record
         assert record.metrics.tuned is (tuned is not False)
+
+
+def test_a_tuned_job_can_cache_the_pivot_features_per_stage(
+    runtime_for: Any, models_with_upsamplers: Path
+) -> None:
+    rt: WorkerRuntime = runtime_for(models_file=models_with_upsamplers)
+    job_id = submit(rt, width=128, height=128, steps=4, tuned=True, lr_features="per_stage")
+    work_burst(rt)
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED, record
+    assert record.params.lr_features == "per_stage" and record.metrics.tuned

@@ -1,0 +1,32 @@
+"""A worker warms each model up at load (one short job), unless the setting turns it off."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from contract.settings import ModelSpec
+from tests.service.conftest import SettingsFactory
+from worker import resident
+
+
+def spec(path: Path) -> ModelSpec:
+    return ModelSpec(name="tiny", path=str(path), native_width=64, native_height=64)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_models_are_warmed_up_at_load_when_enabled(
+    settings_for: SettingsFactory, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,
+    enabled: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="selfcascade.warmup")
+    [model] = resident.load_models(
+        [spec(tiny_model_dir)], settings_for(warm_up_on_load=enabled)
+    ).values()
+    warmed = [r.getMessage() for r in caplog.records if "warm-up job" in r.getMessage()]
+    assert len(warmed) == (1 if enabled else 0)
+    if enabled:
+        native = model.engine.native_size
+        assert f"({native.width * 2}x{native.height * 2}, 2 steps)" in warmed[0]
