@@ -39,13 +39,13 @@ from typing import Any
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from tuned_overhead import random_upsamplers  # a sibling script: bench/ is on sys.path
 
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import build_public_pipeline
 from selfcascade.request import GenerationRequest
 from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from selfcascade.tuned import TunedStageHook
-from selfcascade.upsamplers import FeatureUpsamplerSet
 from selfcascade.warmup import warm_up
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
@@ -132,16 +132,6 @@ def build(architecture: str, device: torch.device, dtype: torch.dtype) -> Any:
     else:
         return build_public_pipeline(architecture, device=device, dtype=dtype)  # type: ignore[arg-type]
     return pipe.to(device=device, dtype=dtype)
-
-
-def random_upsamplers(pipe: Any) -> FeatureUpsamplerSet:
-    """Upsamplers with small random (non-zero) weights: the cost does not depend on the values."""
-    ups = FeatureUpsamplerSet.for_unet(pipe.unet.config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ups.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    return ups.to(device=pipe.device, dtype=pipe.dtype)
 
 
 @contextmanager
@@ -267,7 +257,8 @@ def bench_architecture(
     synchronize(device)
     built_s = time.perf_counter() - started
     engine = SelfCascadePipeline(pipe)
-    ups = random_upsamplers(pipe)
+    # Small random (non-zero) weights: the cost does not depend on the values.
+    ups = random_upsamplers(pipe).to(device=pipe.device, dtype=pipe.dtype)
     hooks = {
         "tuned": [TunedStageHook(ups, "per_step")],
         "tuned_per_stage": [TunedStageHook(ups, "per_stage")],

@@ -9,6 +9,7 @@ non-empty queue, so batch work only runs when no interactive request waits.
 from __future__ import annotations
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -37,7 +38,10 @@ def generation_queues(redis: Redis, settings: Settings) -> list[Queue]:
     return [generation_queue(redis, settings, p) for p in PRIORITIES]
 
 
-def enqueue_generation(queue: Queue, job_id: str, settings: Settings) -> Job:
+def enqueue_generation(
+    queue: Queue, job_id: str, settings: Settings, pipeline: Pipeline | None = None
+) -> Job:
+    """Enqueue the job function for `job_id`; with `pipeline`, only queue the writes on it."""
     return queue.enqueue(
         JOB_FUNCTION,
         job_id,
@@ -47,4 +51,5 @@ def enqueue_generation(queue: Queue, job_id: str, settings: Settings) -> Job:
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
         result_ttl=600,
         failure_ttl=settings.result_ttl_s,
+        pipeline=pipeline,
     )

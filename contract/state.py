@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from redis import Redis
+from redis.client import Pipeline
 
 from contract.jobs import (
     ErrorInfo,
@@ -68,30 +69,35 @@ class JobStore:
         params: GenerationParams,
         created_at: float,
         origin: JobOrigin | None = None,
+        pipeline: Pipeline | None = None,
     ) -> JobRecord:
+        """Write a new queued record; with `pipeline`, only queue the writes on it (the caller
+        executes it, e.g. in the same transaction as the RQ enqueue)."""
         origin = origin or JobOrigin()
         record = JobRecord(
             id=job_id, status=JobStatus.QUEUED, params=params, created_at=created_at, origin=origin
         )
         event = JobEvent(type="queued", status=JobStatus.QUEUED, at=created_at)
-        with self.redis.pipeline() as pipe:
-            pipe.hset(
-                self.keys.job(job_id),
-                mapping={
-                    "status": record.status.value,
-                    "params": params.model_dump_json(),
-                    "created_at": repr(created_at),
-                    "attempts": "0",
-                    "origin": origin.model_dump_json(),
-                },
-            )
-            pipe.xadd(self.keys.events(job_id), {"event": event.model_dump_json()})
-            pipe.execute()
+        if pipeline is not None:
+            self._write_new(pipeline, record, event)
+        else:
+            with self.redis.pipeline() as pipe:
+                self._write_new(pipe, record, event)
+                pipe.execute()
         return record
 
-    def discard(self, job_id: str) -> None:
-        """Delete a record that was never enqueued (it lost an idempotency race)."""
-        self.redis.delete(self.keys.job(job_id), self.keys.events(job_id))
+    def _write_new(self, pipe: Pipeline, record: JobRecord, event: JobEvent) -> None:
+        pipe.hset(
+            self.keys.job(record.id),
+            mapping={
+                "status": record.status.value,
+                "params": record.params.model_dump_json(),
+                "created_at": repr(record.created_at),
+                "attempts": "0",
+                "origin": record.origin.model_dump_json(),
+            },
+        )
+        pipe.xadd(self.keys.events(record.id), {"event": event.model_dump_json()})
 
     def get(self, job_id: str) -> JobRecord | None:
         raw: Mapping[bytes | str, bytes | str] = self.redis.hgetall(self.keys.job(job_id))  # type: ignore[assignment]

@@ -6,14 +6,18 @@ and the result's timing fields. The image engine (`selfcascade.pipeline`) and th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from selfcascade.errors import InvalidRequest
 from selfcascade.plan import StageSize, plan_stages
 from selfcascade.progress import CancelToken, ProgressCallback
 from selfcascade.request import GenerationRequest
-from selfcascade.stage_hooks import StageHook
+from selfcascade.stage_hooks import StageHook, StageRun
 
 # diffusers' SD-family pipelines insist on multiples of 8 px whatever the VAE factor.
 PIPELINE_SIZE_MULTIPLE = 8
@@ -41,6 +45,9 @@ class CascadeEngine:
     """
 
     produces_video: bool = False
+    # The resident diffusers pipeline (set by the subclass); its modules expose dynamic
+    # attributes mypy cannot see.
+    pipe: Any
 
     def __init__(self, *, vae_factor: int, down_levels: int, native_latent_side: int) -> None:
         self.vae_factor = vae_factor
@@ -82,6 +89,40 @@ class CascadeEngine:
         """Image engines refuse a frame count: a request for a video sent to an image model."""
         if not self.produces_video and request.num_frames is not None:
             raise InvalidRequest("num_frames", "this model makes images, not videos")
+
+    def _stage_pipeline(self, cls: Any) -> Any:
+        """A view of the resident pipeline: the same modules, never copied or re-cast."""
+        # from_pipe casts to float32 unless told the dtype: that would upcast a shared fp16 UNet.
+        stage_pipe = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
+        stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return stage_pipe
+
+    @contextmanager
+    def _stage_hooks_entered(
+        self,
+        request: GenerationRequest,
+        index: int,
+        sizes: list[StageSize],
+        pivot: torch.Tensor,
+        upsampled: torch.Tensor,
+        stage_hooks: Sequence[StageHook],
+    ) -> Iterator[None]:
+        """Every stage hook active around re-noise stage `index` (1-based), exited in reverse."""
+        run = StageRun(
+            index=index,
+            stages=len(sizes),
+            size=sizes[index - 1],
+            previous_size=sizes[index - 2],
+            unet=self.pipe.unet,
+            pivot_latents=pivot,
+            upsampled_latents=upsampled,
+            pivot_strength=request.pivot_strength,
+            lr_features=request.lr_features,
+        )
+        with ExitStack() as hooks:
+            for hook in stage_hooks:
+                hooks.enter_context(hook(run))
+            yield
 
     def generate(
         self,

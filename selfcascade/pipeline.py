@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from selfcascade.errors import GenerationCancelled, InvalidRequest, ModelLoadErr
 from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, Progress, ProgressCallback
 from selfcascade.request import GenerationRequest
-from selfcascade.stage_hooks import StageHook, StageRun
+from selfcascade.stage_hooks import StageHook
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,6 @@ class SelfCascadePipeline(CascadeEngine):
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _stage_pipeline(self, cls: Any) -> Any:
-        """A view of the resident pipeline: the same modules, never copied or re-cast."""
-        # from_pipe casts to float32 unless told the dtype: that would upcast a shared fp16 UNet.
-        stage_pipe = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
-        stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
-        return stage_pipe
-
     def _renoise_stage(
         self,
         img2img: Any,
@@ -181,20 +174,7 @@ class SelfCascadePipeline(CascadeEngine):
     ) -> Any:
         size = sizes[index - 1]
         upsampled = upsample_latents(pivot, size, self.vae_factor, request.upsample_mode)
-        run = StageRun(
-            index=index,
-            stages=len(sizes),
-            size=size,
-            previous_size=sizes[index - 2],
-            unet=self.pipe.unet,
-            pivot_latents=pivot,
-            upsampled_latents=upsampled,
-            pivot_strength=request.pivot_strength,
-            lr_features=request.lr_features,
-        )
-        with ExitStack() as hooks:
-            for hook in stage_hooks:
-                hooks.enter_context(hook(run))
+        with self._stage_hooks_entered(request, index, sizes, pivot, upsampled, stage_hooks):
             return renoise_and_denoise(
                 img2img, upsampled, strength=request.pivot_strength, steps=request.steps, **call
             )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from selfcascade.pipeline import (
 from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, ProgressCallback
 from selfcascade.request import GenerationRequest
-from selfcascade.stage_hooks import StageHook, StageRun
+from selfcascade.stage_hooks import StageHook
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,6 @@ class VideoSelfCascadePipeline(CascadeEngine):
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _stage_pipeline(self, cls: Any) -> Any:
-        """A view of the resident pipeline: the same modules, never copied or re-cast."""
-        stage_pipe = cls.from_pipe(self.pipe, dtype=self.pipe.dtype)
-        stage_pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
-        return stage_pipe
-
     def _tiled_decode(self, size: StageSize, frames: int) -> AbstractContextManager[None]:
         at_once = min(frames, DECODE_CHUNK_FRAMES) if self.is_animatediff else frames
         return vae_tiling_above(
@@ -211,20 +205,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
     ) -> Any:
         size = sizes[index - 1]
         upsampled = upsample_video_latents(pivot, size, self.vae_factor, request.upsample_mode)
-        run = StageRun(
-            index=index,
-            stages=len(sizes),
-            size=size,
-            previous_size=sizes[index - 2],
-            unet=self.pipe.unet,
-            pivot_latents=pivot,
-            upsampled_latents=upsampled,
-            pivot_strength=request.pivot_strength,
-            lr_features=request.lr_features,
-        )
-        with ExitStack() as hooks:
-            for hook in stage_hooks:
-                hooks.enter_context(hook(run))
+        with self._stage_hooks_entered(request, index, sizes, pivot, upsampled, stage_hooks):
             if self.is_animatediff:
                 return self._renoise_animatediff(upsampled, size, request, call)
             # (B, F, C, H, W): the frame-major layout VideoToVideoSDPipeline's `video` takes.

@@ -1,19 +1,21 @@
 """Turning accepted parameters into queued jobs, shared by the native and OpenAI-style routes.
 
 Order matters: checks that cost nothing come first (queue depth, then the rate-limit tokens),
-records are created before their active slots are reserved (the slot script drops ids whose
-record does not exist), and a job is enqueued only once everything else has succeeded.
+then the key's active slots are reserved, and last the records are created and enqueued in one
+MULTI/EXEC transaction: a job is either recorded and queued or not there at all, whatever
+happens to Redis or this process in between (no `queued` record that no worker will run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
 import redis.exceptions
 from starlette.requests import Request
 
-from contract.jobs import GenerationParams, JobOrigin, JobRecord, JobStatus, WebhookEvent
+from contract.jobs import GenerationParams, JobOrigin, JobRecord, WebhookEvent
 from contract.queueing import enqueue_generation
 from contract.trace_context import accept_request_id, accept_traceparent
 from service.admission import Admission
@@ -57,19 +59,29 @@ def submit(
     admission.check_queue_depth()
     admission.take_rate_tokens(caller.bucket, cost=len(params))
     now = time.time()
-    records = [services.store.create(i, p, now, origin) for i, p in zip(ids, params, strict=True)]
+    # Slots first: the slot script drops ids whose record does not exist yet only when another
+    # request of the same key runs in the instant before our transaction (then the key may
+    # briefly exceed its cap by these jobs; nothing is lost).
+    admission.reserve_active_slots(caller.bucket, ids)
     try:
-        admission.reserve_active_slots(caller.bucket, ids)
-    except Exception:
-        for job_id in ids:
-            services.store.discard(job_id)
+        with services.redis.pipeline(transaction=True) as transaction:
+            transaction.multi()  # explicit, as RQ expects of a pipeline it is handed
+            records = [
+                services.store.create(job_id, p, now, origin, pipeline=transaction)
+                for job_id, p in zip(ids, params, strict=True)
+            ]
+            queue = services.queues[origin.priority]
+            for job_id in ids:
+                enqueue_generation(queue, job_id, services.settings, pipeline=transaction)
+            transaction.execute()
+    except BaseException:
+        _release_quietly(admission, caller.bucket, ids)
         raise
-    queue = services.queues[origin.priority]
-    for job_id in ids:
-        try:
-            enqueue_generation(queue, job_id, services.settings)
-        except redis.exceptions.RedisError:
-            # Never leave a record that no worker will ever pick up.
-            services.store.transition(job_id, [JobStatus.QUEUED], JobStatus.FAILED, None)
-            raise
     return records
+
+
+def _release_quietly(admission: Admission, bucket: str, ids: list[str]) -> None:
+    """Give back the slots of jobs that were never created (best effort: with Redis down the
+    next reservation drops them anyway, since their records do not exist)."""
+    with contextlib.suppress(redis.exceptions.RedisError):
+        admission.release_active_slots(bucket, ids)

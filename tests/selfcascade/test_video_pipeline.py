@@ -21,8 +21,6 @@ from selfcascade.plan import StageSize
 from selfcascade.progress import Progress
 from selfcascade.request import MAX_FRAMES, GenerationRequest
 from selfcascade.tiny_models import (
-    build_tiny_animatediff_pipeline,
-    build_tiny_text_to_video_pipeline,
     save_tiny_animatediff,
     save_tiny_text_to_video,
 )
@@ -48,20 +46,6 @@ def request(**overrides: Any) -> GenerationRequest:
 
 def frames_array(frames: list[Any]) -> np.ndarray:
     return np.stack([np.asarray(frame) for frame in frames])  # (F, H, W, 3)
-
-
-@pytest.fixture(scope="module")
-def tiny_t2v() -> TextToVideoSDPipeline:
-    pipe = build_tiny_text_to_video_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def tiny_animatediff() -> AnimateDiffPipeline:
-    pipe = build_tiny_animatediff_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(params=["tiny_t2v", "tiny_animatediff"])

@@ -19,7 +19,6 @@ from selfcascade.errors import InvalidRequest
 from selfcascade.request import GenerationRequest
 from selfcascade.tiny_models import (
     build_tiny_animatediff_pipeline,
-    build_tiny_text_to_video_pipeline,
     save_tiny_text_to_video,
 )
 from selfcascade.tuned import TunedStageHook, inject_upsamplers, load_tuned_hook
@@ -32,20 +31,6 @@ from tests.selfcascade.single_thread import single_thread_torch  # noqa: F401 (f
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 CROP = 128  # tiny models: native 64 px, scale 2
-
-
-@pytest.fixture(scope="module")
-def tiny_t2v() -> Any:
-    pipe = build_tiny_text_to_video_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def tiny_animatediff() -> Any:
-    pipe = build_tiny_animatediff_pipeline(seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(params=["tiny_t2v", "tiny_animatediff"])

@@ -102,3 +102,26 @@ def test_redis_down_is_503_and_recovers_without_restart(
             interval_s=0.2,
         )
         assert client.get(f"/v1/generations/{after.json()['id']}").status_code == 200
+
+
+def test_a_refused_enqueue_leaves_no_job_behind(
+    own_redis: OwnRedis, settings_for: SettingsFactory
+) -> None:
+    """The record and its RQ enqueue are one MULTI/EXEC transaction: when the enqueue cannot
+    happen, neither does the record (no `queued` job that no worker would ever run)."""
+    admin = Redis.from_url(own_redis.url)
+    # A real refusal inside the transaction: this API user may not push onto lists (RQ's
+    # enqueue), so Redis aborts the whole EXEC (EXECABORT) and applies none of it.
+    admin.execute_command("ACL", "SETUSER", "api", "on", ">secret", "~*", "&*", "+@all", "-rpush",
+                          "-lpush")
+    url = own_redis.url.replace("redis://", "redis://api:secret@")
+    settings = settings_for(redis_url=url, max_active_jobs_per_key=4)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        answer = client.post("/v1/generations", json=BODY)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "redis_unavailable"
+    prefix = settings.redis_prefix
+    assert admin.keys(f"{prefix}:job:*") == [] and admin.keys(f"{prefix}:events:*") == []
+    assert admin.keys("rq:job:*") == []
+    # The active slot the request reserved was given back.
+    assert all(admin.scard(key) == 0 for key in admin.keys(f"{prefix}:active:*"))
