@@ -12,12 +12,11 @@ import redis.exceptions
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from contract import histograms
-from contract.jobs import ErrorCode, JobEvent, JobOrigin, JobRecord, JobStatus
+from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
 from contract.state import decode_events, decode_record
 from contract.storage.base import CONTENT_TYPES
-from contract.webhook_queue import enqueue_webhook
 from service.auth import Caller, Principal
+from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
 from service.idempotency import IdempotencyClaim
@@ -109,16 +108,7 @@ def cancel_generation(
             409, ErrorCode.CONFLICT, f"generation already {record.status.value}", "job_id"
         )
     if record.status is not JobStatus.CANCELED:
-        # The flag stops a running job between two steps; a queued one is canceled right here.
-        services.store.request_cancel(job_id)
-        now = time.time()
-        event = JobEvent(type="canceled", status=JobStatus.CANCELED, at=now)
-        if services.store.transition(
-            job_id, [JobStatus.QUEUED], JobStatus.CANCELED, event, {"finished_at": now}
-        ):
-            services.queues[record.origin.priority].remove(job_id)
-            histograms.count_finished(services.redis, services.keys, JobStatus.CANCELED.value)
-            enqueue_webhook(services.redis, services.keys, record, "completed")
+        cancel(services, record)
         response.status_code = 202
     return _view(services, request, _load(services, job_id, caller))
 

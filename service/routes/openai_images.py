@@ -24,12 +24,11 @@ from contract.jobs import (
     MAX_STEPS,
     ErrorCode,
     ImageFormat,
-    JobEvent,
     JobRecord,
     JobStatus,
 )
-from contract.state import JobStore
 from service.auth import Caller
+from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
 from service.schemas import GenerationCreate
@@ -147,7 +146,8 @@ def _wait_all(services: ApiServices, job_ids: list[str], timeout_s: float) -> li
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                _cancel_all(services.store, job_ids)
+                for pending in filter(None, map(services.store.get, job_ids)):
+                    cancel(services, pending)
                 raise ApiError(
                     504, ErrorCode.TIMEOUT,
                     f"the images were not ready within {timeout_s:g}s; the jobs were canceled",
@@ -163,15 +163,6 @@ def _wait_all(services: ApiServices, job_ids: list[str], timeout_s: float) -> li
             raise ApiError(500, ErrorCode.INTERNAL, f"generation {job_id} vanished")
         records.append(record)
     return records
-
-
-def _cancel_all(store: JobStore, job_ids: list[str]) -> None:
-    for job_id in job_ids:
-        store.request_cancel(job_id)  # a running job stops at its next step
-        now = time.time()
-        event = JobEvent(type="canceled", status=JobStatus.CANCELED, at=now)
-        queued = [JobStatus.QUEUED]
-        store.transition(job_id, queued, JobStatus.CANCELED, event, {"finished_at": now})
 
 
 def _job_error(record: JobRecord) -> ApiError:

@@ -135,6 +135,9 @@ def test_cancel_queued_and_running_then_worker_takes_next_job(stack: Stack) -> N
     answer = stack.client.post(f"/v1/generations/{queued['id']}/cancel")
     assert answer.status_code == 202
     assert answer.json()["status"] == "canceled"  # a queued job is canceled at once
+    # ... and leaves the RQ queue and Redis: no worker will dequeue it.
+    rq_redis = Redis.from_url(stack.settings.redis_url or "")
+    assert not rq_redis.exists(f"rq:job:{queued['id']}")
 
     answer = stack.client.post(f"/v1/generations/{running['id']}/cancel")
     assert answer.status_code == 202

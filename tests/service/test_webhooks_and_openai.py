@@ -283,3 +283,24 @@ def test_job_store_keeps_the_origin(stack: Stack, redis_client: Redis) -> None:
     store = JobStore(redis_client, RedisKeys(stack.settings.redis_prefix), 60)
     record = store.get(job["id"])
     assert record is not None and record.origin.priority == "batch"
+
+
+def test_an_openai_request_that_times_out_cancels_its_queued_jobs(
+    redis_url: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # A prefix no worker serves: the jobs stay queued until the route gives up on them.
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = make_settings(redis_url, prefix, tmp_path, tiny_model_dir, openai_wait_s=0.5)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        answer = client.post(
+            "/v1/images/generations", json={"prompt": "slow", "size": "64x64", "n": 2}
+        )
+    assert answer.status_code == 504, answer.text
+    redis = Redis.from_url(redis_url)
+    ids = [key.decode().split(":")[-1] for key in redis.keys(f"{prefix}:job:*")
+           if key.decode().count(":") == 2]
+    assert len(ids) == 2
+    for job_id in ids:
+        assert redis.hget(f"{prefix}:job:{job_id}", "status") == b"canceled"
+        assert not redis.exists(f"rq:job:{job_id}")
+    assert redis.llen(f"rq:queue:{prefix}:{settings.queue_name}") == 0
