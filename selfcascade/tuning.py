@@ -178,6 +178,11 @@ class TuningModel:
             module = getattr(self.pipe, name, None)
             if module is not None:
                 module.requires_grad_(False).eval()
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # This VAE overflows in fp16 (SDXL's: NaN latents, then NaN losses); tuning only
+            # encodes, so it runs in fp32, as diffusers' own pipelines upcast it to decode.
+            vae.to(dtype=torch.float32)
 
     @property
     def unet(self) -> Any:
@@ -211,7 +216,7 @@ class TuningModel:
         eps = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
         latents = posterior.mean + posterior.std * eps  # (B, C, S/f, S/f)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return ((latents - shift) * vae.config.scaling_factor).to(self.unet.dtype)
 
     @torch.no_grad()
     def encode_text(

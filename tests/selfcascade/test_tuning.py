@@ -242,3 +242,15 @@ def test_cli_generate_uses_and_verifies_the_tuned_checkpoint(
         cli_main([*generate, "--model", str(other), "--upsamplers", ckpt, "--out", str(out)]) != 0
     )
     assert "another base model" in capsys.readouterr().err
+
+
+def test_a_half_precision_vae_that_needs_upcasting_encodes_in_fp32() -> None:
+    """SDXL's VAE (force_upcast) overflows in fp16; tuning encodes with it in fp32 and hands the
+    UNet latents in the UNet's own dtype."""
+    pipe = build_tiny_sdxl_pipeline().to(dtype=torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    model = TuningModel(pipe)
+    assert pipe.vae.dtype == torch.float32 and pipe.unet.dtype == torch.float16
+    pixels = torch.zeros(1, 3, 64, 64)
+    latents = model.encode_images(pixels, torch.Generator().manual_seed(0))
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
