@@ -74,6 +74,9 @@ class TrainConfig:
     # the run (and its cosine schedule) shortened to fit; the log and the saved model card
     # say how many steps that was, so `--steps N` reproduces it.
     time_budget_s: float = 0.0
+    # A saved demo model folder to start from: its VAE is kept (phase 1 is skipped) and its UNet
+    # and text encoder are trained further under a fresh schedule ("" = train from scratch).
+    init_from: str = ""
 
     @property
     def torch_device(self) -> torch.device:
@@ -296,7 +299,10 @@ def train(config: TrainConfig) -> Path:
         torch.manual_seed(config.seed)
         vae = models.build_vae().to(config.torch_device)
         training = DenoiserTraining(tokenizer, config)
-    if resumed is None:
+    if resumed is None and config.init_from:
+        _initialise_from(Path(config.init_from), vae, training)
+        start = 1
+    elif resumed is None:
         train_vae(vae, config, generator)
         start = 1
     else:
@@ -338,6 +344,21 @@ def _fit_to_budget(
             "time budget %.0f s at %.1f it/s: the UNet phase runs %d steps (reproduce it with "
             "--steps %d)", config.time_budget_s, rate, training.total_steps, training.total_steps,
         )
+
+
+def _initialise_from(folder: Path, vae: AutoencoderKL, training: DenoiserTraining) -> None:
+    """Weights of a saved demo model into the freshly built modules (and the EMA copies)."""
+    saved = StableDiffusionPipeline.from_pretrained(folder)
+    vae.load_state_dict(saved.vae.state_dict())
+    vae.eval().requires_grad_(False)
+    for module, ema, name in (
+        (training.unet, training.ema_unet, "unet"),
+        (training.text_encoder, training.ema_text, "text_encoder"),
+    ):
+        weights = getattr(saved, name).state_dict()
+        module.load_state_dict(weights)
+        ema.shadow.load_state_dict(weights)
+    log.info("initialised from %s (VAE kept, phase 1 skipped)", folder)
 
 
 def save_pipeline(

@@ -84,3 +84,16 @@ def test_a_time_budget_shortens_the_run_after_the_warm_up(tmp_path: Path) -> Non
     state = torch.load(config.checkpoint_dir / "state.pt", weights_only=False)
     # The rate is measured over the 3 steps up to the end of the warm-up; one more step runs.
     assert state["step"] == 4
+
+
+def test_a_run_can_start_from_a_saved_model(trained: Path, tmp_path: Path) -> None:
+    config = replace(smoke_config(tmp_path / "model"), init_from=str(trained), steps=1)
+    train(config)
+    before = load_file(trained / "vae/diffusion_pytorch_model.safetensors")
+    after = load_file(config.out / "vae/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the VAE is kept as it was
+    unet_before = load_file(trained / "unet/diffusion_pytorch_model.safetensors")
+    unet_after = load_file(config.out / "unet/diffusion_pytorch_model.safetensors")
+    # One step from the saved weights: close to them, not equal (it trained).
+    assert not all(torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    assert all(torch.allclose(unet_before[k], unet_after[k], atol=0.05) for k in unet_before)
