@@ -96,6 +96,9 @@ class ProgressRecord(BaseModel):
     step: int
     steps: int
     fraction: float
+    # The size this stage samples at; absent in records written before it was reported.
+    width: int | None = None
+    height: int | None = None
 
 
 class OutputRecord(BaseModel):
@@ -125,6 +128,8 @@ class JobMetrics(BaseModel):
     queue_s: float | None = None
     inference_s: float | None = None
     stage_seconds: list[float] = Field(default_factory=list)
+    # [width, height] of each stage, in the order stage_seconds lists them.
+    stage_sizes: list[tuple[int, int]] = Field(default_factory=list)
     unet_evaluations: int | None = None
     tuned: bool | None = None
 

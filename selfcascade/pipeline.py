@@ -109,7 +109,7 @@ class SelfCascadePipeline(CascadeEngine):
         scheduler = make_scheduler(request.scheduler, self._scheduler_config)
         txt2img, img2img = self._txt2img, self._img2img
         txt2img.scheduler = img2img.scheduler = scheduler
-        reporter = StepReporter(steps, on_progress, cancel)
+        reporter = StepReporter(steps, on_progress, cancel, sizes)
         seconds: list[float] = []
 
         with (
@@ -271,9 +271,14 @@ class StepReporter:
     """diffusers' `callback_on_step_end`: reports progress and stops the run when cancelled."""
 
     def __init__(
-        self, steps: list[int], on_progress: ProgressCallback | None, cancel: CancelToken | None
+        self,
+        steps: list[int],
+        on_progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        sizes: Sequence[StageSize] = (),
     ) -> None:
         self.steps = steps
+        self.sizes = list(sizes)
         self.total = sum(steps)
         self.on_progress = on_progress
         self.cancel = cancel
@@ -292,6 +297,7 @@ class StepReporter:
         step = step_index + 1
         if self.on_progress is not None:
             done = self.done_before_stage + step
+            size = self.sizes[self.stage - 1] if self.sizes else None
             self.on_progress(
                 Progress(
                     stage=self.stage,
@@ -299,6 +305,8 @@ class StepReporter:
                     step=step,
                     steps=self.steps[self.stage - 1],
                     fraction=done / self.total,
+                    width=size.width if size else None,
+                    height=size.height if size else None,
                 )
             )
         self._check_cancel(step)

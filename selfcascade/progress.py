@@ -16,6 +16,9 @@ class Progress:
     step: int  # 1-based, within the stage
     steps: int  # steps this stage runs
     fraction: float  # 0..1 over all stages
+    # The size this stage samples at (clients label progress with it without re-planning).
+    width: int | None = None
+    height: int | None = None
 
 
 ProgressCallback = Callable[[Progress], None]

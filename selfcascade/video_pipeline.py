@@ -136,7 +136,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
         # Schedulers are stateful: each job gets its own, shared by its stages.
         scheduler = make_scheduler(request.scheduler, self._scheduler_config)
         self._txt2vid.scheduler = self._vid2vid.scheduler = scheduler
-        reporter = StepReporter(steps, on_progress, cancel)
+        reporter = StepReporter(steps, on_progress, cancel, sizes)
         seconds: list[float] = []
 
         with (

@@ -171,6 +171,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         queue_s=started_at - record.created_at,
         inference_s=inference_s,
         stage_seconds=result.stage_seconds,
+        stage_sizes=[(size.width, size.height) for size in result.stages],
         unet_evaluations=result.unet_evaluations,
         # Upsamplers act only inside re-noise stages: a single-stage run was not tuned.
         tuned=bool(hooks) and len(result.stages) > 1,

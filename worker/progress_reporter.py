@@ -38,6 +38,8 @@ class ThrottledProgress:
             step=progress.step,
             steps=progress.steps,
             fraction=round(float(progress.fraction), 6),
+            width=progress.width,
+            height=progress.height,
         )
         self.last = record
         now = time.monotonic()

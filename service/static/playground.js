@@ -3,7 +3,7 @@
 
 import { ApiError, createApi, describeError } from "./api.js";
 import { loadRecent, remember, renderGallery } from "./gallery.js";
-import { planStages, stageName } from "./stages.js";
+import { stageName, stageTimings } from "./stages.js";
 
 const KEY_STORAGE = "selfcascade.apiKey";
 const POLL_INTERVAL_MS = 500;
@@ -46,7 +46,7 @@ const ui = {
 
 const api = createApi(() => ui.apiKey.value.trim());
 let model = null;
-let current = null; // { id, plan, stop }
+let current = null; // { id, stop }
 
 function selectedValue(name) {
   return ui.form.querySelector(`input[name="${name}"]:checked`).value;
@@ -137,12 +137,7 @@ async function submit(event) {
 }
 
 function follow(job) {
-  const p = job.params;
-  const plan = model
-    ? planStages(p.width, p.height, model.native_width, model.native_height,
-      model.size_multiple, p.method)
-    : null;
-  current = { id: job.id, plan, stop: () => {} };
+  current = { id: job.id, stop: () => {} };
   setBusy(true);
   ui.progress.value = 0;
   ui.percent.textContent = "";
@@ -159,7 +154,7 @@ function listen(id) {
     const event = JSON.parse(message.data);
     if (event.status === "queued") setStatus("queued");
     if (event.type === "started") setStatus("running", "running");
-    if (event.progress) setProgress(event.progress.fraction, stageName(event.progress, current.plan));
+    if (event.progress) setProgress(event.progress.fraction, stageName(event.progress));
     if (["succeeded", "failed", "canceled"].includes(event.status)) {
       source.close();
       refresh(id);
@@ -220,7 +215,7 @@ function onView(job) {
   } else {
     setStatus(job.status);
   }
-  if (job.progress) setProgress(job.progress.fraction, stageName(job.progress, current.plan));
+  if (job.progress) setProgress(job.progress.fraction, stageName(job.progress));
   if (!isTerminal(job.status)) return;
   setBusy(false);
   current.stop();
@@ -274,11 +269,7 @@ async function showResult(job) {
 
 function captionParts(job, output, src) {
   const m = job.metrics || {};
-  const plan = current && current.plan;
-  const stages = (m.stage_seconds || []).map((seconds, i) => {
-    const size = plan && plan.length === m.stage_seconds.length ? ` ${plan[i].width}×${plan[i].height}` : "";
-    return `stage ${i + 1}${size}: ${seconds.toFixed(2)} s`;
-  });
+  const stages = stageTimings(m);
   const facts = [
     `${output.width}×${output.height}`,
     output.frames ? `${output.frames} frames at ${output.fps} fps (${output.duration_s} s)` : null,

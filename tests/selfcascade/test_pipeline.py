@@ -154,6 +154,8 @@ def test_progress_is_monotonic_and_ends_at_one(tiny_sd: Any) -> None:
     assert {p.stage for p in seen} == {1, 2, 3}
     assert all(p.stages == 3 and 1 <= p.step <= p.steps for p in seen)
     assert len(seen) == 6 + 4 + 4  # int(6 * 0.7) = 4 steps per re-noise stage
+    sizes = {p.stage: (p.width, p.height) for p in seen}  # each stage says its own size
+    assert sizes == {1: (64, 64), 2: (128, 128), 3: (256, 256)}
 
 
 def test_cancel_stops_within_one_step(tiny_sd: Any) -> None:

@@ -83,8 +83,10 @@ def test_generation_runs_to_success_with_monotonic_progress(stack: Stack) -> Non
     fractions = [b["progress"]["fraction"] for b in seen if b["progress"]]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert final["progress"]["stages"] == 2  # 128 px from a 64 px model: one re-noise stage
+    assert (final["progress"]["width"], final["progress"]["height"]) == (128, 128)
     assert final["metrics"]["inference_s"] > 0
     assert len(final["metrics"]["stage_seconds"]) == 2
+    assert final["metrics"]["stage_sizes"] == [[64, 64], [128, 128]]
 
     [output] = final["outputs"]
     download = stack.client.get(output["url"])
