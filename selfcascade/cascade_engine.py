@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from selfcascade.errors import InvalidRequest
+from selfcascade.errors import InvalidRequest, ModelLoadError
 from selfcascade.plan import StageSize, plan_stages
 from selfcascade.progress import CancelToken, ProgressCallback
 from selfcascade.request import GenerationRequest
@@ -49,13 +49,28 @@ class CascadeEngine:
     # attributes mypy cannot see.
     pipe: Any
 
-    def __init__(self, *, vae_factor: int, down_levels: int, native_latent_side: int) -> None:
-        self.vae_factor = vae_factor
+    def __init__(
+        self, pipe: Any, *, renoise_cls: Any, tiled_decode_above_pixels: int | None
+    ) -> None:
+        """`pipe` is the resident pipeline (stage 1 runs it as it is); `renoise_cls` the stock
+        diffusers pipeline class whose view runs the re-noise stages."""
+        if pipe.vae.config.latent_channels != 4:
+            # diffusers' re-noise pipelines recognise an already-encoded latent by 4 channels.
+            raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
+        self.pipe = pipe
+        # Compared with the pixels one VAE decode call handles (every frame of a video chunk).
+        self.tiled_decode_above_pixels = tiled_decode_above_pixels
+        vae_factor = self.vae_factor = int(pipe.vae_scale_factor)
+        down_levels = len(pipe.unet.config.down_block_types) - 1
         self.size_multiple = math.lcm(vae_factor, PIPELINE_SIZE_MULTIPLE)
         # Intermediate stages are rounded to what the UNet downsamples without padding.
         self.stage_multiple = math.lcm(vae_factor * 2**down_levels, PIPELINE_SIZE_MULTIPLE)
-        native = native_latent_side * vae_factor
+        native = int(pipe.unet.config.sample_size) * vae_factor
         self.native_size = StageSize(native, native)
+        self._scheduler_config = pipe.scheduler.config
+        # Views of the one resident pipeline, built once; each job swaps in its own scheduler.
+        self._first = self._stage_pipeline(type(pipe))
+        self._renoise = self._stage_pipeline(renoise_cls)
 
     def plan(self, request: GenerationRequest) -> list[StageSize]:
         if request.method == "direct":

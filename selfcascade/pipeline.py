@@ -75,20 +75,11 @@ class SelfCascadePipeline(CascadeEngine):
             self._img2img_cls = StableDiffusionImg2ImgPipeline
         else:
             raise ModelLoadError(f"unsupported pipeline {type(pipe).__name__}")
-        if pipe.vae.config.latent_channels != 4:
-            # diffusers' img2img recognises an already-encoded latent by its 4 channels.
-            raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
-        # diffusers pipelines expose their modules as dynamic attributes mypy cannot see.
-        self.pipe: Any = pipe
-        self.tiled_decode_above_pixels = tiled_decode_above_pixels
         super().__init__(
-            vae_factor=int(pipe.vae_scale_factor),
-            down_levels=len(pipe.unet.config.down_block_types) - 1,
-            native_latent_side=int(pipe.unet.config.sample_size),
+            pipe,
+            renoise_cls=self._img2img_cls,
+            tiled_decode_above_pixels=tiled_decode_above_pixels,
         )
-        self._scheduler_config = pipe.scheduler.config
-        self._txt2img = self._stage_pipeline(type(pipe))
-        self._img2img = self._stage_pipeline(self._img2img_cls)
 
     @property
     def is_sdxl(self) -> bool:
@@ -107,7 +98,7 @@ class SelfCascadePipeline(CascadeEngine):
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         # Schedulers are stateful: each job gets its own, shared by its stages.
         scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        txt2img, img2img = self._txt2img, self._img2img
+        txt2img, img2img = self._first, self._renoise
         txt2img.scheduler = img2img.scheduler = scheduler
         reporter = StepReporter(steps, on_progress, cancel, sizes)
         seconds: list[float] = []

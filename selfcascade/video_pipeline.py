@@ -87,21 +87,9 @@ class VideoSelfCascadePipeline(CascadeEngine):
             renoise_cls = VideoToVideoSDPipeline
         else:
             raise ModelLoadError(f"unsupported video pipeline {type(pipe).__name__}")
-        if pipe.vae.config.latent_channels != 4:
-            # VideoToVideoSDPipeline recognises an already-encoded latent by its 4 channels.
-            raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
-        # diffusers pipelines expose their modules as dynamic attributes mypy cannot see.
-        self.pipe: Any = pipe
-        # Compared with the pixels one VAE call decodes: every frame of a chunk, not one image.
-        self.tiled_decode_above_pixels = tiled_decode_above_pixels
         super().__init__(
-            vae_factor=int(pipe.vae_scale_factor),
-            down_levels=len(pipe.unet.config.down_block_types) - 1,
-            native_latent_side=int(pipe.unet.config.sample_size),
+            pipe, renoise_cls=renoise_cls, tiled_decode_above_pixels=tiled_decode_above_pixels
         )
-        self._scheduler_config = pipe.scheduler.config
-        self._txt2vid = self._stage_pipeline(type(pipe))
-        self._vid2vid = self._stage_pipeline(renoise_cls)
 
     @property
     def is_animatediff(self) -> bool:
@@ -135,7 +123,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         # Schedulers are stateful: each job gets its own, shared by its stages.
         scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        self._txt2vid.scheduler = self._vid2vid.scheduler = scheduler
+        self._first.scheduler = self._renoise.scheduler = scheduler
         reporter = StepReporter(steps, on_progress, cancel, sizes)
         seconds: list[float] = []
 
@@ -159,7 +147,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
                 stage_call = {**call, "output_type": "pil" if last else "latent"}
                 with self._tiled_decode(size, frames) if last else nullcontext():
                     if latents is None:
-                        output = self._txt2vid(
+                        output = self._first(
                             height=size.height,
                             width=size.width,
                             num_frames=frames,
@@ -209,7 +197,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
             if self.is_animatediff:
                 return self._renoise_animatediff(upsampled, size, request, call)
             # (B, F, C, H, W): the frame-major layout VideoToVideoSDPipeline's `video` takes.
-            return self._vid2vid(
+            return self._renoise(
                 video=upsampled.permute(0, 2, 1, 3, 4),
                 strength=request.pivot_strength,
                 num_inference_steps=request.steps,
@@ -223,7 +211,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
         request: GenerationRequest,
         call: dict[str, Any],
     ) -> Any:
-        vid2vid = self._vid2vid
+        vid2vid = self._renoise
         device = vid2vid._execution_device
         vid2vid.scheduler.set_timesteps(request.steps, device=device)
         timesteps, _ = vid2vid.get_timesteps(
@@ -264,7 +252,7 @@ class VideoSelfCascadePipeline(CascadeEngine):
             return {"callback_on_step_end": reporter}
 
         def callback(step: int, timestep: Any, _latents: torch.Tensor) -> None:
-            reporter(self._txt2vid, step, timestep, {})
+            reporter(self._first, step, timestep, {})
 
         return {"callback": callback, "callback_steps": 1}
 
