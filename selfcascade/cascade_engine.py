@@ -1,13 +1,16 @@
-"""What every self-cascade engine shares: the stage plan, steps per stage, request validation,
-and the result's timing fields. The image engine (`selfcascade.pipeline`) and the video engine
-(`selfcascade.video_pipeline`) differ only in how a stage calls diffusers and what they return.
+"""What every self-cascade engine shares: the stage loop, the stage plan, steps per stage,
+request validation, the stage views of the resident pipeline and the result's timing fields.
+The image engine (`selfcascade.pipeline`) and the video engine (`selfcascade.video_pipeline`)
+differ only in how a stage calls diffusers and what they return.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +21,26 @@ from selfcascade.plan import StageSize, plan_stages
 from selfcascade.progress import CancelToken, ProgressCallback
 from selfcascade.request import GenerationRequest
 from selfcascade.stage_hooks import StageHook, StageRun
+from selfcascade.stage_runtime import (
+    StepReporter,
+    count_calls,
+    make_scheduler,
+    module_dtype_restored,
+    synchronize_device,
+)
+
+log = logging.getLogger(__name__)
 
 # diffusers' SD-family pipelines insist on multiples of 8 px whatever the VAE factor.
 PIPELINE_SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class StagesRun:
+    """What the stage loop hands an engine: the last stage's decoded output and the timings."""
+
+    output: Any  # what the last stage's diffusers pipeline returned (images or frames)
+    timing: dict[str, Any]  # the StagedResult fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,9 +59,12 @@ class StagedResult:
 
 
 class CascadeEngine:
-    """Stage planning and validation over a model with `vae_factor` and `down_levels` UNet levels.
+    """The stage loop, planning and validation shared by the image and video engines.
 
-    Subclasses set `produces_video` and implement `generate`.
+    `_run_stages` runs stage 1 as stock text-to-X and every later stage as upsample pivot ->
+    stage hooks -> re-noise and denoise; a subclass says how each step calls diffusers
+    (`_job_kwargs`, `_stage_kwargs`, `_run_first`, `_upsample`, `_run_renoise`,
+    `_decode_context`) and wraps the output in its result type in `generate`.
     """
 
     produces_video: bool = False
@@ -104,6 +127,98 @@ class CascadeEngine:
         """Image engines refuse a frame count: a request for a video sent to an image model."""
         if not self.produces_video and request.num_frames is not None:
             raise InvalidRequest("num_frames", "this model makes images, not videos")
+
+    def _run_stages(
+        self,
+        request: GenerationRequest,
+        on_progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        stage_hooks: Sequence[StageHook],
+    ) -> StagesRun:
+        sizes = self.validate(request)
+        steps = self.stage_steps(request, len(sizes))
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        # Schedulers are stateful: each job gets its own, shared by its stages.
+        scheduler = make_scheduler(request.scheduler, self._scheduler_config)
+        self._first.scheduler = self._renoise.scheduler = scheduler
+        reporter = StepReporter(steps, on_progress, cancel, sizes)
+        seconds: list[float] = []
+        with (
+            torch.inference_mode(),
+            count_calls(self.pipe.unet) as unet_calls,
+            module_dtype_restored(self.pipe.vae),
+        ):
+            # Prompt embeddings and the rest every stage passes, computed once per job.
+            job_kwargs = self._job_kwargs(request, generator, reporter)
+            pivot: torch.Tensor | None = None
+            for index, size in enumerate(sizes, start=1):
+                last = index == len(sizes)
+                reporter.begin_stage(index)
+                started = time.perf_counter()
+                kwargs = {
+                    **job_kwargs,
+                    "output_type": "pil" if last else "latent",
+                    **self._stage_kwargs(size),
+                }
+                with self._decode_context(request, size) if last else nullcontext():
+                    if pivot is None:
+                        output = self._run_first(request, size, kwargs)
+                    else:
+                        upsampled = self._upsample(pivot, size, request.upsample_mode)
+                        with self._stage_hooks_entered(
+                            request, index, sizes, pivot, upsampled, stage_hooks
+                        ):
+                            output = self._run_renoise(request, size, upsampled, kwargs)
+                synchronize_device(self.pipe.device)
+                seconds.append(time.perf_counter() - started)
+                log.debug("stage %d/%d %s took %.3fs", index, len(sizes), size, seconds[-1])
+                pivot = output
+        timing = {
+            "seed": request.seed,
+            "stages": sizes,
+            "stage_seconds": seconds,
+            "unet_evaluations": unet_calls[0],
+            "stage_steps": steps,
+        }
+        return StagesRun(output, timing)
+
+    # -- what a subclass says about its diffusers pipelines ----------------------------------
+
+    def _job_kwargs(
+        self, request: GenerationRequest, generator: torch.Generator, reporter: StepReporter
+    ) -> dict[str, Any]:
+        """Keyword arguments every stage's diffusers call takes (prompt embeddings, guidance,
+        generator, the progress callback)."""
+        raise NotImplementedError
+
+    def _stage_kwargs(self, size: StageSize) -> dict[str, Any]:
+        """Per-stage extras (SDXL's size conditioning); none by default."""
+        return {}
+
+    def _run_first(
+        self, request: GenerationRequest, size: StageSize, kwargs: dict[str, Any]
+    ) -> Any:
+        raise NotImplementedError
+
+    def _upsample(self, pivot: torch.Tensor, size: StageSize, mode: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run_renoise(
+        self,
+        request: GenerationRequest,
+        size: StageSize,
+        upsampled: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        raise NotImplementedError
+
+    def _decode_context(
+        self, request: GenerationRequest, size: StageSize
+    ) -> AbstractContextManager[None]:
+        """Around the last stage, which decodes: tiled VAE decoding above a size."""
+        return nullcontext()
+
+    # -- shared pieces -----------------------------------------------------------------------
 
     def _stage_pipeline(self, cls: Any) -> Any:
         """A view of the resident pipeline: the same modules, never copied or re-cast."""

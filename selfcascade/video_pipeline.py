@@ -20,9 +20,8 @@ Nothing of diffusers is copied; all pipelines share the resident components of t
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,20 +37,16 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from selfcascade.cascade_engine import CascadeEngine, StagedResult
 from selfcascade.errors import InvalidRequest, ModelLoadError
-from selfcascade.pipeline import (
-    DEFAULT_TILED_DECODE_ABOVE_PIXELS,
-    StepReporter,
-    count_calls,
-    make_scheduler,
-    module_dtype_restored,
-    synchronize_device,
-    upsample_latents,
-    vae_tiling_above,
-)
+from selfcascade.pipeline import upsample_latents
 from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, ProgressCallback
 from selfcascade.request import GenerationRequest
 from selfcascade.stage_hooks import StageHook
+from selfcascade.stage_runtime import (
+    DEFAULT_TILED_DECODE_ABOVE_PIXELS,
+    StepReporter,
+    vae_tiling_above,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,92 +112,62 @@ class VideoSelfCascadePipeline(CascadeEngine):
         cancel: CancelToken | None = None,
         stage_hooks: Sequence[StageHook] = (),
     ) -> VideoResult:
-        sizes = self.validate(request)
-        steps = self.stage_steps(request, len(sizes))
-        frames = self.num_frames(request)
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
-        # Schedulers are stateful: each job gets its own, shared by its stages.
-        scheduler = make_scheduler(request.scheduler, self._scheduler_config)
-        self._first.scheduler = self._renoise.scheduler = scheduler
-        reporter = StepReporter(steps, on_progress, cancel, sizes)
-        seconds: list[float] = []
-
-        with (
-            torch.inference_mode(),
-            count_calls(self.pipe.unet) as unet_calls,
-            module_dtype_restored(self.pipe.vae),
-        ):
-            call = {
-                "guidance_scale": request.guidance_scale,
-                "generator": generator,
-                **self._encode_prompt(request),
-                **self._progress_kwargs(reporter),
-                **({"decode_chunk_size": DECODE_CHUNK_FRAMES} if self.is_animatediff else {}),
-            }
-            latents: torch.Tensor | None = None  # (B, C, F, h, w) once stage 1 ran
-            for index, size in enumerate(sizes, start=1):
-                last = index == len(sizes)
-                reporter.begin_stage(index)
-                started = time.perf_counter()
-                stage_call = {**call, "output_type": "pil" if last else "latent"}
-                with self._tiled_decode(size, frames) if last else nullcontext():
-                    if latents is None:
-                        output = self._first(
-                            height=size.height,
-                            width=size.width,
-                            num_frames=frames,
-                            num_inference_steps=request.steps,
-                            **stage_call,
-                        ).frames
-                    else:
-                        output = self._renoise_stage(
-                            request, index, sizes, latents, stage_hooks, stage_call
-                        )
-                synchronize_device(self.pipe.device)
-                seconds.append(time.perf_counter() - started)
-                log.debug("stage %d/%d %s took %.3fs", index, len(sizes), size, seconds[-1])
-                if last:
-                    clip = list(output[0])
-                else:
-                    latents = output
-        return VideoResult(
-            frames=clip,
-            seed=request.seed,
-            stages=sizes,
-            stage_seconds=seconds,
-            unet_evaluations=unet_calls[0],
-            stage_steps=steps,
-        )
+        run = self._run_stages(request, on_progress, cancel, stage_hooks)
+        return VideoResult(frames=list(run.output[0]), **run.timing)
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _tiled_decode(self, size: StageSize, frames: int) -> AbstractContextManager[None]:
+    def _job_kwargs(
+        self, request: GenerationRequest, generator: torch.Generator, reporter: StepReporter
+    ) -> dict[str, Any]:
+        return {
+            "guidance_scale": request.guidance_scale,
+            "generator": generator,
+            **self._encode_prompt(request),
+            **self._progress_kwargs(reporter),
+            **({"decode_chunk_size": DECODE_CHUNK_FRAMES} if self.is_animatediff else {}),
+        }
+
+    def _run_first(
+        self, request: GenerationRequest, size: StageSize, kwargs: dict[str, Any]
+    ) -> Any:
+        return self._first(
+            height=size.height,
+            width=size.width,
+            num_frames=self.num_frames(request),
+            num_inference_steps=request.steps,
+            **kwargs,
+        ).frames
+
+    def _upsample(self, pivot: torch.Tensor, size: StageSize, mode: str) -> torch.Tensor:
+        return upsample_video_latents(pivot, size, self.vae_factor, mode)
+
+    def _run_renoise(
+        self,
+        request: GenerationRequest,
+        size: StageSize,
+        upsampled: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if self.is_animatediff:
+            return self._renoise_animatediff(upsampled, size, request, kwargs)
+        # (B, F, C, H, W): the frame-major layout VideoToVideoSDPipeline's `video` takes.
+        return self._renoise(
+            video=upsampled.permute(0, 2, 1, 3, 4),
+            strength=request.pivot_strength,
+            num_inference_steps=request.steps,
+            **kwargs,
+        ).frames
+
+    def _decode_context(
+        self, request: GenerationRequest, size: StageSize
+    ) -> AbstractContextManager[None]:
+        # The pixels one VAE call decodes: a chunk of frames for AnimateDiff, all of them else.
+        frames = self.num_frames(request)
         at_once = min(frames, DECODE_CHUNK_FRAMES) if self.is_animatediff else frames
         return vae_tiling_above(
             self.pipe.vae, size.pixels * at_once, self.tiled_decode_above_pixels
         )
-
-    def _renoise_stage(
-        self,
-        request: GenerationRequest,
-        index: int,
-        sizes: list[StageSize],
-        pivot: torch.Tensor,
-        stage_hooks: Sequence[StageHook],
-        call: dict[str, Any],
-    ) -> Any:
-        size = sizes[index - 1]
-        upsampled = upsample_video_latents(pivot, size, self.vae_factor, request.upsample_mode)
-        with self._stage_hooks_entered(request, index, sizes, pivot, upsampled, stage_hooks):
-            if self.is_animatediff:
-                return self._renoise_animatediff(upsampled, size, request, call)
-            # (B, F, C, H, W): the frame-major layout VideoToVideoSDPipeline's `video` takes.
-            return self._renoise(
-                video=upsampled.permute(0, 2, 1, 3, 4),
-                strength=request.pivot_strength,
-                num_inference_steps=request.steps,
-                **call,
-            ).frames
 
     def _renoise_animatediff(
         self,
