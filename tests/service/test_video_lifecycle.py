@@ -18,7 +18,7 @@ from redis import Redis
 
 from service.app import create_app
 from tests.conftest import free_port
-from tests.live_stack import ApiServer, WorkerProcess, wait_status
+from tests.live_stack import ApiServer, WorkerProcess, wait_for, wait_status
 from tests.service.conftest import make_settings
 from tests.service.test_lifecycle import read_sse
 
@@ -151,7 +151,9 @@ def test_a_running_video_job_cancels_between_two_steps(client: httpx.Client) -> 
     created = client.post("/v1/generations", json=slow)
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
-    wait_status(client, job_id, {"running"}, 60)
+    # Cancel once a step has been reported, so the job is truly between two steps.
+    wait_for(lambda: client.get(f"/v1/generations/{job_id}").json()["progress"], 120,
+             "the clip's first step", interval_s=0.05)
     assert client.post(f"/v1/generations/{job_id}/cancel").status_code == 202
     job = wait_status(client, job_id, {"canceled", "succeeded", "failed"}, 60)
     assert job["status"] == "canceled" and job["outputs"] == []
