@@ -44,6 +44,8 @@ from tuned_overhead import random_upsamplers  # a sibling script: bench/ is on s
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import build_public_pipeline
 from selfcascade.request import GenerationRequest
+from selfcascade.stage_runtime import count_calls
+from selfcascade.stage_runtime import synchronize_device as synchronize
 from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from selfcascade.tuned import TunedStageHook
 from selfcascade.warmup import warm_up
@@ -163,11 +165,6 @@ def attention_backend(variant: str) -> Iterator[None]:
         yield
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_run(
     engine: SelfCascadePipeline, case: Case, variant: str, rep: int, hooks: dict[str, Any]
 ) -> Run:
@@ -184,11 +181,7 @@ def timed_run(
             synchronize(device)
             started = time.perf_counter()
             if base == "stock_direct":
-                calls = [0]
-                handle = pipe.unet.register_forward_pre_hook(
-                    lambda *_: calls.__setitem__(0, calls[0] + 1)
-                )
-                try:
+                with count_calls(pipe.unet) as calls:
                     pipe(
                         PROMPT,
                         height=case.size,
@@ -196,8 +189,6 @@ def timed_run(
                         num_inference_steps=case.steps,
                         generator=torch.Generator().manual_seed(rep),
                     )
-                finally:
-                    handle.remove()
                 synchronize(device)
                 seconds = time.perf_counter() - started
                 stage_seconds, stages, evaluations = [seconds], [f"{case.size}"], calls[0]
@@ -306,21 +297,20 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
     for run in runs:
         keyed.setdefault((run.architecture, run.size, run.variant), []).append(run)
 
-    def median(arch: str, size: int, variant: str) -> float | None:
-        group = keyed.get((arch, size, variant))
-        if not group:
-            return None
+    def warm(group: list[Run]) -> list[Run]:
         # The first rep of a case includes the allocator's growth to that size: a warm worker
         # has paid that already, so with two or more reps the first is left out.
-        warm = group[1:] if len(group) > 1 else group
-        return statistics.median(r.seconds for r in warm)
+        return group[1:] if len(group) > 1 else group
+
+    def median(arch: str, size: int, variant: str) -> float | None:
+        group = keyed.get((arch, size, variant))
+        return statistics.median(r.seconds for r in warm(group)) if group else None
 
     rows = []
     for (arch, size, variant), group in keyed.items():
         seconds = median(arch, size, variant)
         direct = median(arch, size, "stock_direct")
         free = median(arch, size, "tuning_free")
-        warm = group[1:] if len(group) > 1 else group
         rows.append({
             "architecture": arch,
             "size": size,
@@ -329,8 +319,10 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
             "median_s": seconds,
             "first_s": group[0].seconds,
             "reps": len(group),
-            "stage_seconds": [statistics.median(s) for s in zip(*(r.stage_seconds for r in warm),
-                                                                 strict=True)],
+            "stage_seconds": [
+                statistics.median(s)
+                for s in zip(*(r.stage_seconds for r in warm(group)), strict=True)
+            ],
             "stages": group[0].stages,
             "vs_stock_direct": seconds / direct if seconds and direct else None,
             "vs_tuning_free": seconds / free if seconds and free else None,

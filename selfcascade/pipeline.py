@@ -44,13 +44,6 @@ class GenerationResult(StagedResult):
     images: list[PIL.Image.Image]
 
 
-@dataclass(frozen=True)
-class _Conditioning:
-    """Prompt embeddings computed once per job and reused by every stage."""
-
-    kwargs: dict[str, torch.Tensor | None]
-
-
 class SelfCascadePipeline(CascadeEngine):
     """Self-cascade (tuning-free, or tuned through stage hooks) over a loaded SD or SDXL pipeline.
 
@@ -100,7 +93,7 @@ class SelfCascadePipeline(CascadeEngine):
             "guidance_scale": request.guidance_scale,
             "generator": generator,
             "callback_on_step_end": reporter,
-            **self._encode_prompt(request).kwargs,
+            **self._encode_prompt(request),
         }
 
     def _run_first(
@@ -132,7 +125,8 @@ class SelfCascadePipeline(CascadeEngine):
 
     # -- conditioning ------------------------------------------------------------------------
 
-    def _encode_prompt(self, request: GenerationRequest) -> _Conditioning:
+    def _encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor | None]:
+        """Prompt embeddings, computed once per job and passed to every stage."""
         pipe = self.pipe
         cfg = request.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         if self.is_sdxl:
@@ -143,14 +137,12 @@ class SelfCascadePipeline(CascadeEngine):
                 do_classifier_free_guidance=cfg,
                 negative_prompt=request.negative_prompt,
             )
-            return _Conditioning(
-                {
-                    "prompt_embeds": pe,
-                    "negative_prompt_embeds": npe,
-                    "pooled_prompt_embeds": pooled,
-                    "negative_pooled_prompt_embeds": npooled,
-                }
-            )
+            return {
+                "prompt_embeds": pe,
+                "negative_prompt_embeds": npe,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": npooled,
+            }
         pe, npe = pipe.encode_prompt(
             request.prompt,
             pipe.device,
@@ -158,7 +150,7 @@ class SelfCascadePipeline(CascadeEngine):
             do_classifier_free_guidance=cfg,
             negative_prompt=request.negative_prompt,
         )
-        return _Conditioning({"prompt_embeds": pe, "negative_prompt_embeds": npe})
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
 
     def _stage_kwargs(self, size: StageSize) -> dict[str, Any]:
         """SDXL's micro-conditioning: each stage is a native, uncropped image of its own size."""

@@ -40,6 +40,7 @@ from transformers import CLIPTokenizer
 from selfcascade.demo import models
 from selfcascade.demo.shapes import render, sample_example
 from selfcascade.demo.tokenizer import build_word_tokenizer
+from selfcascade.stage_runtime import synchronize_device
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ def train(config: TrainConfig) -> Path:
 def _fit_to_budget(
     training: DenoiserTraining, config: TrainConfig, start: int, step: int, seconds: float
 ) -> None:
-    _ = torch.zeros((), device=training.device).item()  # wait for the queued GPU work
+    synchronize_device(training.device)  # the rate must count the queued GPU work too
     rate = (step - start + 1) / max(seconds, 1e-9)
     fitting = start - 1 + int(config.time_budget_s * rate)
     if fitting < training.total_steps:
