@@ -57,6 +57,11 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
 
 
+# K / T of the paper (K = 700 of T = 1000): a model's default pivot strength unless its spec
+# names another (contract.settings.ModelSpec.default_pivot_strength).
+PAPER_PIVOT_STRENGTH = 0.7
+
+
 class GenerationParams(BaseModel):
     """Normalised parameters of one generation: what the API accepted and the worker runs.
 
@@ -74,7 +79,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
     tuned: bool | Literal["auto"] = "auto"
-    pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
+    pivot_strength: float = Field(default=PAPER_PIVOT_STRENGTH, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
     # Tuned mode: the pivot's features recomputed every step (official) or once per stage

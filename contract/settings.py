@@ -12,8 +12,9 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.jobs import MAX_FPS, MAX_FRAMES
+from contract.jobs import MAX_FPS, MAX_FRAMES, PAPER_PIVOT_STRENGTH
 from contract.modality import Modality, detect_modality
+from selfcascade.demo import card as demo_card
 
 
 class ModelSpec(BaseModel):
@@ -28,7 +29,8 @@ class ModelSpec(BaseModel):
 
     `produces` is "image" or "video". Left out, it is read from a local folder's
     model_index.json (contract.modality); declare it where the API cannot read the folder (a
-    hub id, the API image without the models mounted). Video models also take
+    hub id, the API image without the models mounted). `default_pivot_strength` is the K / T a
+    request gets when it names none (default: the paper's 0.7). Video models also take
     `default_num_frames`, `max_num_frames` and `default_fps`.
     """
 
@@ -39,6 +41,11 @@ class ModelSpec(BaseModel):
     # Granularity the API enforces on width/height; the engine re-checks with its own value.
     size_multiple: int = Field(default=8, gt=0)
     upsamplers: str | None = None  # tuned-mode feature upsampler checkpoint
+    # K / T of a request that names none. The paper's 0.7 is tuned for SD; a model whose
+    # objects are small against its canvas may want less (selfcascade.demo.card).
+    default_pivot_strength: float = Field(
+        default=PAPER_PIVOT_STRENGTH, gt=0, le=1, allow_inf_nan=False
+    )
     dtype: str = "auto"
     device: str = "auto"
     produces: Modality | None = None  # None until load_model_specs resolves it
@@ -145,8 +152,8 @@ class Settings(BaseSettings):
 
 
 TINY_MODEL_NAME = "tiny"
-DEMO_MODEL_NAME = "demo"
-DEMO_NATIVE_SIZE = 64
+DEMO_MODEL_NAME = demo_card.NAME
+DEMO_NATIVE_SIZE = demo_card.NATIVE_SIZE
 
 
 def load_model_specs(settings: Settings) -> list[ModelSpec]:
@@ -180,6 +187,7 @@ def default_model_spec(settings: Settings) -> ModelSpec:
             native_width=DEMO_NATIVE_SIZE,
             native_height=DEMO_NATIVE_SIZE,
             upsamplers=str(upsamplers) if upsamplers.is_file() else None,
+            default_pivot_strength=demo_card.PIVOT_STRENGTH,
             produces="image",
         )
     return ModelSpec(

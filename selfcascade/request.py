@@ -19,6 +19,8 @@ SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler")
 LR_FEATURE_MODES: tuple[str, ...] = ("per_step", "per_stage")
 
 MIN_SIDE = 8
+# K / T: the paper's pivot timestep, K = 700 of T = 1000.
+PAPER_PIVOT_STRENGTH = 0.7
 MAX_STEPS = 1000
 MAX_SEED = 2**32 - 1
 # Frames of one video request. Every frame is denoised in each UNet call (frames are folded into
@@ -38,7 +40,7 @@ class GenerationRequest:
     steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
-    pivot_strength: float = 0.7
+    pivot_strength: float = PAPER_PIVOT_STRENGTH
     upsample_mode: UpsampleMode = "bilinear"
     scheduler: SchedulerName = "ddim"
     method: Method = "self_cascade"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selfcascade.request import PAPER_PIVOT_STRENGTH
+
 
 def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = commands.add_parser(
@@ -40,7 +42,12 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--resume", action="store_true", help="continue from --out's training state")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
     p.add_argument("--crop-size", type=int, default=None, help="default: native size x scale")
-    p.add_argument("--pivot-strength", type=float, default=0.7, help="K / T (default 0.7)")
+    p.add_argument(
+        "--pivot-strength",
+        type=float,
+        default=PAPER_PIVOT_STRENGTH,
+        help=f"K / T: timesteps are drawn from 1..K (default: the paper's {PAPER_PIVOT_STRENGTH})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mixed-precision", action="store_true", help="float32 on CUDA too")
     p.add_argument(

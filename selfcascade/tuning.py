@@ -37,6 +37,7 @@ from diffusers import DDPMScheduler, UNet3DConditionModel, UNetMotionModel
 from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
 from selfcascade.errors import CheckpointError, InvalidRequest
 from selfcascade.image_files import image_size, load_rgb
+from selfcascade.request import PAPER_PIVOT_STRENGTH
 from selfcascade.tuned import inject_upsamplers
 from selfcascade.tuning_clips import TuningClips
 from selfcascade.upsamplers import FeatureUpsamplerSet
@@ -61,7 +62,7 @@ class TuneConfig:
     batch_size: int = 1
     lr: float = 5e-5
     weight_decay: float = 1e-2
-    pivot_strength: float = 0.7  # K = 700 of T = 1000, the paper's pivot timestep
+    pivot_strength: float = PAPER_PIVOT_STRENGTH
     crop_size: int | None = None  # default: the UNet's native size x scale
     save_every: int = 500
     seed: int = 0

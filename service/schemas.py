@@ -40,7 +40,8 @@ class GenerationCreate(BaseModel):
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
     tuned: bool | Literal["auto"] = "auto"
-    pivot_strength: float = Field(default=0.7, gt=0, le=1, allow_inf_nan=False)
+    # default: the model's (GET /v1/models: default_pivot_strength; the paper's 0.7 for SD)
+    pivot_strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
     # Tuned mode: the pivot's features recomputed every step (official) or once per stage
@@ -97,6 +98,7 @@ class ModelView(BaseModel):
     native_height: int
     size_multiple: int
     tuned_available: bool
+    default_pivot_strength: float
     loaded_by_workers: int
     produces: Literal["image", "video"]
     output_formats: list[OutputFormat]

@@ -51,12 +51,13 @@ def normalise(
     cascades = body.method == "self_cascade" and width * height > (
         spec.native_width * spec.native_height
     )
+    pivot_strength = body.pivot_strength or spec.default_pivot_strength
     # A re-noise stage denoises int(steps * pivot_strength) steps; zero would be no stage at all.
-    if cascades and int(body.steps * body.pivot_strength) < 1:
+    if cascades and int(body.steps * pivot_strength) < 1:
         raise _invalid(
             "pivot_strength",
             f"steps x pivot_strength must be at least 1 for a re-noise stage "
-            f"(got {body.steps} x {body.pivot_strength})",
+            f"(got {body.steps} x {pivot_strength})",
         )
     if output_format == "mp4":
         for param, value in (("width", width), ("height", height)):
@@ -64,13 +65,17 @@ def normalise(
                 raise _invalid(param, f"mp4 (H.264, 4:2:0) needs an even {param}, got {value}")
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     fields = body.model_dump(
-        exclude={"model", "width", "height", "seed", "output_format", "num_frames", "fps"}
+        exclude={
+            "model", "width", "height", "seed", "pivot_strength", "output_format", "num_frames",
+            "fps",
+        }
     )
     return GenerationParams(
         model=name,
         width=width,
         height=height,
         seed=seed,
+        pivot_strength=pivot_strength,
         output_format=output_format,
         num_frames=num_frames,
         fps=fps,

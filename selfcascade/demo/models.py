@@ -17,9 +17,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from selfcascade.demo.card import NATIVE_SIZE
 from selfcascade.tiny_models import assemble_sd_pipeline
 
-NATIVE_SIZE = 64
 VAE_FACTOR = 4
 TEXT_HIDDEN = 64
 

@@ -62,6 +62,7 @@ def _model_view(spec: ModelSpec, loaded_by_workers: int) -> ModelView:
         native_height=spec.native_height,
         size_multiple=spec.size_multiple,
         tuned_available=spec.upsamplers is not None,
+        default_pivot_strength=spec.default_pivot_strength,
         loaded_by_workers=loaded_by_workers,
         produces="video" if video else "image",
         output_formats=list(VIDEO_FORMATS if video else IMAGE_FORMATS),

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from selfcascade.demo import card as demo_card
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -14,6 +18,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=240,
+        cwd=ROOT,  # where the default model, models/demo, is found
     )
 
 
@@ -34,7 +39,19 @@ def test_generate_writes_a_png_of_the_requested_size(model: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (128, 96)
     assert "seed 5" in done.stdout
+    assert "pivot strength 0.7;" in done.stdout  # the paper's K for any model but the demo
     assert "UNet evaluations" in done.stdout
+
+
+def test_the_default_model_is_the_demo_with_its_own_pivot_strength(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    done = run(
+        "generate", "--prompt", "a red circle and a blue square", "--width", "128",
+        "--height", "128", "--steps", "5", "--seed", "1", "--out", str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pivot strength {demo_card.PIVOT_STRENGTH};" in done.stdout
+    assert Image.open(out).size == (128, 128)
 
 
 @pytest.mark.parametrize(

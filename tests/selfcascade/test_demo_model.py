@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from contract.settings import DEMO_MODEL_NAME, Settings, default_model_spec
+from selfcascade.demo import card as demo_card
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
@@ -49,5 +50,6 @@ def test_the_demo_model_is_the_default_when_present() -> None:
     spec = default_model_spec(Settings(demo_model_dir=DEMO, demo_upsamplers=UPSAMPLERS))
     assert spec.name == DEMO_MODEL_NAME
     assert spec.upsamplers == str(UPSAMPLERS)
+    assert spec.default_pivot_strength == demo_card.PIVOT_STRENGTH
     missing = default_model_spec(Settings(demo_model_dir=ROOT / "no-such-model"))
     assert missing.name == "tiny"

@@ -7,7 +7,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from contract.settings import ModelSpec
 from service.app import create_app
+from service.schemas import GenerationCreate
+from service.validation import normalise
 from tests.conftest import free_port
 from tests.live_stack import ApiServer
 from tests.service.conftest import SettingsFactory
@@ -101,6 +104,21 @@ def test_defaults_fill_in_from_the_model(client: httpx.Client) -> None:
     params = answer.json()["params"]
     assert (params["model"], params["width"], params["height"]) == ("tiny", 64, 64)
     assert params["steps"] == 50 and params["method"] == "self_cascade"
+    assert params["pivot_strength"] == 0.7  # the paper's K, as this model's spec names none
+    (model,) = client.get("/v1/models").json()["data"]
+    assert model["default_pivot_strength"] == 0.7
+
+
+@pytest.mark.parametrize(("asked", "expected"), [(None, 0.4), (0.7, 0.7), (0.25, 0.25)])
+def test_pivot_strength_defaults_to_the_models_own(
+    settings_for: SettingsFactory, asked: float | None, expected: float
+) -> None:
+    spec = ModelSpec(
+        name="small-objects", path="unused", native_width=64, native_height=64,
+        default_pivot_strength=0.4,
+    )
+    body = GenerationCreate(prompt="k", width=128, height=128, pivot_strength=asked)
+    assert normalise(body, [spec], settings_for()).pivot_strength == expected
 
 
 def test_full_queue_answers_429_with_retry_after(settings_for: SettingsFactory) -> None:
