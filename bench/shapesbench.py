@@ -9,7 +9,7 @@ UNet evaluations and seconds per image. It prints a table and writes JSON, a PNG
 samples and a PNG plot under bench/results/.
 
     .venv/bin/python bench/shapesbench.py [--model models/demo] [--pairs 200] \
-        [--upsamplers PATH] [--scales 2 4] [--steps 50] [--guidance 5]
+        [--upsamplers PATH] [--scales 2 4] [--steps 50] [--guidance 5] [--pivot-strength K ...]
 
 The prompt/seed pairs come from a data-set stream the training never draws from (BENCH_SEED),
 and the noise seeds are the pair index: nothing here is chosen by looking at results.
@@ -32,11 +32,12 @@ import PIL.ImageDraw
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from selfcascade.demo import card as demo_card
 from selfcascade.demo.metrics import composition_correct, mean_edge_width
 from selfcascade.demo.shapes import parse_caption, render, sample_example
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
-from selfcascade.request import GenerationRequest
+from selfcascade.request import PAPER_PIVOT_STRENGTH, GenerationRequest
 from selfcascade.stage_hooks import StageHook
 
 RESULTS = Path(__file__).parent / "results"
@@ -262,8 +263,10 @@ def parse_args() -> argparse.Namespace:
                         help="scales above native (none: the native row only)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--pivot-strength", type=float, nargs="+", default=[0.7],
-                        help="one or more K/T for the cascades (findings: worth a sweep)")
+    parser.add_argument("--pivot-strength", type=float, nargs="+",
+                        default=[demo_card.PIVOT_STRENGTH, PAPER_PIVOT_STRENGTH],
+                        help="one or more K/T for the cascades (default: the demo model's own "
+                        "and the paper's)")
     parser.add_argument("--grid-columns", type=int, default=8)
     parser.add_argument("--validation", action="store_true",
                         help="pairs from the validation stream (for choosing settings)")

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from contract.settings import DEMO_MODEL_NAME, Settings, default_model_spec
 from selfcascade.demo import card as demo_card
+from selfcascade.demo.samples import GAP_PX, sample_strip
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
@@ -53,3 +54,10 @@ def test_the_demo_model_is_the_default_when_present() -> None:
     assert spec.default_pivot_strength == demo_card.PIVOT_STRENGTH
     missing = default_model_spec(Settings(demo_model_dir=ROOT / "no-such-model"))
     assert missing.name == "tiny"
+
+
+def test_the_readme_sample_strip_is_built_from_the_shipped_model_and_upsamplers() -> None:
+    strip = sample_strip(
+        str(DEMO), UPSAMPLERS, "a red circle", scale=2, seeds=[1, 2], steps=3, guidance=5.0
+    )
+    assert strip.size == (2 * 128 + GAP_PX, 128)
