@@ -20,6 +20,8 @@ from service.embedded_redis import EmbeddedRedis
 log = logging.getLogger("selfcascade.serve")
 
 READY_TIMEOUT_S = 300.0  # the first start writes the tiny model and imports torch
+# A worker finishing its current step and the API draining its connections fit well inside it.
+STOP_GRACE_S = 30.0
 
 
 def main() -> None:
@@ -81,13 +83,18 @@ def wait_until_ready(
 
 
 def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to every child at once, then one shared grace period: stopping takes at most
+    STOP_GRACE_S however many children there are (one per child added up could outlast the
+    patience of whoever pressed Ctrl-C)."""
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
     for child in children:
         try:
-            child.wait(timeout=30)
+            child.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0fs; killing it", child.pid, STOP_GRACE_S)
             child.kill()
             child.wait(timeout=5)
 

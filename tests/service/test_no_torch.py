@@ -12,9 +12,11 @@ import sys
 import service.app, service.main, service.all_in_one
 from contract.settings import Settings
 service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
-heavy = sorted(m for m in ("torch", "diffusers", "transformers", "selfcascade", "worker")
-               if m in sys.modules)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "worker") if m in sys.modules)
 assert not heavy, heavy
+# Of the algorithm package, only the demo model's card (plain constants) is read by the API.
+algorithm = sorted(m for m in sys.modules if m.split(".")[0] == "selfcascade")
+assert algorithm == ["selfcascade", "selfcascade.demo", "selfcascade.demo.card"], algorithm
 """
 
 
