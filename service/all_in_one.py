@@ -40,6 +40,9 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    # Also SIGINT: a process started from a non-interactive shell's background job inherits
+    # SIGINT as ignored, and Python then never raises KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, stop)
     try:
         children.append(subprocess.Popen([sys.executable, "-m", "worker.main"], env=env))
         # Webhooks are sent by their own small process, never from the GPU loop.

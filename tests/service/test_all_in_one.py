@@ -3,6 +3,7 @@ serves the whole flow and stops everything on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ def test_serve_runs_the_flow_on_an_embedded_redis_and_stops_on_ctrl_c(tmp_path: 
     with log.open("wb") as out:
         serve = subprocess.Popen(
             [sys.executable, "-m", "service.all_in_one"], env=env, cwd=tmp_path, stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -56,6 +57,7 @@ def test_serve_runs_the_flow_on_an_embedded_redis_and_stops_on_ctrl_c(tmp_path: 
         )
         assert leftovers.stdout.strip() == ""
     finally:
-        if serve.poll() is None:
-            serve.kill()
+        # Its whole process group: a failed stop must not leave the worker, API and Redis behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(serve.pid, signal.SIGKILL)
             serve.wait(timeout=10)
