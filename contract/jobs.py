@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# The engine's default K / T (the paper's); a model's spec may name its own.
+from selfcascade.request import PAPER_PIVOT_STRENGTH
+
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
@@ -55,11 +58,6 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
-
-
-# K / T of the paper (K = 700 of T = 1000): a model's default pivot strength unless its spec
-# names another (contract.settings.ModelSpec.default_pivot_strength).
-PAPER_PIVOT_STRENGTH = 0.7
 
 
 class GenerationParams(BaseModel):

@@ -12,9 +12,10 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.jobs import MAX_FPS, MAX_FRAMES, PAPER_PIVOT_STRENGTH
+from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
 from selfcascade.demo import card as demo_card
+from selfcascade.request import PAPER_PIVOT_STRENGTH
 
 
 class ModelSpec(BaseModel):

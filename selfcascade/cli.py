@@ -61,7 +61,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--pivot-strength",
         type=float,
         help=f"K/T (default: {demo_card.PIVOT_STRENGTH} for the shipped demo model, chosen on "
-        "ShapesBench's validation stream; the paper's 0.7 for any other)",
+        f"ShapesBench's validation stream; the paper's {PAPER_PIVOT_STRENGTH} for any other)",
     )
     p.add_argument("--method", choices=METHODS, default="self_cascade")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")

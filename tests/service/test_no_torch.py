@@ -14,9 +14,13 @@ from contract.settings import Settings
 service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "worker") if m in sys.modules)
 assert not heavy, heavy
-# Of the algorithm package, only the demo model's card (plain constants) is read by the API.
+# Of the algorithm package the API reads only plain-Python defaults: the paper's pivot strength
+# (selfcascade.request, with its error type) and the demo model's card.
 algorithm = sorted(m for m in sys.modules if m.split(".")[0] == "selfcascade")
-assert algorithm == ["selfcascade", "selfcascade.demo", "selfcascade.demo.card"], algorithm
+assert algorithm == [
+    "selfcascade", "selfcascade.demo", "selfcascade.demo.card", "selfcascade.errors",
+    "selfcascade.request",
+], algorithm
 """
 
 
