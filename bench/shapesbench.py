@@ -256,9 +256,11 @@ def save_plot(rows: list[dict[str, Any]], path: Path, width: int = 360, height: 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="models/demo")
+    parser.add_argument("--model", default=str(demo_card.MODEL_DIR))
     parser.add_argument("--pairs", type=int, default=200)
-    parser.add_argument("--upsamplers", help="tuned upsampler checkpoint (selfcascade tune)")
+    parser.add_argument("--upsamplers", nargs="+",
+                        help="tuned upsampler checkpoint (selfcascade tune), or one per stage "
+                        "size")
     parser.add_argument("--scales", type=int, nargs="*", default=[2, 4],
                         help="scales above native (none: the native row only)")
     parser.add_argument("--steps", type=int, default=50)

@@ -9,7 +9,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.jobs import MAX_FPS, MAX_FRAMES
@@ -41,7 +48,9 @@ class ModelSpec(BaseModel):
     native_height: int = Field(gt=0)
     # Granularity the API enforces on width/height; the engine re-checks with its own value.
     size_multiple: int = Field(default=8, gt=0)
-    upsamplers: str | None = None  # tuned-mode feature upsampler checkpoint
+    # Tuned-mode feature upsampler checkpoints: one path, or one per stage size (each stage gets
+    # the set tuned nearest its size; selfcascade.tuned.TunedStageHook). Empty: tuning-free only.
+    upsamplers: list[str] = Field(default_factory=list)
     # K / T of a request that names none. The paper's 0.7 is tuned for SD; a model whose
     # objects are small against its canvas may want less (selfcascade.demo.card).
     default_pivot_strength: float = Field(
@@ -53,6 +62,13 @@ class ModelSpec(BaseModel):
     default_num_frames: int = Field(default=16, ge=1, le=MAX_FRAMES)
     max_num_frames: int = Field(default=MAX_FRAMES, ge=1, le=MAX_FRAMES)
     default_fps: int = Field(default=8, ge=1, le=MAX_FPS)
+
+    @field_validator("upsamplers", mode="before")
+    @classmethod
+    def _one_path_or_several(cls, value: object) -> object:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _default_frames_within_max(self) -> ModelSpec:
@@ -84,8 +100,9 @@ class Settings(BaseSettings):
 
     models_file: Path | None = None
     # The default model when no models file is given (relative to the working directory).
-    demo_model_dir: Path = Path("models/demo")
-    demo_upsamplers: Path = Path("models/demo-upsamplers-2x.safetensors")
+    demo_model_dir: Path = demo_card.MODEL_DIR
+    # Its upsamplers, one set per stage size; those present are used.
+    demo_upsamplers: list[Path] = list(demo_card.UPSAMPLERS)
 
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # default: <data_dir>/results
@@ -177,17 +194,16 @@ def _with_modality(spec: ModelSpec) -> ModelSpec:
 
 
 def default_model_spec(settings: Settings) -> ModelSpec:
-    """The demo model trained by `selfcascade.demo.train` (models/demo) with its 2x upsamplers;
+    """The demo model trained by `selfcascade.demo.train` (models/demo) with its upsamplers;
     where it is absent, a tiny random model the worker writes under data_dir (plumbing only)."""
     demo = settings.demo_model_dir
     if (demo / "model_index.json").is_file():
-        upsamplers = settings.demo_upsamplers
         return ModelSpec(
             name=DEMO_MODEL_NAME,
             path=str(demo),
             native_width=DEMO_NATIVE_SIZE,
             native_height=DEMO_NATIVE_SIZE,
-            upsamplers=str(upsamplers) if upsamplers.is_file() else None,
+            upsamplers=[str(path) for path in settings.demo_upsamplers if path.is_file()],
             default_pivot_strength=demo_card.PIVOT_STRENGTH,
             produces="image",
         )

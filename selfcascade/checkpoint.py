@@ -71,6 +71,9 @@ class UpsamplerCheckpoint:
     pivot_timestep: int
     parameter_count: int
     base: BaseModelIdentity
+    # Side in pixels of the high-resolution crops it was tuned on: the stage it is made for.
+    # None for checkpoints written before this was recorded.
+    hr_size: int | None
     extra: dict[str, str]
 
 
@@ -101,6 +104,7 @@ def save_upsamplers(
     unet: UNet,
     scale: float,
     pivot_timestep: int,
+    hr_size: int | None = None,
     extra: dict[str, str] | None = None,
 ) -> Path:
     """Write the set's weights and metadata; atomic (a reader never sees half a file)."""
@@ -115,6 +119,7 @@ def save_upsamplers(
         "pivot_timestep": str(int(pivot_timestep)),
         "architecture": json.dumps(upsamplers.config.to_dict()),
         "parameter_count": str(upsamplers.parameter_count()),
+        **({"hr_size": str(int(hr_size))} if hr_size is not None else {}),
         **(extra or {}),
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in upsamplers.state_dict().items()}
@@ -155,6 +160,7 @@ def load_upsamplers(path: str | Path, unet: UNet) -> UpsamplerCheckpoint:
         scale = float(metadata["scale"])
         pivot_timestep = int(metadata["pivot_timestep"])
         parameter_count = int(metadata["parameter_count"])
+        hr_size = int(metadata["hr_size"]) if "hr_size" in metadata else None
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} has missing or malformed metadata: {exc}") from exc
 
@@ -181,7 +187,7 @@ def load_upsamplers(path: str | Path, unet: UNet) -> UpsamplerCheckpoint:
         raise CheckpointError(f"{path} parameter count disagrees with its metadata")
     known = {
         "format", "format_version", "base_config_sha256", "base_weights_probe", "scale",
-        "pivot_timestep", "architecture", "parameter_count",
+        "pivot_timestep", "architecture", "parameter_count", "hr_size",
     }  # fmt: skip
     return UpsamplerCheckpoint(
         upsamplers=upsamplers,
@@ -189,5 +195,6 @@ def load_upsamplers(path: str | Path, unet: UNet) -> UpsamplerCheckpoint:
         pivot_timestep=pivot_timestep,
         parameter_count=parameter_count,
         base=saved,
+        hr_size=hr_size,
         extra={k: v for k, v in metadata.items() if k not in known},
     )

@@ -25,7 +25,7 @@ from selfcascade.request import (
 log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
-DEFAULT_MODEL = "models/demo"
+DEFAULT_MODEL = str(demo_card.MODEL_DIR)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -66,7 +66,13 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default="self_cascade")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, default="bilinear")
-    p.add_argument("--upsamplers", type=Path, help="tuned feature-upsampler checkpoint")
+    p.add_argument(
+        "--upsamplers",
+        type=Path,
+        nargs="+",
+        help="tuned feature-upsampler checkpoint, or several tuned at different stage sizes "
+        "(each stage uses the one tuned nearest its size)",
+    )
     p.add_argument("--lr-features", choices=LR_FEATURE_MODES, default="per_step")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -107,7 +113,8 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
 def _pivot_strength(args: argparse.Namespace) -> float:
     if args.pivot_strength is not None:
         return float(args.pivot_strength)
-    if Path(args.model) == Path(DEFAULT_MODEL):
+    # The demo model however it is named (relative or absolute); a hub id never resolves to it.
+    if Path(args.model).resolve() == demo_card.MODEL_DIR.resolve():
         return demo_card.PIVOT_STRENGTH
     return PAPER_PIVOT_STRENGTH
 
@@ -175,7 +182,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:
-    if args.upsamplers is None:
+    if not args.upsamplers:
         return []
     from selfcascade.tuned import load_tuned_hook
 

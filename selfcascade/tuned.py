@@ -36,8 +36,10 @@ serve tuned and tuning-free jobs back to back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +47,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from selfcascade.errors import CheckpointError
 from selfcascade.upsamplers import FeatureUpsamplerSet
 
 if TYPE_CHECKING:
+    from selfcascade.plan import StageSize
     from selfcascade.request import LRFeatureMode
     from selfcascade.stage_hooks import StageRun
 
@@ -226,60 +230,106 @@ def inject_upsamplers(
         )
 
 
+@dataclass(frozen=True)
+class StageUpsamplers:
+    """One trained set and what its checkpoint says it was tuned for."""
+
+    upsamplers: FeatureUpsamplerSet
+    trained_scale: float | None = None  # side growth of the tuning pairs (HR / LR)
+    hr_size: int | None = None  # side in pixels of the HR crops: the stage it was made for
+
+
 class TunedStageHook:
-    """`StageHook` for the engine: inject `upsamplers` into every re-noise stage.
+    """`StageHook` for the engine: inject trained upsamplers into every re-noise stage.
+
+    With one set, every stage gets it (it resizes to any size). With several, as the official
+    checkpoints come, one per stage size, each stage gets the set whose tuning crops are
+    nearest its own size (in log pixels): a 4x demo run uses the set tuned at 128 px for its
+    64 -> 128 stage and the one tuned at 256 px for 128 -> 256. Several sets must all record
+    their `hr_size`, or there would be nothing to choose by.
 
     `lr_features` overrides the request's mode when given (the benchmark compares both).
-    `trained_scale` (from the checkpoint) is only compared with each stage's growth, to log
-    stages the upsamplers were not trained for (they still run: they resize to any size).
-    The set is switched to inference (eval, no grad); don't pass a set that is being trained.
+    A set's `trained_scale` is only compared with each stage's growth, to log stages it was not
+    tuned for. The sets are switched to inference (eval, no grad); don't pass a set that is
+    being trained.
     """
 
     def __init__(
         self,
-        upsamplers: FeatureUpsamplerSet,
+        upsamplers: FeatureUpsamplerSet | Sequence[StageUpsamplers],
         lr_features: LRFeatureMode | None = None,
-        trained_scale: float | None = None,
     ) -> None:
-        self.upsamplers = upsamplers.eval().requires_grad_(False)
+        sets = (
+            [StageUpsamplers(upsamplers)]
+            if isinstance(upsamplers, FeatureUpsamplerSet)
+            else list(upsamplers)
+        )
+        if not sets:
+            raise ValueError("TunedStageHook needs at least one upsampler set")
+        if len(sets) > 1 and any(s.hr_size is None for s in sets):
+            raise ValueError(
+                "several upsampler sets need each its tuning size (hr_size) to choose by"
+            )
+        for s in sets:
+            s.upsamplers.eval().requires_grad_(False)
+        self.sets = sets
         self.lr_features = lr_features
-        self.trained_scale = trained_scale
 
     def __call__(self, stage: StageRun) -> AbstractContextManager[None]:
         return self._inject(stage)
 
+    def set_for(self, size: StageSize) -> StageUpsamplers:
+        """The set tuned nearest `size` (the only one when there is one)."""
+        if len(self.sets) == 1:
+            return self.sets[0]
+        return min(self.sets, key=lambda s: abs(math.log(size.pixels / (s.hr_size or 1) ** 2)))
+
     @contextmanager
     def _inject(self, stage: StageRun) -> Iterator[None]:
         unet: UNet = stage.unet
+        chosen = self.set_for(stage.size)
         # The set follows the resident UNet's device and dtype; a no-op after the first stage.
-        self.upsamplers.to(device=unet.device, dtype=unet.dtype)
+        chosen.upsamplers.to(device=unet.device, dtype=unet.dtype)
         mode = self.lr_features or stage.lr_features
         growth = stage.size.width / stage.previous_size.width
-        if self.trained_scale and abs(growth - self.trained_scale) > 0.01:
+        if chosen.trained_scale and abs(growth - chosen.trained_scale) > 0.01:
             logger.info(
                 "stage %d grows %.2fx per side; the upsamplers were tuned for %.2fx",
                 stage.index,
                 growth,
-                self.trained_scale,
+                chosen.trained_scale,
             )
-        with inject_upsamplers(unet, self.upsamplers, stage.pivot_latents, mode):
+        with inject_upsamplers(unet, chosen.upsamplers, stage.pivot_latents, mode):
             yield
 
 
 def load_tuned_hook(
-    path: str | Path, pipe: Any, lr_features: LRFeatureMode | None = None
+    paths: str | Path | Sequence[str | Path],
+    pipe: Any,
+    lr_features: LRFeatureMode | None = None,
 ) -> TunedStageHook:
-    """A hook from a checkpoint, verified against `pipe.unet` now (`CheckpointError` if not)."""
+    """A hook from one checkpoint or several (one per stage size), each verified against
+    `pipe.unet` now (`CheckpointError` if not)."""
     from selfcascade.checkpoint import load_upsamplers
 
-    checkpoint = load_upsamplers(path, pipe.unet)
-    # Moved now, outside any job's inference_mode, so the weights stay ordinary tensors.
-    checkpoint.upsamplers.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-    logger.info(
-        "loaded %d-parameter upsamplers from %s (scale %s, K %d)",
-        checkpoint.parameter_count,
-        path,
-        checkpoint.scale,
-        checkpoint.pivot_timestep,
-    )
-    return TunedStageHook(checkpoint.upsamplers, lr_features, trained_scale=checkpoint.scale)
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    sets = []
+    for path in paths:
+        checkpoint = load_upsamplers(path, pipe.unet)
+        if len(paths) > 1 and checkpoint.hr_size is None:
+            raise CheckpointError(
+                f"{path} does not record the size it was tuned at (hr_size), so it cannot be "
+                "one of several upsampler sets; re-save it with that metadata or pass it alone"
+            )
+        # Moved now, outside any job's inference_mode, so the weights stay ordinary tensors.
+        checkpoint.upsamplers.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+        logger.info(
+            "loaded %d-parameter upsamplers from %s (scale %s, tuned at %s px, K %d)",
+            checkpoint.parameter_count,
+            path,
+            checkpoint.scale,
+            checkpoint.hr_size or "?",
+            checkpoint.pivot_timestep,
+        )
+        sets.append(StageUpsamplers(checkpoint.upsamplers, checkpoint.scale, checkpoint.hr_size))
+    return TunedStageHook(sets, lr_features)

@@ -102,6 +102,10 @@ class TuneConfig:
             **({"clip_frames": self.clip_frames} if self.clip_frames is not None else {}),
         }
 
+    def hr_size(self, native_size: int) -> int:
+        """The side of the high-resolution training crops (and of the stage tuned for)."""
+        return self.crop_size or native_size * self.scale
+
 
 # -- data --------------------------------------------------------------------------------------
 
@@ -317,7 +321,7 @@ def tune(
     """Train (or resume training) the upsamplers; the base pipeline's weights never change."""
     config.validate()
     model = TuningModel(pipe)
-    crop = config.crop_size or model.native_size * config.scale
+    crop = config.hr_size(model.native_size)
     multiple = int(pipe.vae_scale_factor) * 2 ** (len(model.unet.config.down_block_types) - 1)
     if crop % (multiple * config.scale):
         raise InvalidRequest(
@@ -433,6 +437,7 @@ def _save_state(
         model.unet,
         scale=config.scale,
         pivot_timestep=pivot_timestep,
+        hr_size=config.hr_size(model.native_size),
         extra={"tuning_step": str(step)},
     )
     state = {

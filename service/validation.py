@@ -31,7 +31,7 @@ def normalise(
     if body.tuned is True and body.method == "direct":
         raise _invalid("tuned", "tuned upsamplers work inside self-cascade stages; use method "
                        "self_cascade or tuned false")
-    if body.tuned is True and spec.upsamplers is None:
+    if body.tuned is True and not spec.upsamplers:
         raise _invalid("tuned", f"model {name} has no tuned upsamplers; use false or auto")
     output_format, num_frames, fps = _media_fields(body, spec, models)
 

@@ -104,7 +104,7 @@ def _with_modality(spec: ModelSpec, produces_video: bool) -> ModelSpec:
 
 def _tuned_hook(spec: ModelSpec, pipe: Any) -> Any | None:
     """A model's upsampler checkpoint -> the tuned-mode stage hook, verified against its UNet."""
-    if spec.upsamplers is None:
+    if not spec.upsamplers:
         return None
     from selfcascade.tuned import load_tuned_hook
 

@@ -12,6 +12,16 @@ tuning-free self-cascade (the mode that needs no upsamplers) keeps 2x compositio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 NAME = "demo"
 NATIVE_SIZE = 64
 PIVOT_STRENGTH = 0.4
+
+# Where `make run` finds it (relative to the repository root), and its tuned upsamplers: one set
+# per stage size, each stage uses the set tuned nearest its size (selfcascade.tuned).
+MODEL_DIR = Path("models/demo")
+UPSAMPLERS = (
+    Path("models/demo-upsamplers-2x.safetensors"),  # tuned at 128 px: the 64 -> 128 stage
+    Path("models/demo-upsamplers-256px.safetensors"),  # tuned at 256 px: the 128 -> 256 stage
+)

@@ -25,7 +25,7 @@ GAP_PX = 4
 
 
 def sample_strip(
-    model: str, upsamplers: Path | None, prompt: str, scale: int, seeds: list[int],
+    model: str, upsamplers: list[Path], prompt: str, scale: int, seeds: list[int],
     steps: int, guidance: float,
 ) -> PIL.Image.Image:
     pipe = load_pipeline(model, device="cpu")
@@ -51,9 +51,10 @@ def sample_strip(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models/demo")
-    parser.add_argument("--upsamplers", default="models/demo-upsamplers-2x.safetensors",
-                        help="tuned upsamplers ('' for tuning-free)")
+    parser.add_argument("--model", default=str(card.MODEL_DIR))
+    parser.add_argument("--upsamplers", type=Path, nargs="*", default=list(card.UPSAMPLERS),
+                        help="tuned upsampler checkpoints, one per stage size (none given: "
+                        "tuning-free; default: the demo model's)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    upsamplers = Path(args.upsamplers) if args.upsamplers else None
+    upsamplers = [path for path in args.upsamplers if path.is_file()]
     strip = sample_strip(
         args.model, upsamplers, args.prompt, args.scale, args.seeds, args.steps, args.guidance
     )

@@ -61,7 +61,7 @@ def _model_view(spec: ModelSpec, loaded_by_workers: int) -> ModelView:
         native_width=spec.native_width,
         native_height=spec.native_height,
         size_multiple=spec.size_multiple,
-        tuned_available=spec.upsamplers is not None,
+        tuned_available=bool(spec.upsamplers),
         default_pivot_strength=spec.default_pivot_strength,
         loaded_by_workers=loaded_by_workers,
         produces="video" if video else "image",

@@ -69,7 +69,18 @@ def test_models_file_and_default(tmp_path: Path) -> None:
          "dtype": "float16", "device": "cuda"},
     ]))
     [spec] = load_model_specs(Settings(models_file=models))
-    assert (spec.name, spec.native_width, spec.upsamplers) == ("sd21", 512, "ups.safetensors")
+    assert (spec.name, spec.native_width, spec.upsamplers) == ("sd21", 512, ["ups.safetensors"])
+
+    # Several upsampler sets, one per stage size; null or absent means tuning-free only.
+    models.write_text(json.dumps([
+        {"name": "a", "path": "x", "native_width": 64, "native_height": 64,
+         "upsamplers": ["ups-128.safetensors", "ups-256.safetensors"]},
+        {"name": "b", "path": "x", "native_width": 64, "native_height": 64, "upsamplers": None},
+        {"name": "c", "path": "x", "native_width": 64, "native_height": 64},
+    ]))
+    a, b, c = load_model_specs(Settings(models_file=models))
+    assert a.upsamplers == ["ups-128.safetensors", "ups-256.safetensors"]
+    assert b.upsamplers == c.upsamplers == []
 
     models.write_text(json.dumps([{"name": "bad name!", "path": "x", "native_width": 1,
                                    "native_height": 1}]))

@@ -130,3 +130,30 @@ def test_load_tuned_hook_verifies_before_any_job(
     assert isinstance(load_tuned_hook(path, tiny_sd), TunedStageHook)
     with pytest.raises(CheckpointError):
         load_tuned_hook(path, build_tiny_sd_pipeline(seed=3))
+
+
+def test_tuning_size_round_trips_and_several_sets_load_into_one_hook(
+    tmp_path: Path, tiny_sd: Any
+) -> None:
+    at_128 = save_upsamplers(
+        tmp_path / "a.safetensors", random_set(tiny_sd, 1), tiny_sd.unet, 2, 700, hr_size=128
+    )
+    at_256 = save_upsamplers(
+        tmp_path / "b.safetensors", random_set(tiny_sd, 2), tiny_sd.unet, 2, 700, hr_size=256
+    )
+    assert load_upsamplers(at_256, tiny_sd.unet).hr_size == 256
+    hook = load_tuned_hook([at_128, at_256], tiny_sd)
+    assert [s.hr_size for s in hook.sets] == [128, 256]
+
+
+def test_a_set_without_its_tuning_size_loads_alone_but_not_among_several(
+    saved: tuple[Path, FeatureUpsamplerSet], tmp_path: Path, tiny_sd: Any
+) -> None:
+    unsized, _ = saved  # written without hr_size, as checkpoints were before it was recorded
+    assert load_upsamplers(unsized, tiny_sd.unet).hr_size is None
+    assert len(load_tuned_hook(unsized, tiny_sd).sets) == 1
+    sized = save_upsamplers(
+        tmp_path / "b.safetensors", random_set(tiny_sd, 2), tiny_sd.unet, 2, 700, hr_size=256
+    )
+    with pytest.raises(CheckpointError, match=r"ups.safetensors does not record the size"):
+        load_tuned_hook([unsized, sized], tiny_sd)

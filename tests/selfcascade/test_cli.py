@@ -43,10 +43,13 @@ def test_generate_writes_a_png_of_the_requested_size(model: Path, tmp_path: Path
     assert "UNet evaluations" in done.stdout
 
 
-def test_the_default_model_is_the_demo_with_its_own_pivot_strength(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_args", [[], ["--model", str(ROOT / demo_card.MODEL_DIR)]])
+def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
+    tmp_path: Path, model_args: list[str]
+) -> None:
     out = tmp_path / "demo.png"
     done = run(
-        "generate", "--prompt", "a red circle and a blue square", "--width", "128",
+        "generate", *model_args, "--prompt", "a red circle and a blue square", "--width", "128",
         "--height", "128", "--steps", "5", "--seed", "1", "--out", str(out),
     )
     assert done.returncode == 0, done.stderr

@@ -48,9 +48,9 @@ def test_a_2x_cascade_runs_on_the_demo_model(tuned: bool) -> None:
 
 
 def test_the_demo_model_is_the_default_when_present() -> None:
-    spec = default_model_spec(Settings(demo_model_dir=DEMO, demo_upsamplers=UPSAMPLERS))
+    spec = default_model_spec(Settings(demo_model_dir=DEMO, demo_upsamplers=[UPSAMPLERS]))
     assert spec.name == DEMO_MODEL_NAME
-    assert spec.upsamplers == str(UPSAMPLERS)
+    assert spec.upsamplers == [str(UPSAMPLERS)]
     assert spec.default_pivot_strength == demo_card.PIVOT_STRENGTH
     missing = default_model_spec(Settings(demo_model_dir=ROOT / "no-such-model"))
     assert missing.name == "tiny"
@@ -58,6 +58,6 @@ def test_the_demo_model_is_the_default_when_present() -> None:
 
 def test_the_readme_sample_strip_is_built_from_the_shipped_model_and_upsamplers() -> None:
     strip = sample_strip(
-        str(DEMO), UPSAMPLERS, "a red circle", scale=2, seeds=[1, 2], steps=3, guidance=5.0
+        str(DEMO), [UPSAMPLERS], "a red circle", scale=2, seeds=[1, 2], steps=3, guidance=5.0
     )
     assert strip.size == (2 * 128 + GAP_PX, 128)

@@ -13,9 +13,10 @@ import torch
 
 from selfcascade.errors import GenerationCancelled
 from selfcascade.pipeline import SelfCascadePipeline
+from selfcascade.plan import StageSize
 from selfcascade.progress import Progress
 from selfcascade.request import GenerationRequest
-from selfcascade.tuned import TunedStageHook, inject_upsamplers
+from selfcascade.tuned import StageUpsamplers, TunedStageHook, inject_upsamplers
 from selfcascade.upsamplers import FeatureUpsamplerSet
 from tests.selfcascade.single_thread import single_thread_torch  # noqa: F401 (fixture)
 
@@ -263,3 +264,40 @@ def test_nested_injection_is_refused(tiny_sd: Any) -> None:
     ):
         pass
     assert hook_count(tiny_sd.unet) == 0
+
+
+def test_several_sets_each_stage_gets_the_one_tuned_nearest_its_size(tiny_sd: Any) -> None:
+    # 4x of the 64 px tiny model: stages 64 -> 128 -> 256, with a set tuned at each HR size.
+    at_128, at_256 = trained(tiny_sd, seed=1), trained(tiny_sd, seed=2)
+    hook = TunedStageHook(
+        [StageUpsamplers(at_256, 2.0, hr_size=256), StageUpsamplers(at_128, 2.0, hr_size=128)]
+    )
+    assert hook.set_for(StageSize(128, 128)).upsamplers is at_128
+    assert hook.set_for(StageSize(256, 256)).upsamplers is at_256
+    assert hook.set_for(StageSize(512, 256)).upsamplers is at_256  # nearest in pixels
+    assert hook.set_for(StageSize(96, 96)).upsamplers is at_128
+
+    widths: dict[str, list[int]] = {"128": [], "256": []}
+    handles = [
+        phi.register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out.shape[-1]))
+        for ups, seen in ((at_128, widths["128"]), (at_256, widths["256"]))
+        for phi in ups.levels.values()
+    ]
+    try:
+        result = SelfCascadePipeline(tiny_sd).generate(
+            request(width=256, height=256), stage_hooks=[hook]
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [s.width for s in result.stages] == [64, 128, 256]
+    assert widths["128"] and widths["256"]
+    assert max(widths["128"]) < min(widths["256"])  # each set ran only in its own stage
+    assert hook_count(tiny_sd.unet) == 0
+
+
+def test_several_sets_need_their_tuning_size(tiny_sd: Any) -> None:
+    with pytest.raises(ValueError, match="hr_size"):
+        TunedStageHook([StageUpsamplers(untrained(tiny_sd)), StageUpsamplers(untrained(tiny_sd))])
+    with pytest.raises(ValueError, match="at least one"):
+        TunedStageHook([])

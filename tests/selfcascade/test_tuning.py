@@ -148,6 +148,7 @@ def test_final_checkpoint_loads_for_serving(tmp_path: Path, data: Path) -> None:
     result = tune(pipe, config(tmp_path, data, steps=2))
     loaded = load_upsamplers(tmp_path / "out" / UPSAMPLERS_FILE, pipe.unet)
     assert loaded.pivot_timestep == 700 and loaded.scale == 2.0
+    assert loaded.hr_size == CROP  # native size x scale: the stage it was tuned for
     assert loaded.extra["tuning_step"] == "2"
     a, b = result.upsamplers.state_dict(), loaded.upsamplers.state_dict()
     assert all(torch.equal(a[k].cpu(), b[k]) for k in a)
