@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AliasChoices,
@@ -17,7 +17,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
@@ -101,8 +101,9 @@ class Settings(BaseSettings):
     models_file: Path | None = None
     # The default model when no models file is given (relative to the working directory).
     demo_model_dir: Path = demo_card.MODEL_DIR
-    # Its upsamplers, one set per stage size; those present are used.
-    demo_upsamplers: list[Path] = list(demo_card.UPSAMPLERS)
+    # Its upsamplers, one set per stage size; those present are used. In the environment: paths
+    # separated by commas (NoDecode: a plain path is not JSON).
+    demo_upsamplers: Annotated[list[Path], NoDecode] = list(demo_card.UPSAMPLERS)
 
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # default: <data_dir>/results
@@ -167,6 +168,13 @@ class Settings(BaseSettings):
     @property
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "models" / "tiny"
+
+    @field_validator("demo_upsamplers", mode="before")
+    @classmethod
+    def _comma_separated_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 TINY_MODEL_NAME = "tiny"

@@ -36,6 +36,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
+        if isinstance(value, list):
+            value = ",".join(str(item) for item in value)  # as Settings reads a list of paths
         env[f"SELFCASCADE_{name.upper()}"] = str(value)
     env["PYTHONPATH"] = str(REPO)
     return env

@@ -53,10 +53,12 @@ function selectedValue(name) {
 }
 
 function requestBody() {
+  const method = selectedValue("method");
   const body = {
     prompt: ui.prompt.value,
-    method: selectedValue("method"),
-    tuned: ui.tuned.checked,
+    method,
+    // Upsamplers work inside self-cascade stages; the API refuses tuned with direct.
+    tuned: method === "self_cascade" && ui.tuned.checked,
     steps: numberOrUndefined(ui.steps.value),
     seed: numberOrUndefined(ui.seed.value),
   };
@@ -337,9 +339,8 @@ function applyModel(found) {
   ui.width.value = model.native_width * 2;
   ui.height.value = model.native_height * 2;
   ui.width.step = ui.height.step = model.size_multiple;
-  ui.tuned.disabled = !model.tuned_available;
   ui.tuned.checked = model.tuned_available;
-  ui.tunedHint.textContent = model.tuned_available ? "" : "(none loaded for this model)";
+  updateTunedSwitch();
   const video = model.produces === "video";
   ui.videoFields.hidden = !video;
   if (video) {
@@ -347,6 +348,17 @@ function applyModel(found) {
     ui.numFrames.max = model.max_num_frames;
     ui.fps.value = model.default_fps;
   }
+}
+
+// The tuned switch applies only to self-cascade on a model with upsamplers; the hint says why
+// when it is off. Its checked state is kept, so going back to self-cascade restores the choice.
+function updateTunedSwitch() {
+  const direct = selectedValue("method") === "direct";
+  const available = Boolean(model && model.tuned_available);
+  ui.tuned.disabled = direct || !available;
+  ui.tunedHint.textContent = !available
+    ? "(none loaded for this model)"
+    : direct ? "(self-cascade only)" : "";
 }
 
 async function loadModel() {
@@ -379,6 +391,9 @@ function init() {
     loadModel();  // in keys mode even the model list needs the key
     renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
   });
+  for (const radio of ui.form.querySelectorAll('input[name="method"]')) {
+    radio.addEventListener("change", updateTunedSwitch);
+  }
   for (const radio of ui.form.querySelectorAll('input[name="preset"]')) {
     radio.addEventListener("change", () => {
       ui.customSize.hidden = selectedValue("preset") !== "custom";

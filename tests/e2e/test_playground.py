@@ -159,3 +159,42 @@ def test_api_key_mode_lists_models_and_shows_the_image(
     size = page.eval_on_selector("#result-image", "i => [i.naturalWidth, i.naturalHeight]")
     assert size == [128, 128]
     assert page.get_attribute("#result-image", "src").startswith("blob:")
+
+
+def test_direct_turns_the_tuned_switch_off_and_is_accepted(
+    open_page: Callable[[str], Any], stack: RunningStack
+) -> None:
+    # A model with upsamplers, as the demo model under `make run`: the tiny model of this stack
+    # has none, so its /v1/models entry is shown to the page with tuned_available set.
+    page = open_page("about:blank")
+
+    def with_upsamplers(route: Any) -> None:
+        listing = route.fetch().json()
+        for entry in listing["data"]:
+            entry["tuned_available"] = True
+        route.fulfill(json=listing)
+
+    page.route("**/v1/models", with_upsamplers)
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda r: sent.append(r.post_data_json)
+        if r.method == "POST" and r.url.endswith("/v1/generations")
+        else None,
+    )
+    page.goto(stack.url + "/")
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    assert page.is_enabled("#tuned") and page.is_checked("#tuned")
+
+    page.click("label[for=method-direct]")
+    assert page.is_disabled("#tuned")
+    assert "self-cascade only" in page.inner_text("#tuned-hint")
+    page.fill("#prompt", "direct on a tuned model")
+    page.click("label[for=preset-2x]")
+    page.fill("#steps", "3")
+    page.click("#generate")
+    status_is(page, stack, "succeeded")
+    assert sent[-1]["method"] == "direct" and sent[-1]["tuned"] is False
+
+    page.click("label[for=method-self_cascade]")
+    assert page.is_enabled("#tuned") and page.is_checked("#tuned")

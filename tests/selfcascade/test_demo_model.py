@@ -56,6 +56,15 @@ def test_the_demo_model_is_the_default_when_present() -> None:
     assert missing.name == "tiny"
 
 
+def test_the_demo_upsamplers_setting_reads_comma_separated_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SELFCASCADE_DEMO_UPSAMPLERS", f"{UPSAMPLERS}, /no/such.safetensors")
+    settings = Settings(demo_model_dir=DEMO)
+    assert settings.demo_upsamplers == [UPSAMPLERS, Path("/no/such.safetensors")]
+    assert default_model_spec(settings).upsamplers == [str(UPSAMPLERS)]  # those present
+
+
 def test_the_readme_sample_strip_is_built_from_the_shipped_model_and_upsamplers() -> None:
     strip = sample_strip(
         str(DEMO), [UPSAMPLERS], "a red circle", scale=2, seeds=[1, 2], steps=3, guidance=5.0
