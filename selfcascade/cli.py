@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from selfcascade.demo import card as demo_card
-from selfcascade.errors import SelfCascadeError
+from selfcascade.errors import InvalidRequest, SelfCascadeError
 from selfcascade.request import (
     LR_FEATURE_MODES,
     METHODS,
@@ -150,9 +150,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
+    _check_out(args.out, video=False)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
     engine.validate(request)
+    _check_out(args.out, video=engine.produces_video)
     hooks = _stage_hooks(args, pipe)
 
     with tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {desc}") as bar:
@@ -179,6 +181,26 @@ def _generate(args: argparse.Namespace) -> int:
         f"{result.unet_evaluations} UNet evaluations; {timings}"
     )
     return 0
+
+
+# Pillow formats that hold every frame of a clip in one file.
+ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")
+
+
+def _check_out(out: Path, video: bool) -> None:
+    """Refuse an --out Pillow cannot write before any compute, not after it."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise InvalidRequest("out", f"{out} is a directory; give a file name such as out.png")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InvalidRequest(
+            "out", f"cannot write images with the extension {out.suffix or '(none)'!r}; "
+            "use .png, .webp or .jpg"
+        )
+    if video and fmt not in ANIMATED_FORMATS:
+        raise InvalidRequest("out", f"a clip needs an animated .gif, .png or .webp, not {out.name}")
 
 
 def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:

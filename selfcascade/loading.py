@@ -38,7 +38,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available here")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:  # torch's message names the device types it knows
+        raise ModelLoadError(f"device {device!r} is not a device: {exc}") from exc
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

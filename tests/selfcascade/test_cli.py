@@ -64,6 +64,11 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--steps", "0"], "steps"),
         (["--width", "64", "--height", "64", "--guidance-scale", "nan"], "guidance_scale"),
         (["--width", "64", "--height", "64", "--pivot-strength", "2"], "pivot_strength"),
+        # Caught before any compute: Pillow would only refuse these after the whole generation.
+        (["--width", "64", "--height", "64", "--out", "result"], "out: cannot write images"),
+        (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
+        (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
+        (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),
     ],
 )
 def test_bad_values_are_one_line_errors_not_tracebacks(
