@@ -26,6 +26,7 @@ from contract.jobs import (
     OutputRecord,
     ProgressRecord,
 )
+from contract.storage import StorageUnavailable
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
 from contract.webhook_queue import enqueue_webhook
 from worker.cancel_flag import RedisCancelFlag
@@ -98,7 +99,7 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
 
 
 def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
-    from selfcascade.errors import GenerationCancelled, InvalidRequest, SelfCascadeError
+    from selfcascade.errors import GenerationCancelled, InvalidRequest
     from selfcascade.request import GenerationRequest
 
     params = record.params
@@ -150,15 +151,15 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         return _fail(rt, record, ErrorCode.INVALID_REQUEST, str(exc))
     except JobTimeoutException:
         return _fail(rt, record, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s")
+    except StorageUnavailable as exc:
+        log.error("storing the result of %s failed: %s", record.id, exc)
+        return _fail(rt, record, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
             free_accelerator_memory()
             return _fail(rt, record, ErrorCode.OUT_OF_MEMORY, "accelerator out of memory")
         log.exception("generation %s failed", record.id)
-        code = ErrorCode.INTERNAL
-        if not isinstance(exc, SelfCascadeError) and isinstance(exc, OSError):
-            code = ErrorCode.STORAGE_UNAVAILABLE
-        outcome = _fail(rt, record, code, f"{type(exc).__name__}: {exc}")
+        outcome = _fail(rt, record, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if is_fatal_accelerator_error(exc):
             # The job is recorded as failed; the orchestrator restarts a clean process.
             log.critical("unrecoverable accelerator error: worker exits for a restart")

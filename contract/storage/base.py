@@ -18,6 +18,11 @@ CONTENT_TYPES = {
 }
 
 
+class StorageUnavailable(OSError):
+    """A backend could not store an object (unreachable, refused, out of space): the job's
+    result is lost to this outage, not to the request, so it fails as storage_unavailable."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     key: str
@@ -39,7 +44,8 @@ class ResultStorage(ABC):
     def put(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> StoredObject:
-        """Store `data` under `key` with small string metadata (seed, sha256, timings...)."""
+        """Store `data` under `key` with small string metadata (seed, sha256, timings...);
+        `StorageUnavailable` when the backend cannot."""
 
     @abstractmethod
     def open(self, key: str) -> Iterator[bytes]:

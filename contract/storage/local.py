@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from contract.storage.base import ResultStorage, StoredObject
+from contract.storage.base import ResultStorage, StorageUnavailable, StoredObject
 
 CHUNK = 256 * 1024
 
@@ -28,10 +28,13 @@ class LocalResultStorage(ResultStorage):
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> StoredObject:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(metadata, content_type=content_type)
-        _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(meta).encode())
-        _atomic_write(path, data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path.with_suffix(path.suffix + ".json"), json.dumps(meta).encode())
+            _atomic_write(path, data)
+        except OSError as exc:  # disk full, read-only mount, permissions
+            raise StorageUnavailable(f"cannot write {key} under {self.root}: {exc}") from exc
         return StoredObject(key=key, bytes=len(data), content_type=content_type)
 
     def open(self, key: str) -> Iterator[bytes]:

@@ -8,8 +8,9 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
-from contract.storage.base import ResultStorage, StoredObject
+from contract.storage.base import ResultStorage, StorageUnavailable, StoredObject
 
 CHUNK = 256 * 1024
 
@@ -49,13 +50,16 @@ class S3ResultStorage(ResultStorage):
     def put(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]
     ) -> StoredObject:
-        self.client.put_object(
-            Bucket=self.bucket,
-            Key=self._full(key),
-            Body=data,
-            ContentType=content_type,
-            Metadata=metadata,
-        )
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._full(key),
+                Body=data,
+                ContentType=content_type,
+                Metadata=metadata,
+            )
+        except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no bucket, denied
+            raise StorageUnavailable(f"cannot store {key} in bucket {self.bucket}: {exc}") from exc
         return StoredObject(key=key, bytes=len(data), content_type=content_type)
 
     def open(self, key: str) -> Iterator[bytes]:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from contract.jobs import ErrorCode, JobStatus
+from contract.storage.s3 import S3ResultStorage
+from tests.conftest import free_port
 from tests.worker.conftest import submit, work_burst
 from worker.resident import ResidentModel, WorkerRuntime
 
@@ -72,3 +74,26 @@ def test_cancel_requested_before_start_never_runs(runtime_for: Any) -> None:
     work_burst(rt)
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.CANCELED and record.attempts == 0
+
+
+def test_an_unreachable_result_store_fails_as_storage_unavailable(runtime_for: Any) -> None:
+    rt: WorkerRuntime = runtime_for()
+    healthy = rt.storage
+    # A real S3 client against a closed port: botocore's EndpointConnectionError, which is not
+    # an OSError, is what an S3/MinIO outage looks like to the worker.
+    rt.storage = S3ResultStorage(
+        bucket="results", endpoint_url=f"http://127.0.0.1:{free_port()}",
+        access_key_id="x", secret_access_key="y",
+    )
+    lost = submit(rt)
+    work_burst(rt)
+    record = rt.store.get(lost)
+    assert record is not None and record.status is JobStatus.FAILED
+    assert record.error is not None and record.error.code is ErrorCode.STORAGE_UNAVAILABLE
+    assert "cannot store" in record.error.message and "bucket results" in record.error.message
+
+    rt.storage = healthy  # the outage ends; the same worker serves the next job
+    served = submit(rt)
+    work_burst(rt)
+    done = rt.store.get(served)
+    assert done is not None and done.status is JobStatus.SUCCEEDED
