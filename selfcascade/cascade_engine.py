@@ -72,6 +72,11 @@ class CascadeEngine:
     # attributes mypy cannot see.
     pipe: Any
 
+    @property
+    def max_num_frames(self) -> int | None:
+        """Most frames a clip may have on this model; None: no limit of the model's own."""
+        return None
+
     def __init__(
         self, pipe: Any, *, renoise_cls: Any, tiled_decode_above_pixels: int | None
     ) -> None:

@@ -93,11 +93,16 @@ class VideoSelfCascadePipeline(CascadeEngine):
     def num_frames(self, request: GenerationRequest) -> int:
         return DEFAULT_FRAMES if request.num_frames is None else request.num_frames
 
+    @property
+    def max_num_frames(self) -> int | None:
+        """A motion module's positional embedding has a fixed length (32 in released adapters);
+        more frames would fail deep inside diffusers. None: no such limit."""
+        limit = getattr(self.pipe.unet.config, "motion_max_seq_length", None)
+        return int(limit) if limit is not None else None
+
     def validate(self, request: GenerationRequest) -> list[StageSize]:
         sizes = super().validate(request)
-        # A motion module's positional embedding has a fixed length (32 in released adapters);
-        # more frames would fail deep inside diffusers instead of naming the field.
-        limit = getattr(self.pipe.unet.config, "motion_max_seq_length", None)
+        limit = self.max_num_frames
         if limit is not None and self.num_frames(request) > limit:
             raise InvalidRequest(
                 "num_frames", f"this model's motion module takes at most {limit} frames"

@@ -70,6 +70,7 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         pipe = load_pipeline(spec.path, dtype=spec.dtype, device=spec.device)
         engine = engine_for(pipe)
         spec = _with_modality(spec, engine.produces_video)
+        _check_frame_limit(spec, engine.max_num_frames)
         if spec.size_multiple % engine.size_multiple:
             log.warning(
                 "model %s: models file says size_multiple %d but the engine needs multiples of %d",
@@ -82,6 +83,17 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
             warm_up(engine)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
+
+
+def _check_frame_limit(spec: ModelSpec, engine_limit: int | None) -> None:
+    """The API admits up to the models file's max_num_frames; a worker whose model takes fewer
+    would fail those jobs after they waited in the queue, so it refuses to start instead."""
+    if engine_limit is not None and spec.max_num_frames > engine_limit:
+        raise ValueError(
+            f"model {spec.name}: its motion module takes at most {engine_limit} frames but the "
+            f"models file allows max_num_frames {spec.max_num_frames}; set "
+            f'"max_num_frames": {engine_limit} (or less) in its entry'
+        )
 
 
 def _with_modality(spec: ModelSpec, produces_video: bool) -> ModelSpec:

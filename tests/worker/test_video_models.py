@@ -37,3 +37,15 @@ def test_a_models_file_that_misnames_the_modality_stops_the_worker(
         resident.load_models([spec(t2v_dir, produces="image")], settings_for())
     with pytest.raises(ValueError, match=r"says it produces video.*holds an image pipeline"):
         resident.load_models([spec(tiny_model_dir, produces="video")], settings_for())
+
+
+def test_a_models_file_allowing_more_frames_than_the_motion_module_stops_the_worker(
+    settings_for: SettingsFactory, tmp_path: Path
+) -> None:
+    from selfcascade.tiny_models import save_tiny_animatediff
+
+    path = save_tiny_animatediff(tmp_path / "tiny-animatediff")  # motion module: 32 frames
+    with pytest.raises(ValueError, match=r'at most 32 frames.*"max_num_frames": 32'):
+        resident.load_models([spec(path)], settings_for())  # the default allows 64
+    [model] = resident.load_models([spec(path, max_num_frames=32)], settings_for()).values()
+    assert model.engine.max_num_frames == 32
