@@ -48,16 +48,22 @@ class WebhookPolicy:
 
     def resolve(self, url: str) -> WebhookTarget:
         """The target to connect to; raises WebhookTargetRefused with a reason."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # unbalanced brackets, a bracketed host that is not an IP, ...
+            raise WebhookTargetRefused(f"malformed URL: {exc}") from exc
         schemes = ("https", "http") if self.allow_http else ("https",)
         if parts.scheme not in schemes:
             raise WebhookTargetRefused(f"scheme must be {' or '.join(schemes)}")
         if not parts.hostname or parts.username or parts.password:
             raise WebhookTargetRefused("needs a host and no user info")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            explicit_port = parts.port  # parsed lazily: a bad one raises only here
         except ValueError as exc:
-            raise WebhookTargetRefused("invalid port") from exc
+            raise WebhookTargetRefused(f"invalid port: {exc}") from exc
+        if explicit_port == 0:  # nothing listens there; `or` below would quietly make it 443
+            raise WebhookTargetRefused("invalid port: 0")
+        port = explicit_port or (443 if parts.scheme == "https" else 80)
         try:
             infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:

@@ -160,6 +160,25 @@ def test_webhooks_to_internal_addresses_are_refused(
         assert assert_error(refused, 422, "invalid_request")["param"] == "webhook"
 
 
+def test_malformed_webhook_urls_are_422_naming_the_reason_not_500(
+    settings_for: SettingsFactory,
+) -> None:
+    # urlsplit and SplitResult.port raise ValueError on these; each must still be a 422.
+    cases = {
+        "https://[::1": "malformed URL",
+        "https://[not-an-ip]/hook": "malformed URL",
+        "https://example.com:99999/hook": "invalid port",
+        "https://example.com:eighty/hook": "invalid port",
+        "https://example.com:0/hook": "invalid port",
+    }
+    with api(settings_for, webhook_secret="s3cret") as client:
+        for url, reason in cases.items():
+            refused = client.post("/v1/generations", json={**BODY, "webhook": url})
+            error = assert_error(refused, 422, "invalid_request")
+            assert error["param"] == "webhook"
+            assert error["message"].startswith(f"webhook: {reason}"), (url, error["message"])
+
+
 def test_allow_list_admits_a_loopback_webhook_and_http_needs_opt_in(
     settings_for: SettingsFactory,
 ) -> None:
