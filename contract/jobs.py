@@ -23,6 +23,13 @@ VideoFormat = Literal["mp4", "webm", "gif"]
 OutputFormat = Literal[ImageFormat, VideoFormat]
 IMAGE_FORMATS: tuple[ImageFormat, ...] = ("png", "webp", "jpeg")
 VIDEO_FORMATS: tuple[VideoFormat, ...] = ("mp4", "webm", "gif")
+# The longest side each format's encoder takes, in px (the worker's Pillow and PyAV, measured):
+# WebP stores 14-bit sizes; libjpeg stops at 65500 although JPEG has 16 bits; GIF has 16 bits;
+# libx264 takes up to 16384 and VP9 up to 65536. PNG (a clip's poster too) has no limit a pixel
+# budget could reach. The API refuses larger sizes before the job spends a whole cascade on them.
+MAX_SIDE_PX: dict[OutputFormat, int] = {
+    "webp": 16383, "jpeg": 65500, "gif": 65535, "mp4": 16384, "webm": 65536,
+}
 # image: a generated picture; video: a clip; poster: a still of a clip (its first frame).
 OutputRole = Literal["image", "video", "poster"]
 

@@ -8,6 +8,7 @@ import secrets
 from contract.jobs import (
     IMAGE_FORMATS,
     MAX_SEED,
+    MAX_SIDE_PX,
     VIDEO_FORMATS,
     ErrorCode,
     GenerationParams,
@@ -59,10 +60,7 @@ def normalise(
             f"steps x pivot_strength must be at least 1 for a re-noise stage "
             f"(got {body.steps} x {pivot_strength})",
         )
-    if output_format == "mp4":
-        for param, value in (("width", width), ("height", height)):
-            if value % 2:
-                raise _invalid(param, f"mp4 (H.264, 4:2:0) needs an even {param}, got {value}")
+    _check_size_for_format(output_format, width, height)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     fields = body.model_dump(
         exclude={
@@ -104,6 +102,18 @@ def _media_fields(
         )
     fps = body.fps or spec.default_fps
     return _format(body.output_format, spec, VIDEO_FORMATS), num_frames, fps
+
+
+def _check_size_for_format(output_format: OutputFormat, width: int, height: int) -> None:
+    """What the encoder itself would refuse, refused before the job spends a whole cascade."""
+    max_side = MAX_SIDE_PX.get(output_format)
+    for param, value in (("width", width), ("height", height)):
+        if max_side is not None and value > max_side:
+            raise _invalid(
+                param, f"{output_format} allows at most {max_side} px per side, got {value}"
+            )
+        if output_format == "mp4" and value % 2:
+            raise _invalid(param, f"mp4 (H.264, 4:2:0) needs an even {param}, got {value}")
 
 
 def _format(

@@ -9,6 +9,7 @@ import pytest
 
 from contract.settings import ModelSpec
 from service.app import create_app
+from service.errors import ApiError
 from service.schemas import GenerationCreate
 from service.validation import normalise
 from tests.conftest import free_port
@@ -134,3 +135,47 @@ def test_readyz_is_503_without_a_worker(client: httpx.Client) -> None:
     answer = client.get("/readyz")
     assert_error(answer, 503, "model_unavailable", "model")
     assert client.get("/healthz").status_code == 200
+
+
+BUDGET = 2048 * 2048  # the default pixel budget, which a long thin picture fits
+
+
+def test_a_side_too_long_for_webp_is_422_before_the_job_runs(
+    settings_for: SettingsFactory,
+) -> None:
+    app = create_app(settings_for(max_pixels=BUDGET))
+    with ApiServer(app, free_port()) as api, api.client() as client:
+        for width, height, param in ((16384, 256, "width"), (256, 16384, "height")):
+            body = {**VALID, "width": width, "height": height, "output_format": "webp"}
+            answer = client.post("/v1/generations", json=body)
+            assert_error(answer, 422, "invalid_request", param)
+            assert answer.json()["error"]["message"] == (
+                f"{param}: webp allows at most 16383 px per side, got 16384"
+            )
+        png = {**VALID, "width": 16384, "height": 256, "output_format": "png"}
+        assert client.post("/v1/generations", json=png).status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("output_format", "max_side"),
+    [("webp", 16383), ("jpeg", 65500), ("gif", 65535), ("mp4", 16384), ("webm", 65536)],
+)
+def test_each_format_refuses_a_side_its_encoder_cannot_take(
+    settings_for: SettingsFactory, output_format: str, max_side: int
+) -> None:
+    produces = "image" if output_format in ("webp", "jpeg") else "video"
+    spec = ModelSpec(
+        name="any-size", path="unused", native_width=64, native_height=64, size_multiple=1,
+        produces=produces,
+    )
+    settings = settings_for(max_pixels=BUDGET)
+    fits = GenerationCreate(
+        prompt="p", width=max_side, height=2, output_format=output_format, method="direct"
+    )
+    assert normalise(fits, [spec], settings).width == max_side
+    for width, height, param in ((max_side + 2, 2, "width"), (2, max_side + 2, "height")):
+        body = fits.model_copy(update={"width": width, "height": height})
+        with pytest.raises(ApiError) as refused:
+            normalise(body, [spec], settings)
+        assert (refused.value.status, refused.value.param) == (422, param)
+        assert f"{output_format} allows at most {max_side} px per side" in str(refused.value)
