@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -41,6 +43,10 @@ class ModelSpec(BaseModel):
     request gets when it names none (default: the paper's 0.7). Video models also take
     `default_num_frames`, `max_num_frames` and `default_fps`.
     """
+
+    # A misspelt key ("upsampler", "default_pivot_strenght") would otherwise be dropped, and the
+    # model would serve without tuned mode or with the wrong K and nobody would notice.
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     path: str  # diffusers folder or hub id
@@ -143,6 +149,10 @@ class Settings(BaseSettings):
     rate_limit_burst: int = 30
     max_active_jobs_per_key: int = 16
     openai_wait_s: float = 300.0  # how long POST /v1/images/generations waits for its images
+    # Requests waiting on their jobs at once (`Prefer: wait`, the OpenAI route). A wait holds a
+    # Redis connection, never a worker thread; past this many, `Prefer: wait` gets its 202 at once
+    # and the OpenAI route a 429 with Retry-After.
+    max_waiting_requests: int = Field(default=256, ge=1)
 
     # -- Webhooks: signed with this secret (Standard Webhooks); refused when it is unset.
     webhook_secret: SecretStr | None = None
@@ -182,17 +192,71 @@ DEMO_MODEL_NAME = demo_card.NAME
 DEMO_NATIVE_SIZE = demo_card.NATIVE_SIZE
 
 
+# What json.loads returns for each JSON kind besides a list, named for an error message.
+_JSON_KINDS: dict[type, str] = {
+    dict: "an object", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+    type(None): "null",
+}
+
+
+class ModelsFileError(ValueError):
+    """The models file cannot be read or does not describe valid models. The message is one line
+    that names the file (and the entry), for an entry point to print instead of a traceback."""
+
+
 def load_model_specs(settings: Settings) -> list[ModelSpec]:
     """The configured models; without a models file, the shipped demo model, else a tiny one."""
-    if settings.models_file is None:
+    path = settings.models_file
+    if path is None:
         return [default_model_spec(settings)]
-    raw = json.loads(settings.models_file.read_text())
-    entries = raw["models"] if isinstance(raw, dict) else raw
-    specs = [_with_modality(ModelSpec.model_validate(e)) for e in entries]
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelsFileError(f"models file {path}: cannot read it: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelsFileError(f"models file {path}: not valid JSON: {exc}") from exc
+    specs = [_entry_spec(entry, index, path) for index, entry in enumerate(_entries(raw, path))]
+    if not specs:
+        raise ModelsFileError(f"models file {path}: lists no models")
     names = [s.name for s in specs]
-    if len(set(names)) != len(names) or not specs:
-        raise ValueError(f"models file {settings.models_file}: names must be unique, non-empty")
+    if duplicates := sorted({name for name in names if names.count(name) > 1}):
+        raise ModelsFileError(f"models file {path}: duplicate names: {', '.join(duplicates)}")
     return specs
+
+
+def _entries(raw: object, path: Path) -> list[object]:
+    """The entries of a models file: a JSON list, or an object whose only key is "models"."""
+    if isinstance(raw, dict):
+        if raw.keys() != {"models"}:
+            keys = ", ".join(json.dumps(key) for key in raw) or "none"
+            raise ModelsFileError(
+                f'models file {path}: a top-level object takes one key, "models", not {keys}'
+            )
+        raw = raw["models"]
+    if not isinstance(raw, list):
+        raise ModelsFileError(
+            f"models file {path}: the models must be a JSON list, not {_JSON_KINDS[type(raw)]}"
+        )
+    return raw
+
+
+def _entry_spec(entry: object, index: int, path: Path) -> ModelSpec:
+    try:
+        return _with_modality(ModelSpec.model_validate(entry))
+    except ValidationError as exc:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        which = f"entry {index} ({name!r})" if isinstance(name, str) else f"entry {index}"
+        raise ModelsFileError(f"models file {path}: {which}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """Every problem of a failed entry on one line: `field: what is wrong; ...`."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problems.append(f"{field}: {message}" if field else message)
+    return "; ".join(problems)
 
 
 def _with_modality(spec: ModelSpec) -> ModelSpec:

@@ -7,7 +7,7 @@ import argparse
 import uvicorn
 
 from contract.log_format import configure_logging
-from contract.settings import Settings
+from contract.settings import ModelsFileError, Settings
 from service.app import create_app
 
 
@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format, args.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ModelsFileError as exc:  # its one line is the whole story; a traceback would bury it
+        raise SystemExit(str(exc)) from None
     uvicorn.run(
         app,
         host=args.host or settings.host,

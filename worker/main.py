@@ -11,7 +11,7 @@ from contract.keys import RedisKeys
 from contract.log_format import configure_logging
 from contract.queueing import generation_queues
 from contract.redis_connection import connect
-from contract.settings import Settings, load_model_specs
+from contract.settings import ModelsFileError, Settings, load_model_specs
 from contract.state import JobStore
 from contract.storage import build_storage
 from worker.process import GenerationWorker
@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_format, args.log_level)
     if not settings.redis_url:
         raise SystemExit("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the worker")
+    try:
+        specs = load_model_specs(settings)
+    except ModelsFileError as exc:  # its one line is the whole story; a traceback would bury it
+        raise SystemExit(str(exc)) from None
     # The blocking dequeue needs a socket timeout longer than its own wait (RQ adjusts it).
     redis = connect(settings.redis_url, socket_timeout=60.0)
     keys = RedisKeys(settings.redis_prefix)
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         storage=storage,
         worker_name=name,
     )
-    runtime.models = load_models(load_model_specs(settings), settings)
+    runtime.models = load_models(specs, settings)
     install(runtime)
 
     worker = GenerationWorker(

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from contract.settings import Settings, load_model_specs
+from contract.settings import ModelsFileError, Settings, load_model_specs
 from contract.storage import build_storage, object_key
 from contract.storage.local import LocalResultStorage
 
@@ -84,5 +83,53 @@ def test_models_file_and_default(tmp_path: Path) -> None:
 
     models.write_text(json.dumps([{"name": "bad name!", "path": "x", "native_width": 1,
                                    "native_height": 1}]))
-    with pytest.raises(ValidationError):
+    with pytest.raises(ModelsFileError, match=r"entry 0 \('bad name!'\): name: String should"):
         load_model_specs(Settings(models_file=models))
+
+
+ENTRY = {"name": "demo", "path": "x", "native_width": 64, "native_height": 64}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        # A misspelt key must stop the start, not quietly serve without tuned mode or the K.
+        (json.dumps([{**ENTRY, "upsampler": "x.safetensors"}]),
+         "entry 0 ('demo'): upsampler: unknown key"),
+        (json.dumps({"models": [ENTRY, {**ENTRY, "name": "b", "default_pivot_strenght": 0.4}]}),
+         "entry 1 ('b'): default_pivot_strenght: unknown key"),
+        (json.dumps([{**ENTRY, "name": 7, "native_width": 0}]),
+         "entry 0: name: Input should be a valid string; native_width: Input should be greater"),
+        (json.dumps([ENTRY, "sd21"]), "entry 1: Input should be a valid dictionary"),
+        (json.dumps({"model": [ENTRY]}), 'a top-level object takes one key, "models", not "model"'),
+        (json.dumps({"models": [ENTRY], "default": "demo"}),
+         'takes one key, "models", not "models", "default"'),
+        (json.dumps({"models": {"demo": ENTRY}}), "the models must be a JSON list, not an object"),
+        (json.dumps("demo"), "the models must be a JSON list, not a string"),
+        ('[{"name": "demo",}]', "not valid JSON: Expecting property name"),
+        (json.dumps([]), "lists no models"),
+        (json.dumps([ENTRY, {**ENTRY, "path": "y"}]), "duplicate names: demo"),
+    ],
+)
+def test_every_models_file_problem_is_one_line_naming_the_file(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    models = tmp_path / "models.json"
+    models.write_text(content)
+    with pytest.raises(ModelsFileError) as raised:
+        load_model_specs(Settings(models_file=models))
+    message = str(raised.value)
+    assert message.startswith(f"models file {models}: ") and problem in message, message
+    assert "\n" not in message
+
+
+def test_an_unreadable_models_file_is_a_models_file_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ModelsFileError, match=r"missing\.json: cannot read it: No such file"):
+        load_model_specs(Settings(models_file=missing))
+    with pytest.raises(ModelsFileError, match="cannot read it: Is a directory"):
+        load_model_specs(Settings(models_file=tmp_path))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"name": "d\xe9mo"}]'.encode("latin-1"))
+    with pytest.raises(ModelsFileError, match=r"latin1\.json: not valid JSON: 'utf-8' codec"):
+        load_model_specs(Settings(models_file=latin1))
