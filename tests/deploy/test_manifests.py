@@ -59,6 +59,36 @@ def test_compose_file_validates(profile: str) -> None:
     if profile == "gpu":
         devices = worker["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
+    # Without a models file the settings look for the demo model relative to the working
+    # directory: the API and the worker must both see ./models there, or the worker serves
+    # the tiny random model and the API validates against another one.
+    assert "SELFCASCADE_MODELS_FILE" not in worker["environment"]
+    demo_dir: Path = Settings.model_fields["demo_model_dir"].default  # models/demo
+    upsamplers: list[Path] = Settings.model_fields["demo_upsamplers"].default
+    assert {path.parent for path in upsamplers} == {demo_dir.parent}
+    models_dir = _workdir("worker.Dockerfile") / demo_dir.parent
+    assert _workdir("api.Dockerfile") / demo_dir.parent == models_dir
+    for name in ("api", "worker" if profile == "gpu" else "worker-cpu"):
+        assert _mounts(services[name])[str(models_dir)] == (str(ROOT / "models"), True)
+
+
+def _workdir(dockerfile: str) -> Path:
+    lines = (ROOT / "docker" / dockerfile).read_text().splitlines()
+    [workdir] = [line.split()[1] for line in lines if line.startswith("WORKDIR ")]
+    return Path(workdir)
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Target -> (source, read-only) of a service's volumes, from either syntax `config` prints
+    (docker-compose 1.x: "src:target:ro"; Compose v2: {source, target, read_only})."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (source, mode == ["ro"])
+        else:
+            mounts[volume["target"]] = (volume["source"], bool(volume.get("read_only")))
+    return mounts
 
 
 def test_gpu_overlay_scales_workers_to_zero_on_the_rq_queue() -> None:
