@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -39,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(JobCollector(services))
     app.state.metrics_registry = registry
+    # Requests that wait on their jobs take a slot here, never a thread of the shared pool:
+    # waits there once starved every sync route, /healthz included (service.routes.generations).
+    app.state.wait_limiter = anyio.CapacityLimiter(settings.max_waiting_requests)
 
     install_error_handlers(app)
     app.include_router(generations.router)

@@ -81,7 +81,11 @@ class JobCollector(Collector):
         try:
             waiting: dict[str, int] = {p: len(q) for p, q in s.queues.items()}
             queued = sum(waiting.values())
-            running = sum(StartedJobRegistry(queue=q).count for q in s.queues.values())
+            # Counted without RQ's cleanup(), which `.count` runs: with no exception handlers it
+            # would fail a dead worker's job behind worker/abandoned.py's back, record left running.
+            running = sum(
+                StartedJobRegistry(queue=q).get_job_count(cleanup=False) for q in s.queues.values()
+            )
             finished = histograms.read_counts(s.redis, s.keys, histograms.JOBS_FINISHED)
             waits = histograms.read_histogram(s.redis, s.keys, histograms.QUEUE_WAIT)
             infer = histograms.read_histogram(s.redis, s.keys, histograms.INFERENCE)

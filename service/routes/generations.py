@@ -6,10 +6,13 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
 import redis.exceptions
 from fastapi import APIRouter, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
@@ -21,6 +24,7 @@ from service.deps import Services
 from service.errors import ApiError
 from service.idempotency import IdempotencyClaim
 from service.schemas import GenerationCreate, GenerationView
+from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
 from service.views import generation_view
@@ -29,11 +33,13 @@ from service.webhook_targets import WebhookPolicy, WebhookTargetRefused
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
+# A Redis stream id, as the SSE stream sends it: milliseconds[-sequence], each below 2**64.
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 MAX_PREFER_WAIT_S = 60
 
 
 @router.post("", status_code=202, response_model=GenerationView)
-def create_generation(
+async def create_generation(
     body: GenerationCreate,
     services: Services,
     caller: Caller,
@@ -42,6 +48,28 @@ def create_generation(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header()] = None,
 ) -> GenerationView:
+    # Async so that `Prefer: wait` holds a wait slot, not a thread: the short blocking parts
+    # take the shared pool, the wait itself is on the asyncio Redis client (wait_for_terminal).
+    record, replayed = await run_in_threadpool(
+        _create, body, services, caller, request, idempotency_key
+    )
+    response.headers["Location"] = f"/v1/generations/{record.id}"
+    wait_s = 0 if replayed else _preferred_wait(prefer)
+    if wait_s and await _waited(request, services, record.id, wait_s):
+        response.status_code = 200
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+        record = await run_in_threadpool(_load, services, record.id, caller)
+    return await run_in_threadpool(_view, services, request, record)
+
+
+def _create(
+    body: GenerationCreate,
+    services: ApiServices,
+    caller: Principal,
+    request: Request,
+    idempotency_key: str | None,
+) -> tuple[JobRecord, bool]:
+    """The new generation's record, or (True) the one an earlier request with this key made."""
     caller.require("generate")
     params = normalise(body, services.models, services.settings)
     if body.webhook is not None:
@@ -59,21 +87,14 @@ def create_generation(
         idem = IdempotencyClaim(services, caller.bucket, idempotency_key, body)
         existing = idem.claim(job_id)
         if existing is not None:
-            response.headers["Location"] = f"/v1/generations/{existing.id}"
-            return _view(services, request, existing)
+            return existing, True
     try:
         [record] = submit(services, request.app.state.admission, caller, [params], origin, [job_id])
     except Exception:
         if idem is not None:
             idem.release(job_id)  # a refused request must not pin the key to a job never made
         raise
-    response.headers["Location"] = f"/v1/generations/{job_id}"
-    wait_s = _preferred_wait(prefer)
-    if wait_s and _wait_for_terminal(services, job_id, wait_s):
-        response.status_code = 200
-        response.headers["Preference-Applied"] = f"wait={wait_s}"
-        return _view(services, request, _load(services, job_id, caller))
-    return _view(services, request, record)
+    return record, False
 
 
 @router.get("/{job_id}", response_model=GenerationView)
@@ -123,19 +144,21 @@ async def generation_events(
 ) -> StreamingResponse:
     """Server-sent events: every status change and progress step, ending at a terminal one."""
     caller.require("read")
+    resume_after = _resume_after(last_event_id)
     if not _JOB_ID.match(job_id) or not await _owned_events(services, job_id, caller):
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     stream_key = services.keys.events(job_id)
     keepalive_ms = int(services.settings.sse_keepalive_s * 1000)
 
     async def stream() -> AsyncIterator[str]:
-        after = last_event_id or "0"
+        after = resume_after
         while not await request.is_disconnected():
             try:
                 reply = await services.async_redis.xread(
                     {stream_key: after}, block=keepalive_ms, count=100
                 )
-            except redis.exceptions.RedisError:
+            # Only a lost or silent Redis is "unavailable"; any other error is a bug to surface.
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 yield 'event: error\ndata: {"code": "redis_unavailable"}\n\n'
                 return
             if not reply:
@@ -170,6 +193,24 @@ def download_output(
     return StreamingResponse(chunks, media_type=CONTENT_TYPES[output.format], headers=headers)
 
 
+def _resume_after(last_event_id: str | None) -> str:
+    """The stream id to resume after: `Last-Event-ID` (an id this stream sent), else the start.
+
+    Checked here, before streaming: Redis refuses a malformed id with an error that would
+    otherwise reach the client as an `event: error` saying Redis is unavailable.
+    """
+    if not last_event_id:
+        return "0"
+    match = _STREAM_ID.fullmatch(last_event_id)
+    if match is None or any(int(part) >= 2**64 for part in match.groups() if part):
+        raise ApiError(
+            422, ErrorCode.INVALID_REQUEST,
+            "Last-Event-ID: must be an event id this stream sent (milliseconds-sequence)",
+            "Last-Event-ID",
+        )
+    return last_event_id
+
+
 def check_webhook_url(request: Request, url: str) -> None:
     policy: WebhookPolicy = request.app.state.webhook_policy
     if request.app.state.services.settings.webhook_secret is None:
@@ -193,13 +234,42 @@ def _preferred_wait(prefer: str | None) -> int:
     return 0
 
 
-def _wait_for_terminal(services: Services, job_id: str, wait_s: int) -> bool:
-    deadline = time.monotonic() + wait_s
+async def _waited(request: Request, services: ApiServices, job_id: str, wait_s: int) -> bool:
+    """Whether the job ended within `wait_s`. With every wait slot taken, False at once: RFC 7240
+    lets a server ignore a preference, and the client still gets its 202 to poll."""
+    async with wait_slot(request) as granted:
+        return granted and await wait_for_terminal(services, job_id, time.monotonic() + wait_s)
+
+
+@asynccontextmanager
+async def wait_slot(request: Request) -> AsyncIterator[bool]:
+    """One of the app's slots for a request that waits on its jobs (max_waiting_requests):
+    True while held; False, without queueing for one, when all are taken."""
+    limiter: anyio.CapacityLimiter = request.app.state.wait_limiter
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        limiter.release()
+
+
+async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float) -> bool:
+    """Whether the job reaches a terminal status before `deadline` (time.monotonic()).
+
+    Reads its events on the asyncio Redis client: a waiting request holds no worker thread.
+    """
+    stream_key = services.keys.events(job_id)
     after = "0"
     while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-        # Short blocks: the API's Redis socket timeout (3 s) must never fire on a quiet job.
-        block_ms = min(left_ms, 1000)
-        for entry_id, event in services.store.read_events(job_id, after, block_ms=block_ms):
+        # Short blocks, well inside the client's read timeout, however quiet the job.
+        reply = await services.async_redis.xread(
+            {stream_key: after}, block=min(left_ms, 1000), count=100
+        )
+        for entry_id, event in decode_events(reply):
             after = entry_id
             if event.status.is_terminal:
                 return True

@@ -3,8 +3,10 @@
 `n` images are run as n ordinary generations (seeds seed, seed+1, ...): each is visible through
 GET /v1/generations/{id}, and several workers can share them. The request waits for all of
 them (up to `openai_wait_s`) and answers like OpenAI; on timeout the jobs are canceled and the
-answer is 504 in OpenAI's error shape. Fields OpenAI has but this engine cannot honour
-(quality, style, background...) are accepted and ignored, as OpenAI's own smaller models do.
+answer is 504 in OpenAI's error shape. The wait holds one of the app's wait slots: with all of
+them taken the request is refused before any job is made (429 with Retry-After). Fields OpenAI
+has but this engine cannot honour (quality, style, background...) are accepted and ignored, as
+OpenAI's own smaller models do.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from contract.jobs import (
@@ -23,6 +26,7 @@ from contract.jobs import (
     MAX_SEED,
     MAX_STEPS,
     ErrorCode,
+    GenerationParams,
     ImageFormat,
     JobRecord,
     JobStatus,
@@ -31,6 +35,7 @@ from service.auth import Caller
 from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
+from service.routes.generations import wait_for_terminal, wait_slot
 from service.schemas import GenerationCreate
 from service.services import ApiServices
 from service.submission import origin_for, submit
@@ -75,10 +80,42 @@ class OpenAIImagesResponse(BaseModel):
 
 
 @router.post("/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True)
-def create_images(
+async def create_images(
     body: OpenAIImageRequest, services: Services, caller: Caller, request: Request
 ) -> OpenAIImagesResponse:
+    # Async: the wait holds a wait slot and the asyncio Redis client, never a worker thread.
     caller.require("generate")
+    params = _generation_params(body, services)
+    async with wait_slot(request) as granted:
+        if not granted:
+            raise ApiError(
+                429, ErrorCode.QUEUE_FULL,
+                "too many requests are already waiting for their images; retry shortly",
+                None, {"Retry-After": "5"},
+            )
+        origin = origin_for(request, caller, user=body.user)
+        admission = request.app.state.admission
+        records = await run_in_threadpool(submit, services, admission, caller, params, origin)
+        ids = [r.id for r in records]
+        finished = await _wait_all(services, ids, services.settings.openai_wait_s)
+    failed = next((r for r in finished if r.status is not JobStatus.SUCCEEDED), None)
+    if failed is not None:
+        raise _job_error(failed)
+    base_url = str(request.base_url).rstrip("/")
+    data = [
+        await run_in_threadpool(_image, services, r, body.response_format, base_url)
+        for r in finished
+    ]
+    return OpenAIImagesResponse(
+        created=int(records[0].created_at),
+        data=data,
+        output_format=body.output_format,
+        size=f"{params[0].width}x{params[0].height}",
+    )
+
+
+def _generation_params(body: OpenAIImageRequest, services: ApiServices) -> list[GenerationParams]:
+    """The n generations' parameters (seeds seed, seed+1, ...); 4xx before anything is queued."""
     if body.stream:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "stream: not supported", "stream")
     width, height = _parse_size(body.size)
@@ -96,23 +133,9 @@ def create_images(
         output_format=body.output_format,
     )
     first = normalise(native, services.models, services.settings)
-    params = [
+    return [
         first.model_copy(update={"seed": (first.seed + i) % (MAX_SEED + 1)}) for i in range(body.n)
     ]
-    origin = origin_for(request, caller, user=body.user)
-    records = submit(services, request.app.state.admission, caller, params, origin)
-    finished = _wait_all(services, [r.id for r in records], services.settings.openai_wait_s)
-    failed = next((r for r in finished if r.status is not JobStatus.SUCCEEDED), None)
-    if failed is not None:
-        raise _job_error(failed)
-    base_url = str(request.base_url).rstrip("/")
-    data = [_image(services, r, body.response_format, base_url) for r in finished]
-    return OpenAIImagesResponse(
-        created=int(records[0].created_at),
-        data=data,
-        output_format=body.output_format,
-        size=f"{first.width}x{first.height}",
-    )
 
 
 def _refuse_video_model(services: ApiServices, name: str | None) -> None:
@@ -137,27 +160,29 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
-def _wait_all(services: ApiServices, job_ids: list[str], timeout_s: float) -> list[JobRecord]:
+async def _wait_all(
+    services: ApiServices, job_ids: list[str], timeout_s: float
+) -> list[JobRecord]:
     """Every job's final record; cancels them all and answers 504 when time runs out."""
     deadline = time.monotonic() + timeout_s
+    for job_id in job_ids:
+        if not await wait_for_terminal(services, job_id, deadline):
+            await run_in_threadpool(_cancel_all, services, job_ids)
+            raise ApiError(
+                504, ErrorCode.TIMEOUT,
+                f"the images were not ready within {timeout_s:g}s; the jobs were canceled",
+            )
+    return await run_in_threadpool(_final_records, services, job_ids)
+
+
+def _cancel_all(services: ApiServices, job_ids: list[str]) -> None:
+    for pending in filter(None, map(services.store.get, job_ids)):
+        cancel(services, pending)
+
+
+def _final_records(services: ApiServices, job_ids: list[str]) -> list[JobRecord]:
     records: list[JobRecord] = []
     for job_id in job_ids:
-        cursor = "0"
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                for pending in filter(None, map(services.store.get, job_ids)):
-                    cancel(services, pending)
-                raise ApiError(
-                    504, ErrorCode.TIMEOUT,
-                    f"the images were not ready within {timeout_s:g}s; the jobs were canceled",
-                )
-            # Short blocks: the API's Redis socket timeout (3 s) must never fire on a quiet job.
-            events = services.store.read_events(job_id, cursor, block_ms=min(left_ms, 1000))
-            if events:
-                cursor = events[-1][0]
-            if any(event.status.is_terminal for _, event in events):
-                break
         record = services.store.get(job_id)
         if record is None:
             raise ApiError(500, ErrorCode.INTERNAL, f"generation {job_id} vanished")

@@ -20,8 +20,10 @@ router = APIRouter()
 
 
 @router.get("/healthz", tags=["operations"])
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is alive; says nothing about dependencies (that is /readyz)."""
+    # Async with no I/O, so it never queues for a worker thread: a liveness probe that timed
+    # out behind busy sync routes would have the pod restarted for being merely busy.
     return {"status": "ok"}
 
 
