@@ -14,8 +14,9 @@ from contract.redis_connection import connect
 from contract.settings import ModelsFileError, Settings, load_model_specs
 from contract.state import JobStore
 from contract.storage import build_storage
+from selfcascade.errors import SelfCascadeError
 from worker.process import GenerationWorker
-from worker.resident import WorkerRuntime, install, load_models
+from worker.resident import ModelRefused, WorkerRuntime, install, load_models
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         storage=storage,
         worker_name=name,
     )
-    runtime.models = load_models(specs, settings)
+    try:
+        runtime.models = load_models(specs, settings)
+    except (ModelRefused, SelfCascadeError) as exc:  # a missing folder, a bad checkpoint...
+        raise SystemExit(f"cannot serve the configured models: {exc}") from None
     install(runtime)
 
     worker = GenerationWorker(

@@ -45,6 +45,10 @@ class WorkerRuntime:
     models: dict[str, ResidentModel] = field(default_factory=dict)
 
 
+class ModelRefused(ValueError):
+    """A loaded model disagrees with its models-file entry; the worker must not serve it."""
+
+
 RESIDENT: dict[str, WorkerRuntime] = {}
 
 
@@ -89,7 +93,7 @@ def _check_frame_limit(spec: ModelSpec, engine_limit: int | None) -> None:
     """The API admits up to the models file's max_num_frames; a worker whose model takes fewer
     would fail those jobs after they waited in the queue, so it refuses to start instead."""
     if engine_limit is not None and spec.max_num_frames > engine_limit:
-        raise ValueError(
+        raise ModelRefused(
             f"model {spec.name}: its motion module takes at most {engine_limit} frames but the "
             f"models file allows max_num_frames {spec.max_num_frames}; set "
             f'"max_num_frames": {engine_limit} (or less) in its entry'
@@ -106,7 +110,7 @@ def _with_modality(spec: ModelSpec, produces_video: bool) -> ModelSpec:
     if spec.produces is None:
         return spec.model_copy(update={"produces": held})
     if spec.produces != held:
-        raise ValueError(
+        raise ModelRefused(
             f"model {spec.name}: the models file says it produces {spec.produces}, but "
             f"{spec.path} holds {'a video' if produces_video else 'an image'} pipeline; fix "
             "`produces` in the models file"

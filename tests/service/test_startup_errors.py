@@ -8,12 +8,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.live_stack import REPO
 
 pytestmark = pytest.mark.integration
+
+
+def start(entry_point: str, models: Path, redis_url: str, tmp_path: Path) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
+    env.update(
+        SELFCASCADE_REDIS_URL=redis_url,
+        SELFCASCADE_MODELS_FILE=str(models),
+        SELFCASCADE_DATA_DIR=str(tmp_path / "data"),
+        PYTHONPATH=str(REPO),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", entry_point], env=env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120, check=False,
+    )
 
 
 @pytest.mark.parametrize("entry_point", ["service.main", "worker.main"])
@@ -23,18 +38,29 @@ def test_a_bad_models_file_exits_with_one_line(
     models = tmp_path / "models.json"
     entry = {"name": "demo", "path": "x", "native_width": 64, "native_height": 64}
     models.write_text(json.dumps([{**entry, "upsampler": "demo.safetensors"}]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
-    env.update(
-        SELFCASCADE_REDIS_URL=redis_url,
-        SELFCASCADE_MODELS_FILE=str(models),
-        SELFCASCADE_DATA_DIR=str(tmp_path / "data"),
-        PYTHONPATH=str(REPO),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", entry_point], env=env, cwd=tmp_path, capture_output=True,
-        text=True, timeout=120, check=False,
-    )
+    done = start(entry_point, models, redis_url, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"models file {models}: entry 0 ('demo'): upsampler: unknown key"
     ], done.stderr
+
+
+def test_a_model_the_worker_cannot_serve_exits_with_one_line(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path
+) -> None:
+    # The file is valid; what it names is not: the API starts, the worker refuses.
+    models = tmp_path / "models.json"
+    entry = {"name": "m", "native_width": 64, "native_height": 64}
+    for fields, message in [
+        ({"path": str(tmp_path / "missing")}, "cannot serve the configured models: "),
+        ({"path": str(tiny_model_dir), "produces": "video"}, "says it produces video"),
+        ({"path": str(tiny_model_dir), "upsamplers": str(models)}, "corrupt or truncated"),
+    ]:
+        models.write_text(json.dumps([{**entry, **fields}]))
+        done = start("worker.main", models, redis_url, tmp_path)
+        assert done.returncode == 1
+        [line] = done.stderr.strip().splitlines()[-1:]
+        assert line.startswith("cannot serve the configured models: ") and message in line, (
+            done.stderr
+        )
+        assert "Traceback" not in done.stderr
