@@ -6,6 +6,7 @@ Built once in each entry point and passed down; nothing here reads the environme
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
@@ -249,11 +251,27 @@ def _entry_spec(entry: object, index: int, path: Path) -> ModelSpec:
         raise ModelsFileError(f"models file {path}: {which}: {_problems(exc)}") from exc
 
 
-def _problems(exc: ValidationError) -> str:
+def settings_from_env() -> Settings:
+    """For entry points: the settings, or exit with one line naming every bad variable (a
+    pydantic traceback would bury which SELFCASCADE_* variable is wrong)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"invalid settings: {_problems(exc, _env_name)}") from None
+    except PydanticSettingsError as exc:  # a value the settings source could not even parse
+        raise SystemExit(f"invalid settings: {exc}") from None
+
+
+def _env_name(field: str) -> str:
+    """The variable a Settings field is read from (errors name aliases, such as PORT, as is)."""
+    return field if not field or field.isupper() else f"SELFCASCADE_{field.upper()}"
+
+
+def _problems(exc: ValidationError, name: Callable[[str], str] = str) -> str:
     """Every problem of a failed entry on one line: `field: what is wrong; ...`."""
     problems = []
     for error in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in error["loc"])
+        field = name(".".join(str(part) for part in error["loc"]))
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         problems.append(f"{field}: {message}" if field else message)
     return "; ".join(problems)

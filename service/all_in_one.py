@@ -14,7 +14,7 @@ from types import FrameType
 import httpx
 
 from contract.log_format import configure_logging
-from contract.settings import Settings
+from contract.settings import settings_from_env
 from service.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("selfcascade.serve")
@@ -25,7 +25,7 @@ STOP_GRACE_S = 30.0
 
 
 def main() -> None:
-    settings = Settings()
+    settings = settings_from_env()
     configure_logging(settings.log_format)
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None

@@ -7,7 +7,7 @@ import argparse
 import uvicorn
 
 from contract.log_format import configure_logging
-from contract.settings import ModelsFileError, Settings
+from contract.settings import ModelsFileError, settings_from_env
 from service.app import create_app
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: settings, 8000)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = settings_from_env()
     configure_logging(settings.log_format, args.log_level)
     try:
         app = create_app(settings)

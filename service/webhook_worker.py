@@ -19,7 +19,7 @@ import httpx
 from contract.keys import RedisKeys
 from contract.log_format import configure_logging
 from contract.redis_connection import connect
-from contract.settings import Settings
+from contract.settings import Settings, settings_from_env
 from contract.webhook_queue import Claimed, claim_due, finish_claim
 from service.webhook_delivery import WebhookSender
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = settings_from_env()
     configure_logging(settings.log_format, args.log_level)
     dispatcher = WebhookDispatcher(settings, args.threads)
 

@@ -11,7 +11,7 @@ from contract.keys import RedisKeys
 from contract.log_format import configure_logging
 from contract.queueing import generation_queues
 from contract.redis_connection import connect
-from contract.settings import ModelsFileError, Settings, load_model_specs
+from contract.settings import ModelsFileError, load_model_specs, settings_from_env
 from contract.state import JobStore
 from contract.storage import build_storage
 from selfcascade.errors import SelfCascadeError
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = settings_from_env()
     configure_logging(settings.log_format, args.log_level)
     if not settings.redis_url:
         raise SystemExit("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the worker")

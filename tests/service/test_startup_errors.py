@@ -64,3 +64,24 @@ def test_a_model_the_worker_cannot_serve_exits_with_one_line(
             done.stderr
         )
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "entry_point", ["service.main", "worker.main", "service.all_in_one", "service.webhook_worker"]
+)
+def test_bad_settings_exit_with_one_line_naming_each_variable(
+    tmp_path: Path, entry_point: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
+    env.update(
+        SELFCASCADE_AUTH_MODE="nope", SELFCASCADE_JOB_RETRIES="many", PYTHONPATH=str(REPO)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", entry_point], env=env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("invalid settings: "), line
+    assert "SELFCASCADE_AUTH_MODE: Input should be 'open' or 'keys'" in line
+    assert "SELFCASCADE_JOB_RETRIES: Input should be a valid integer" in line
