@@ -164,7 +164,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 5.0
     webhook_max_attempts: int = 6
     webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min
-    # Base of the output URLs in webhook bodies (the API's public address).
+    # The API's public address (https://... behind an ingress): the base of the output URLs in
+    # responses and webhook bodies. Unset: responses use the address each request came to.
     public_base_url: str | None = None
 
     log_format: Literal["text", "json"] = "text"

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+from fastapi import Request
+
 from contract.jobs import JobRecord, JobStatus
+from contract.settings import Settings
 from service.schemas import GenerationView, OutputView
+
+
+def client_base_url(settings: Settings, request: Request) -> str:
+    """The API's address as clients reach it, for the URLs in response bodies.
+
+    SELFCASCADE_PUBLIC_BASE_URL when set: behind a TLS ingress the request arrives as plain
+    http from the proxy, so the request's own base URL would hand clients http:// links (and a
+    client following one would send its API key in clear text). Without it, the request's.
+    """
+    return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
 def generation_view(record: JobRecord, base_url: str, position: int | None) -> GenerationView:

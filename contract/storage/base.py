@@ -6,6 +6,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
 CONTENT_TYPES = {
@@ -54,6 +55,11 @@ class ResultStorage(ABC):
     @abstractmethod
     def metadata(self, key: str) -> dict[str, str]:
         """The metadata written with `put`."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when this backend keeps it on the API's disk (served from there,
+        with Range and conditional requests), or None."""
+        return None
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A URL clients can fetch directly, or None when the backend serves through the API."""

@@ -37,6 +37,9 @@ class LocalResultStorage(ResultStorage):
             raise StorageUnavailable(f"cannot write {key} under {self.root}: {exc}") from exc
         return StoredObject(key=key, bytes=len(data), content_type=content_type)
 
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
     def open(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
         handle = path.open("rb")  # raises FileNotFoundError before the first chunk is promised

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
@@ -13,7 +14,7 @@ import anyio
 import redis.exceptions
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
 from contract.state import decode_events, decode_record
@@ -27,7 +28,7 @@ from service.schemas import GenerationCreate, GenerationView
 from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
-from service.views import generation_view
+from service.views import client_base_url, generation_view
 from service.webhook_targets import WebhookPolicy, WebhookTargetRefused
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -175,9 +176,12 @@ async def generation_events(
 
 
 @router.get("/{job_id}/outputs/{index}", name="download_output", response_model=None)
+# HEAD too (players probe length and range support with it), kept out of the schema: one
+# operation per route there.
+@router.head("/{job_id}/outputs/{index}", include_in_schema=False, response_model=None)
 def download_output(
-    job_id: str, index: int, services: Services, caller: Caller
-) -> StreamingResponse | RedirectResponse:
+    job_id: str, index: int, services: Services, caller: Caller, request: Request
+) -> Response:
     record = _load(services, job_id, caller)
     output = next((o for o in record.outputs if o.index == index), None)
     if output is None:
@@ -185,12 +189,33 @@ def download_output(
     url = services.storage.presigned_url(output.key, services.settings.presign_expiry_s)
     if url is not None:
         return RedirectResponse(url, status_code=307)
+    etag = f'"{output.sha256}"'  # results never change: the content hash is the validator
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    expired = ApiError(404, ErrorCode.NOT_FOUND, "the result has expired", None)
+    media_type = CONTENT_TYPES[output.format]
+    path = services.storage.local_path(output.key)
+    if path is not None:
+        # A file on this disk: Starlette answers Range requests (206), which browsers need to
+        # seek in a clip and Safari needs to play one at all.
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise expired from None
+        return FileResponse(path, stat_result=stat, media_type=media_type, headers={"ETag": etag})
     try:
         chunks = services.storage.open(output.key)
     except FileNotFoundError:
-        raise ApiError(404, ErrorCode.NOT_FOUND, "the result has expired", None) from None
-    headers = {"Content-Length": str(output.bytes), "ETag": f'"{output.sha256}"'}
-    return StreamingResponse(chunks, media_type=CONTENT_TYPES[output.format], headers=headers)
+        raise expired from None
+    headers = {"Content-Length": str(output.bytes), "ETag": etag}
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def _resume_after(last_event_id: str | None) -> str:
@@ -309,4 +334,4 @@ def _view(
         position = services.queues[record.origin.priority].get_job_position(record.id)
         if position is not None and record.origin.priority == "batch":
             position += len(services.queue)
-    return generation_view(record, str(request.base_url).rstrip("/"), position)
+    return generation_view(record, client_base_url(services.settings, request), position)

@@ -40,6 +40,7 @@ from service.schemas import GenerationCreate
 from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
+from service.views import client_base_url
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
@@ -101,7 +102,7 @@ async def create_images(
     failed = next((r for r in finished if r.status is not JobStatus.SUCCEEDED), None)
     if failed is not None:
         raise _job_error(failed)
-    base_url = str(request.base_url).rstrip("/")
+    base_url = client_base_url(services.settings, request)
     data = [
         await run_in_threadpool(_image, services, r, body.response_format, base_url)
         for r in finished

@@ -208,3 +208,38 @@ def test_prefer_wait_returns_the_finished_generation(stack: Stack) -> None:
     assert answer.status_code == 200, answer.text
     assert answer.headers["preference-applied"] == "wait=60"
     assert answer.json()["status"] == "succeeded" and answer.json()["outputs"]
+
+
+def test_local_downloads_answer_ranges_heads_and_conditional_requests(stack: Stack) -> None:
+    created = post(stack, {**FAST, "steps": 3})
+    [output] = wait_status(stack.client, created["id"], {"succeeded"}, 120)["outputs"]
+    url, etag = output["url"], f'"{output["sha256"]}"'
+    whole = stack.client.get(url)
+    assert whole.headers["etag"] == etag and whole.headers["accept-ranges"] == "bytes"
+
+    # A browser seeking in a clip (and Safari playing one at all) asks for byte ranges.
+    part = stack.client.get(url, headers={"Range": "bytes=8-15"})
+    assert part.status_code == 206
+    assert part.content == whole.content[8:16]
+    assert part.headers["content-range"] == f"bytes 8-15/{output['bytes']}"
+    unsatisfiable = stack.client.get(url, headers={"Range": f"bytes={output['bytes'] + 10}-"})
+    assert unsatisfiable.status_code == 416
+
+    head = stack.client.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == output["bytes"]
+    cached = stack.client.get(url, headers={"If-None-Match": f'W/"other", {etag}'})
+    assert cached.status_code == 304 and cached.headers["etag"] == etag
+    assert stack.client.get(url, headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_output_urls_use_the_public_base_url_behind_a_proxy(stack: Stack) -> None:
+    # Behind a TLS ingress the request reaches the API as plain http: links built from it
+    # would send clients (and their API keys) to http://.
+    public = "https://selfcascade.example.com"
+    settings = stack.settings.model_copy(update={"public_base_url": public + "/"})
+    created = post(stack, {**FAST, "steps": 3})
+    wait_status(stack.client, created["id"], {"succeeded"}, 120)
+    with ApiServer(create_app(settings), free_port()) as proxied:
+        [output] = proxied.client().get(f"/v1/generations/{created['id']}").json()["outputs"]
+    assert output["url"] == f"{public}/v1/generations/{created['id']}/outputs/0"
