@@ -93,7 +93,7 @@ def _create(
         [record] = submit(services, request.app.state.admission, caller, [params], origin, [job_id])
     except Exception:
         if idem is not None:
-            idem.release(job_id)  # a refused request must not pin the key to a job never made
+            idem.release()  # a refused request must not pin the key to a job never made
         raise
     return record, False
 

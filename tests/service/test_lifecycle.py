@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +244,27 @@ def test_output_urls_use_the_public_base_url_behind_a_proxy(stack: Stack) -> Non
     with ApiServer(create_app(settings), free_port()) as proxied:
         [output] = proxied.client().get(f"/v1/generations/{created['id']}").json()["outputs"]
     assert output["url"] == f"{public}/v1/generations/{created['id']}/outputs/0"
+
+
+def test_an_idempotency_key_orphaned_by_a_dead_request_is_taken_over(stack: Stack) -> None:
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {**FAST, "steps": 2, "seed": 3}
+    first = stack.client.post("/v1/generations", json=body, headers=headers)
+    assert first.status_code == 202
+    redis = Redis.from_url(stack.settings.redis_url or "")
+    [key] = [k for k in redis.scan_iter(f"{stack.settings.redis_prefix}:idem:*")
+             if redis.get(k).decode().startswith(first.json()["id"])]  # type: ignore[union-attr]
+    # Never longer than the job record it names can live.
+    assert 0 < redis.ttl(key) <= stack.settings.result_ttl_s
+
+    # As an API that died between claiming the key and creating the job leaves it: a claim
+    # naming a job that never came to exist, made a minute ago.
+    _, fingerprint, _ = redis.get(key).decode().split(":")  # type: ignore[union-attr]
+    redis.set(key, f"{'0' * 32}:{fingerprint}:{time.time() - 60:.3f}", ex=3600)
+    replay = stack.client.post("/v1/generations", json=body, headers=headers)
+    assert replay.status_code == 202, replay.text  # not a 409 "retry" for a day
+    assert replay.json()["id"] not in ("0" * 32, first.json()["id"])
+    again = stack.client.post("/v1/generations", json=body, headers=headers)
+    assert again.json()["id"] == replay.json()["id"]  # the new claim holds
+    redis.close()
+    wait_status(stack.client, replay.json()["id"], {"succeeded"}, 120)
