@@ -71,13 +71,26 @@ def _add_server(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--server", help="API base URL (default: $SELFCASCADE_SERVER or http://127.0.0.1:8000)"
     )
+    p.add_argument(
+        "--retry-budget", type=float, metavar="SECONDS",
+        help="how long to keep retrying an unreachable or overloaded server (429/503) before "
+        "giving up; 0 fails at once (default: 60)",
+    )
 
 
 def _client(args: argparse.Namespace) -> ServiceClient:
     # Read the environment here, when a command runs, never at import.
-    from selfcascade.client import ServiceClient, api_key_from_env, server_from_env
+    from selfcascade.client import (
+        RETRY_BUDGET_S,
+        ServiceClient,
+        api_key_from_env,
+        server_from_env,
+    )
 
-    return ServiceClient(args.server or server_from_env(), api_key=api_key_from_env())
+    budget = RETRY_BUDGET_S if args.retry_budget is None else args.retry_budget
+    return ServiceClient(
+        args.server or server_from_env(), api_key=api_key_from_env(), retry_budget_s=budget
+    )
 
 
 def _request_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,7 +147,7 @@ def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -
     base = out or Path(f"selfcascade-{job_id[:8]}.{outputs[0]['format']}")
     for index, output in enumerate(outputs):
         path = _download_path(base, output, index, len(outputs))
-        size = client.download(output["url"], path)
+        size = client.download(output["url"], path, size=output["bytes"], sha256=output["sha256"])
         clip = f", {output['frames']} frames at {output['fps']} fps" if output.get("frames") else ""
         print(f"wrote {path} ({output['width']}x{output['height']}{clip}, {size} bytes)")
     return 0

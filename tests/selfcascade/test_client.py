@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from selfcascade import client_cli
 from selfcascade.cli import main
 from selfcascade.client import ClientError, ServiceClient, parse_sse, server_from_env
 from tests.conftest import free_port
 from tests.live_stack import REPO, wait_status
 from tests.running_stack import RunningStack, running_stack, write_tiny_model
+from tests.selfcascade.client_network import (
+    FaultyNetwork,
+    after_first_event,
+    cut,
+    error_event,
+    events_stream,
+    halfway,
+    output_file,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +90,99 @@ def test_validation_error_is_one_line_naming_the_field(
     assert "\n" not in err
 
 
+def finished_job(stack: RunningStack) -> dict[str, Any]:
+    """A small image generation, run to the end by the stack's worker."""
+    with ServiceClient(stack.url) as client:
+        job = client.create({"prompt": "a kite", "width": 64, "height": 64, "steps": 2})
+    return wait_status(stack.api.client(), job["id"], {"succeeded"}, 120)
+
+
+@pytest.mark.integration
+def test_event_stream_resumes_after_each_cut_however_many(stack: RunningStack) -> None:
+    # A load balancer that cuts every stream: far more cuts than the 2 s budget would allow
+    # back to back, but each cut follows an event, which renews the budget.
+    network = FaultyNetwork()
+    network.inject(events_stream, cut(after_first_event), times=100)
+    with ServiceClient(stack.url, transport=network, retry_budget_s=2) as client:
+        job = client.create({"prompt": "cuts", "width": 64, "height": 64, "steps": 8})
+        seen = list(client.events(job["id"]))
+    with ServiceClient(stack.url) as client:
+        whole = list(client.events(job["id"]))  # read in one go
+
+    assert seen[-1].type == "succeeded" and [e.id for e in seen] == [e.id for e in whole]
+    assert len(seen) >= 6  # queued, started, progress..., succeeded: one per connection
+    reconnects = network.sent(events_stream)[1:]
+    assert [r.headers["Last-Event-ID"] for r in reconnects] == [e.id for e in seen[:-1]]
+
+
+@pytest.mark.integration
+def test_generate_rides_out_an_error_event_and_a_cut_download(
+    stack: RunningStack,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    network = FaultyNetwork()
+    network.inject(events_stream, error_event)  # the API lost its Redis for a moment
+    network.inject(output_file, cut(halfway))
+    monkeypatch.setattr(
+        client_cli, "_client", lambda args: ServiceClient(args.server, transport=network)
+    )
+    out = tmp_path / "kite.png"
+    argv = ["client", "generate", "--server", stack.url, "--prompt", "a kite"]
+    assert main([*argv, "--width", "64", "--height", "64", "--steps", "2", "--out", str(out)]) == 0
+
+    assert f"wrote {out} (64x64" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (64, 64)
+    assert len(network.sent(events_stream)) == 2 and len(network.sent(output_file)) == 2
+    assert list(tmp_path.iterdir()) == [out]  # the cut try left no partial file
+
+
+@pytest.mark.integration
+def test_a_failed_download_never_replaces_the_file(stack: RunningStack, tmp_path: Path) -> None:
+    [output] = finished_job(stack)["outputs"]
+    destination = tmp_path / "kept.png"
+    destination.write_bytes(b"a good earlier file")
+    network = FaultyNetwork()
+    network.inject(output_file, cut(halfway), times=100)
+    checks = {"size": output["bytes"], "sha256": output["sha256"]}
+
+    impatient = ServiceClient(stack.url, transport=network, retry_budget_s=0.5)
+    with impatient, pytest.raises(ClientError, match="connection reset"):
+        impatient.download(output["url"], destination, **checks)
+    with ServiceClient(stack.url) as client:
+        with pytest.raises(ClientError, match=f"the output has {'0' * 64}"):
+            client.download(output["url"], destination, sha256="0" * 64)
+        with pytest.raises(ClientError, match=f"gave {output['bytes']} bytes, the output has 1$"):
+            client.download(output["url"], destination, size=1)
+        assert destination.read_bytes() == b"a good earlier file"
+        assert list(tmp_path.iterdir()) == [destination]
+
+        assert client.download(output["url"], destination, **checks) == output["bytes"]
+    assert hashlib.sha256(destination.read_bytes()).hexdigest() == output["sha256"]
+
+
 def test_unknown_job_and_dead_server_are_one_line_errors(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    assert main(["client", "status", "0" * 32, "--server", dead]) == 1
+    assert main(["client", "status", "0" * 32, "--server", dead, "--retry-budget", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"selfcascade client: error: cannot reach the server at {dead}")
     assert "\n" not in err
+
+
+def test_a_dead_server_is_retried_within_the_budget() -> None:
+    client = ServiceClient(f"http://127.0.0.1:{free_port()}", retry_budget_s=1.0)
+    started = time.monotonic()
+    with client, pytest.raises(ClientError, match="cannot reach the server"):
+        client.get("0" * 32)
+    assert 0.25 <= time.monotonic() - started < 1.5  # at least one backoff, never past the budget
+
+    # What no retry can mend fails at once, whatever the budget.
+    with ServiceClient("ftp://127.0.0.1:1") as client, pytest.raises(ClientError, match="ftp"):
+        client.get("0" * 32)
 
 
 def test_api_key_is_sent_as_a_bearer_token(monkeypatch: pytest.MonkeyPatch) -> None:
