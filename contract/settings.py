@@ -25,6 +25,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
+from contract.webhook_queue import signing_key
 from selfcascade.demo import card as demo_card
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 
@@ -156,13 +157,20 @@ class Settings(BaseSettings):
     # and the OpenAI route a 429 with Retry-After.
     max_waiting_requests: int = Field(default=256, ge=1)
 
-    # -- Webhooks: signed with this secret (Standard Webhooks); refused when it is unset.
+    # -- Webhooks: signed with this secret; refused when it is unset. A Standard Webhooks secret,
+    # `whsec_<base64>`, signs with its decoded bytes (start-up refuses one that does not decode);
+    # any other string signs with its UTF-8 bytes (contract.webhook_queue.signing_key).
     webhook_secret: SecretStr | None = None
     # Comma-separated networks a webhook may reach although not public ("127.0.0.0/8" in tests).
     webhook_allowed_networks: str = ""
     webhook_allow_http: bool = False
-    webhook_timeout_s: float = 5.0
-    webhook_max_attempts: int = 6
+    # The hard limit of one attempt, from connecting to the last byte read: a receiver that
+    # drips its answer is cut off here, not merely when it stalls for this long.
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    # Retries after 1, 2, 4, ... 256 s, then every 5 min: the last of 40 attempts comes ~2.6 h
+    # after the first, so a receiver down for a redeploy or an incident of a couple of hours
+    # still gets its events; given-up deliveries are kept in `<prefix>:webhooks:dead`.
+    webhook_max_attempts: int = Field(default=40, ge=1)
     webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min
     # The API's public address (https://... behind an ingress): the base of the output URLs in
     # responses and webhook bodies. Unset: responses use the address each request came to.
@@ -187,6 +195,14 @@ class Settings(BaseSettings):
     def _comma_separated_paths(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _usable_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # At start-up, not at the first delivery: a bad secret would otherwise fail every send.
+        if value is not None:
+            signing_key(value.get_secret_value())
         return value
 
 

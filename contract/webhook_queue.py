@@ -5,11 +5,13 @@ process (`selfcascade-webhooks`) claims due entries, sends them and re-adds fail
 later score, which is how exponential backoff works without a scheduler or a sleeping thread.
 A claimed entry sits in an in-flight set until its attempt ends; if the delivery process dies
 first, the claim lapses and the entry becomes due again (at least once; receivers deduplicate
-on `webhook-id`).
+on `webhook-id`). Deliveries given up on go to a short dead-letter list for operators.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 
@@ -22,6 +24,14 @@ from contract.keys import RedisKeys
 from contract.state import decode_record
 
 WEBHOOK_DELIVERIES = "webhook_deliveries_total"
+STANDARD_SECRET_PREFIX = "whsec_"
+# A claim outlives its send's deadline by this much. The deadline starts before the claim is
+# made, so the claim covers the whole send; the margin is for what a deadline cannot cut short:
+# the DNS lookup of the delivery-time address check (the resolver's own retries can block it
+# for tens of seconds) and the Redis writes that record the outcome.
+CLAIM_MARGIN_S = 60.0
+# Newest dead letters kept: enough to see what failed and why, never unbounded memory.
+DEAD_LETTERS_KEPT = 1000
 
 
 class WebhookDelivery(BaseModel):
@@ -60,6 +70,28 @@ def enqueue_webhook(
     return True
 
 
+def signing_key(secret: str) -> bytes:
+    """The HMAC-SHA256 key for a webhook secret.
+
+    A Standard Webhooks secret, `whsec_<base64>`, signs with its decoded bytes, as the
+    specification's libraries verify. Any other secret signs with its UTF-8 bytes as they are:
+    the same signatures as the Standard Webhooks secret `whsec_` + base64(secret).
+    Raises ValueError, naming no secret material, when a `whsec_` secret does not decode.
+    """
+    if not secret.startswith(STANDARD_SECRET_PREFIX):
+        return secret.encode()
+    try:
+        key = base64.b64decode(secret.removeprefix(STANDARD_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        key = b""
+    if not key:
+        raise ValueError(
+            f"a secret that starts with {STANDARD_SECRET_PREFIX} must continue with the base64 of"
+            " its key (Standard Webhooks); this one does not decode"
+        )
+    return key
+
+
 def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: float) -> None:
     redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
 
@@ -85,6 +117,12 @@ class Claimed(BaseModel):
     delivery: WebhookDelivery
 
 
+def claim_lifetime_s(send_deadline_s: float) -> float:
+    """How long a claim lasts, derived from the send's deadline so it always outlives it: a
+    claim that lapsed mid-send would let another sender send the same delivery again."""
+    return send_deadline_s + CLAIM_MARGIN_S
+
+
 def claim_due(
     redis: Redis, keys: RedisKeys, now: float, limit: int, claim_s: float
 ) -> list[Claimed]:
@@ -101,6 +139,38 @@ def finish_claim(redis: Redis, keys: RedisKeys, claimed: Claimed) -> None:
 
 def count_outcome(redis: Redis, keys: RedisKeys, outcome: str) -> None:
     redis.hincrby(keys.histogram(WEBHOOK_DELIVERIES), outcome, 1)
+
+
+class DeadDelivery(BaseModel):
+    """A delivery given up on, with why; `LRANGE <prefix>:webhooks:dead 0 -1` lists them."""
+
+    id: str
+    job_id: str
+    event: WebhookEvent
+    url: str
+    attempts: int
+    outcome: str  # failed, refused or dropped
+    error: str  # the last attempt's error
+    at: float  # unix time it was given up
+
+
+def dead_letters_key(keys: RedisKeys) -> str:
+    # Named after the pending set's key, so it shares its prefix and sits beside it.
+    return f"{keys.webhooks()}:dead"
+
+
+def record_dead(redis: Redis, keys: RedisKeys, dead: DeadDelivery) -> None:
+    """Newest first and capped, so a receiver gone for good cannot grow Redis without bound."""
+    pipe = redis.pipeline()
+    pipe.lpush(dead_letters_key(keys), dead.model_dump_json())
+    pipe.ltrim(dead_letters_key(keys), 0, DEAD_LETTERS_KEPT - 1)
+    pipe.execute()
+
+
+def read_dead(redis: Redis, keys: RedisKeys, count: int = DEAD_LETTERS_KEPT) -> list[DeadDelivery]:
+    """The newest `count` dead letters, newest first."""
+    raw: list[bytes] = redis.lrange(dead_letters_key(keys), 0, count - 1)  # type: ignore[assignment]
+    return [DeadDelivery.model_validate_json(entry) for entry in raw]
 
 
 def read_outcomes(redis: Redis, keys: RedisKeys) -> dict[str, int]:

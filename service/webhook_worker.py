@@ -1,7 +1,8 @@
 """`selfcascade-webhooks`: the process that sends webhooks, away from the GPU workers.
 
 Claims due deliveries from Redis (contract.webhook_queue) and sends them from a small thread
-pool, so one slow receiver (up to webhook_timeout_s) never holds up the others.
+pool, so one slow receiver never holds up the others for long: each send ends by a hard
+deadline (webhook_timeout_s), and its claim is made to outlive that deadline.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from types import FrameType
-
-import httpx
 
 from contract.keys import RedisKeys
 from contract.log_format import configure_logging
 from contract.redis_connection import connect
 from contract.settings import Settings, settings_from_env
-from contract.webhook_queue import Claimed, claim_due, finish_claim
+from contract.webhook_queue import Claimed, claim_due, claim_lifetime_s, finish_claim
 from service.webhook_delivery import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -44,45 +44,49 @@ class WebhookDispatcher:
             log.warning("no SELFCASCADE_WEBHOOK_SECRET: webhooks are disabled, nothing to send")
             self.stop.wait()
             return
-        timeout = httpx.Timeout(self.settings.webhook_timeout_s)
+        # The pool is left (and waits for its sends) before the sender's client closes.
         with (
-            httpx.Client(timeout=timeout, follow_redirects=False) as client,
+            closing(WebhookSender(self.settings, self.redis)) as sender,
             ThreadPoolExecutor(self.threads, thread_name_prefix="webhook") as pool,
         ):
-            sender = WebhookSender(self.settings, self.redis, client)
             log.info("webhook delivery running (%d threads)", self.threads)
             while not self.stop.is_set():
                 try:
-                    claimed = self._claim()
+                    claimed, deadline = self._claim()
                 except Exception:
                     log.exception("claiming webhooks failed; will retry")
-                    claimed = []
+                    claimed, deadline = [], 0.0
                 for entry in claimed:
-                    pool.submit(self._send, sender, entry)
+                    pool.submit(self._send, sender, entry, deadline)
                 if not claimed:
                     self.stop.wait(POLL_INTERVAL_S)
 
-    def _claim(self) -> list[Claimed]:
+    def _claim(self) -> tuple[list[Claimed], float]:
+        """Due entries, one per free thread, and the deadline (monotonic) their sends end by."""
         if not self._free.acquire(timeout=1):
-            return []  # every thread busy
+            return [], 0.0  # every thread busy
         available = 1
         while available < self.threads and self._free.acquire(blocking=False):
             available += 1
-        # A claim outlives one attempt (connect + read timeouts) with room to spare.
-        claim_s = 4 * self.settings.webhook_timeout_s + 10
+        # The deadline starts before the claim and the claim lasts longer than the deadline, so
+        # a send cannot outlive its claim and be sent a second time by another thread.
+        timeout_s = self.settings.webhook_timeout_s
+        deadline = time.monotonic() + timeout_s
         claimed: list[Claimed] = []
         try:
-            claimed = claim_due(self.redis, self.keys, time.time(), available, claim_s)
+            claimed = claim_due(
+                self.redis, self.keys, time.time(), available, claim_lifetime_s(timeout_s)
+            )
         finally:
             # Permits not used by a claim go back, also when Redis failed: a leak would stall
             # delivery for good while the process looks healthy.
             for _ in range(available - len(claimed)):
                 self._free.release()
-        return claimed
+        return claimed, deadline
 
-    def _send(self, sender: WebhookSender, claimed: Claimed) -> None:
+    def _send(self, sender: WebhookSender, claimed: Claimed, deadline: float) -> None:
         try:
-            sender.deliver(claimed.delivery)
+            sender.deliver(claimed.delivery, deadline)
             finish_claim(self.redis, self.keys, claimed)
         except Exception:
             # Left in flight on purpose: the claim lapses and the entry is tried again.

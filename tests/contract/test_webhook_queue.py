@@ -1,4 +1,5 @@
-"""The pending-webhook set on a real Redis: due order, one owner per claim, lapsed claims."""
+"""The pending-webhook set on a real Redis: due order, one owner per claim, lapsed claims, and
+the capped dead-letter list."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import time
 from redis import Redis
 
 from contract.keys import RedisKeys
-from contract.webhook_queue import WebhookDelivery, claim_due, finish_claim, schedule
+from contract.webhook_queue import (
+    DEAD_LETTERS_KEPT,
+    DeadDelivery,
+    WebhookDelivery,
+    claim_due,
+    claim_lifetime_s,
+    finish_claim,
+    read_dead,
+    record_dead,
+    schedule,
+)
 
 
 def delivery(n: int) -> WebhookDelivery:
@@ -35,3 +46,22 @@ def test_a_lapsed_claim_is_due_again(redis_client: Redis, key_prefix: str) -> No
     assert claim_due(redis_client, keys, now + 1, 10, claim_s=5) == []
     [again] = claim_due(redis_client, keys, now + 6, 10, claim_s=5)
     assert again.delivery.id == "msg_3"
+
+
+def test_a_claim_outlives_the_deadline_of_its_send() -> None:
+    for deadline_s in (0.5, 5.0, 30.0, 600.0):
+        assert claim_lifetime_s(deadline_s) > deadline_s
+
+
+def test_dead_letters_are_newest_first_and_capped(redis_client: Redis, key_prefix: str) -> None:
+    keys = RedisKeys(key_prefix)
+    for n in range(DEAD_LETTERS_KEPT + 5):
+        dead = DeadDelivery(
+            id=f"msg_{n}", job_id="j", event="completed", url="https://x.test/", attempts=40,
+            outcome="failed", error="HTTP 503; no attempts left", at=time.time(),
+        )
+        record_dead(redis_client, keys, dead)
+    kept = read_dead(redis_client, keys)
+    assert len(kept) == DEAD_LETTERS_KEPT
+    assert kept[0].id == f"msg_{DEAD_LETTERS_KEPT + 4}" and kept[-1].id == "msg_5"
+    assert [d.id for d in read_dead(redis_client, keys, 2)] == [kept[0].id, kept[1].id]

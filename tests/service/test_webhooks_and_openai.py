@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -196,8 +197,7 @@ def test_delivery_rechecks_the_address_and_refuses_loopback_without_the_allow_li
 ) -> None:
     job = stack.client.post("/v1/generations", json=SMALL).json()
     strict = stack.settings.model_copy(update={"webhook_allowed_networks": ""})
-    with httpx.Client() as http:
-        sender = WebhookSender(strict, redis_client, http)
+    with closing(WebhookSender(strict, redis_client)) as sender:
         delivery = WebhookDelivery(
             id="msg_x", job_id=job["id"], event="completed", url=f"{receiver.url}/strict"
         )
