@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import httpx
 
 from contract.log_format import configure_logging
 from contract.settings import settings_from_env
-from service.embedded_redis import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis, EmbeddedRedisBusy
 
 log = logging.getLogger("selfcascade.serve")
 
@@ -27,11 +28,20 @@ STOP_GRACE_S = 30.0
 def main() -> None:
     settings = settings_from_env()
     configure_logging(settings.log_format)
+    # Before anything starts: a taken port would only show as the API child dying later.
+    if not _port_free(settings.host, settings.port):
+        raise SystemExit(
+            f"{settings.host}:{settings.port} is in use (another make run?); stop it or set "
+            "SELFCASCADE_PORT"
+        )
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir / "redis")
-        embedded.start()
+        try:
+            embedded.start()
+        except EmbeddedRedisBusy as exc:
+            raise SystemExit(str(exc)) from None
         env["SELFCASCADE_REDIS_URL"] = embedded.url
 
     children: list[subprocess.Popen[bytes]] = []
@@ -66,6 +76,17 @@ def main() -> None:
         _stop_all(children)
         if embedded is not None:
             embedded.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT after a stop counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_until_ready(

