@@ -43,7 +43,12 @@ export function createApi(getKey) {
   async function imageUrl(url) {
     const key = getKey();
     if (!key) return url;
-    const response = await fetch(url, { headers: { Authorization: `Bearer ${key}` } });
+    let response;
+    try {
+      response = await fetch(url, { headers: { Authorization: `Bearer ${key}` } });
+    } catch {
+      throw new ApiError(0, "network", "The server cannot be reached. Is it running?", null);
+    }
     if (!response.ok) throw new ApiError(response.status, "download", "the image could not be loaded", null);
     return URL.createObjectURL(await response.blob());
   }

@@ -8,6 +8,8 @@ import { stageName, stageTimings } from "./stages.js";
 const KEY_STORAGE = "selfcascade.apiKey";
 const POLL_INTERVAL_MS = 500;
 const BACKSTOP_POLL_MS = 4000;
+const RETRY_FIRST_MS = 1000;
+const RETRY_MAX_MS = 15000;
 const $ = (id) => document.getElementById(id);
 
 const ui = {
@@ -26,6 +28,7 @@ const ui = {
   cancel: $("cancel"),
   error: $("error"),
   status: $("status"),
+  notice: $("notice"),
   stageLabel: $("stage-label"),
   percent: $("percent"),
   progress: $("progress"),
@@ -154,12 +157,15 @@ function listen(id) {
   const source = new EventSource(`/v1/generations/${id}/events`);
   const handle = (message) => {
     const event = JSON.parse(message.data);
+    clearNotice();  // the stream is alive, so the server is back
     if (event.status === "queued") setStatus("queued");
     if (event.type === "started") setStatus("running", "running");
     if (event.progress) setProgress(event.progress.fraction, stageName(event.progress));
     if (["succeeded", "failed", "canceled"].includes(event.status)) {
+      // The job record holds the outputs: read it now, and keep trying if that read fails.
       source.close();
-      refresh(id);
+      stopBackstop();
+      if (current && current.id === id) current.stop = poll(id, POLL_INTERVAL_MS, 0);
     }
   };
   for (const type of ["queued", "started", "progress", "requeued", "succeeded", "failed",
@@ -167,7 +173,7 @@ function listen(id) {
     source.addEventListener(type, handle);
   }
   // A dropped stream or the server's own `event: error` (Redis gone): fall back to polling,
-  // which surfaces the API's readable 503 instead of a silent spinner.
+  // which retries through the outage and says so, instead of a silent spinner.
   source.addEventListener("error", () => {
     if (current && current.id === id && source.readyState !== EventSource.OPEN) {
       source.close();
@@ -184,28 +190,83 @@ function listen(id) {
   };
 }
 
-function poll(id, intervalMs) {
+// Reads job `id` every `intervalMs` until it ends, stops being the job on show, or the server
+// no longer knows it (404). A failed read (the API restarting, Redis away for a moment, the
+// network down) does not end it: the next try waits longer each time, 1 s doubling to at most
+// 15 s (never less than `intervalMs`, nor than a Retry-After the server sends, up to that cap),
+// and a notice says so until a read gets through.
+function poll(id, intervalMs, firstDelayMs = intervalMs) {
   let timer = null;
+  let stopped = false;
+  let failures = 0;
+  const following = () => !stopped && current !== null && current.id === id;
   const tick = async () => {
-    const job = await refresh(id);
-    if (job && current && current.id === id && !isTerminal(job.status)) {
-      timer = setTimeout(tick, intervalMs);
+    let job;
+    try {
+      job = await api.get(id);
+    } catch (error) {
+      if (!following()) return;
+      if (error instanceof ApiError && error.status === 404) {
+        lost(error);
+        return;
+      }
+      // fetch rejects with a TypeError when the network fails; anything else is a bug worth
+      // seeing in the console, but still no reason to stop following the job.
+      if (!(error instanceof ApiError) && !(error instanceof TypeError)) console.error(error);
+      failures += 1;
+      const delay = retryDelay(failures, intervalMs, error);
+      showNotice(retryNotice(error, delay));
+      timer = setTimeout(tick, delay);
+      return;
     }
+    if (!following()) return;
+    failures = 0;
+    clearNotice();
+    onView(job);
+    if (following() && !isTerminal(job.status)) timer = setTimeout(tick, intervalMs);
   };
-  timer = setTimeout(tick, intervalMs);
-  return () => clearTimeout(timer);
+  timer = setTimeout(tick, firstDelayMs);
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
 }
 
-async function refresh(id) {
-  try {
-    const job = await api.get(id);
-    if (current && current.id === id) onView(job);
-    return job;
-  } catch (error) {
-    if (!(error instanceof ApiError)) throw error;
-    showError(describeError(error), null);
-    return null;
-  }
+function retryDelay(failures, intervalMs, error) {
+  const backoff = RETRY_FIRST_MS * 2 ** Math.min(failures - 1, 10);
+  const asked = error instanceof ApiError ? Number(error.retryAfter) * 1000 || 0 : 0;
+  return Math.min(RETRY_MAX_MS, Math.max(backoff, asked, intervalMs));
+}
+
+function retryNotice(error, delayMs) {
+  const why = error instanceof ApiError && error.status !== 0
+    ? ` (${error.status} ${error.message})`
+    : "";
+  const seconds = Math.round(delayMs / 100) / 10;
+  return `Connection lost${why}, retrying in ${seconds} s… The job goes on on the server.`;
+}
+
+function showNotice(text) {
+  ui.notice.textContent = text;
+  ui.notice.hidden = false;
+}
+
+function clearNotice() {
+  ui.notice.hidden = true;
+  ui.notice.textContent = "";
+}
+
+// The server no longer knows the job (its record expired, or it never existed for this key):
+// there is nothing left to follow.
+function lost(error) {
+  stopFollowing();
+  setBusy(false);
+  setStatus("gone", "not found");
+  showError(
+    `This generation is no longer on the server (${error.message}); it may have expired.` +
+      " Start a new one.",
+    null,
+  );
 }
 
 const isTerminal = (status) => ["succeeded", "failed", "canceled"].includes(status);
@@ -303,17 +364,20 @@ async function cancelCurrent() {
   if (!current) return;
   ui.cancel.disabled = true;
   try {
-    const job = await api.cancel(current.id);
-    onView(job);
+    const id = current.id;
+    const job = await api.cancel(id);
+    if (current && current.id === id) onView(job);
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
     showError(describeError(error), null);
+    if (current) ui.cancel.disabled = false;  // still following: a second try may get through
   }
 }
 
 function stopFollowing() {
   if (current) current.stop();
   current = null;
+  clearNotice();
 }
 
 async function openJob(id) {

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 from pydantic import SecretStr
@@ -38,6 +40,47 @@ def status_is(page: Any, stack: RunningStack, status: str, timeout_s: float = 15
         )
         log = stack.worker.log()[-3000:]
         raise AssertionError(f"page never showed {status!r} but {shown}; worker:\n{log}") from exc
+
+
+# Every text the connection notice shows, recorded in the page as it changes.
+RECORD_NOTICES = """
+window.notices = [];
+new MutationObserver(() => {
+  const text = document.querySelector('#notice').textContent;
+  if (text && window.notices.at(-1) !== text) window.notices.push(text);
+}).observe(document.querySelector('#notice'), {childList: true, characterData: true,
+                                               subtree: true});
+"""
+
+
+def api_error(code: str, message: str, param: str | None = None) -> str:
+    """The API's one error body."""
+    return json.dumps({"error": {"code": code, "message": message, "param": param}})
+
+
+def is_job_status(url: str) -> bool:
+    """GET /v1/generations/{id} and its /events stream: not the create, outputs or cancel."""
+    parts = urlparse(url).path.split("/")  # ['', 'v1', 'generations', id, ...]
+    return parts[1:3] == ["v1", "generations"] and (
+        len(parts) == 4 or (len(parts) == 5 and parts[4] == "events")
+    )
+
+
+def wait_until(page: Any, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Waits on a condition kept in Python (route handlers run while the page waits)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        page.wait_for_timeout(100)
+
+
+def generate_small(page: Any, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.click("label[for=preset-native]")
+    page.fill("#seed", "3")
+    page.fill("#steps", "3")
+    page.click("#generate")
 
 
 def test_presets_come_from_the_model(page: Any) -> None:
@@ -198,3 +241,85 @@ def test_direct_turns_the_tuned_switch_off_and_is_accepted(
 
     page.click("label[for=method-self_cascade]")
     assert page.is_enabled("#tuned") and page.is_checked("#tuned")
+
+
+@pytest.mark.parametrize("stream", ["fails", "stalls"])
+def test_following_rides_out_a_lost_connection(page: Any, stack: RunningStack, stream: str) -> None:
+    # The API restarting, or Redis away for a moment: job reads fail for a while, some as a
+    # network error, some as the API's 503, then get through again. The page keeps following
+    # the job, says it is retrying, and shows the result once the server answers.
+    # "fails": the event stream fails too, so the page falls back to polling.
+    # "stalls": the stream hangs open without a word (a buffering proxy), so only the slow
+    # backstop poll can notice the end of the job, and it too must survive the outage.
+    page.evaluate(RECORD_NOTICES)
+    outage = {"on": True}
+    failed_reads: list[str] = []
+    markup = "the job store <b>Redis</b> is unreachable"
+
+    def flaky(route: Any) -> None:
+        request = route.request
+        if request.method != "GET":
+            route.fallback()
+        elif request.url.endswith("/events") and stream == "stalls":
+            pass  # never answered: the stream neither opens nor fails
+        elif not outage["on"]:
+            route.fallback()
+        elif request.url.endswith("/events"):
+            route.abort("failed")
+        else:
+            failed_reads.append(request.url)
+            if len(failed_reads) % 2:
+                route.abort("failed")  # fetch rejects: a network error
+            else:
+                route.fulfill(
+                    status=503,
+                    body=api_error("redis_unavailable", markup),
+                    content_type="application/json",
+                    headers={"Retry-After": "1"},
+                )
+
+    page.route(is_job_status, flaky)
+    generate_small(page, f"through an outage, stream {stream}")
+    notice = page.locator("#notice")
+    notice.wait_for(state="visible")
+    assert "retrying" in notice.inner_text()
+    # Several reads in a row fail, and the page is still following the job after each.
+    wait_until(page, lambda: len(failed_reads) >= 3, 60, "three failed job reads")
+    assert page.is_disabled("#generate") and page.is_enabled("#cancel")
+    assert page.is_hidden("#error")
+    outage["on"] = False
+
+    status_is(page, stack, "succeeded", 120)
+    page.wait_for_function("document.querySelector('#result-image').naturalWidth > 0")
+    assert page.is_hidden("#notice") and page.inner_text("#notice") == ""
+    assert page.is_hidden("#error")
+    assert page.is_enabled("#generate")
+    notices = page.evaluate("window.notices")
+    assert any(n.startswith("Connection lost, retrying") for n in notices), notices
+    # The 503's own message is shown as text, its markup never parsed.
+    assert any(f"(503 {markup})" in n for n in notices), notices
+    assert page.locator("#notice b").count() == 0
+
+
+def test_a_job_the_server_no_longer_knows_ends_following(page: Any, stack: RunningStack) -> None:
+    # Its record expired (or never was this key's): a 404 is final, not a reason to retry.
+    def gone(route: Any) -> None:
+        if route.request.method != "GET":
+            route.fallback()
+            return
+        job_id = urlparse(route.request.url).path.split("/")[3]
+        route.fulfill(
+            status=404,
+            body=api_error("not_found", f"no generation {job_id}", "job_id"),
+            content_type="application/json",
+        )
+
+    page.route(is_job_status, gone)
+    generate_small(page, "forgotten")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert "no longer on the server" in error.inner_text()
+    assert "no generation" in error.inner_text()
+    assert page.get_attribute("#status", "data-status") == "gone"
+    assert page.is_enabled("#generate") and page.is_disabled("#cancel")
+    assert page.is_hidden("#notice")
