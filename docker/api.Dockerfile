@@ -1,7 +1,10 @@
 # The API image: FastAPI + RQ client, no torch (a few hundred MB instead of several GB).
 FROM python:3.11-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-RUN useradd --create-home --uid 10001 app
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 SELFCASCADE_DATA_DIR=/data
+# /data (SELFCASCADE_DATA_DIR: local results, when the storage backend is local) is created owned
+# by the app user, so a volume mounted there starts writable for uid 10001 (a path missing from
+# the image would be created root-owned).
+RUN useradd --create-home --uid 10001 app && mkdir -p /data && chown app /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY contract ./contract

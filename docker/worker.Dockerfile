@@ -1,26 +1,45 @@
 # The GPU worker: CUDA runtime + torch with CUDA, the models resident in memory.
-# Build: docker build -f docker/worker.Dockerfile --build-arg MODEL_DIR=models/demo .
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Build: docker build -f docker/worker.Dockerfile --build-arg MODELS=models .
+# torch >= 2.6: transformers 5 and diffusers 0.42 disable torch below 2.6 ("Disabling PyTorch
+# because PyTorch >= 2.6 is required"), which leaves a worker that cannot load any model.
+# For older NVIDIA drivers (CUDA 12.4): --build-arg BASE_IMAGE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    HF_HOME=/models/hf-cache
-RUN useradd --create-home --uid 10001 app && mkdir -p /models && chown app /models
+    HF_HOME=/models/hf-cache SELFCASCADE_DATA_DIR=/data
+# /data (SELFCASCADE_DATA_DIR here, in compose and in Kubernetes) is created owned by the app
+# user, so a named volume mounted there starts writable for uid 10001: Docker copies the image
+# folder's ownership into a new volume, while a path missing from the image is made root-owned.
+RUN useradd --create-home --uid 10001 app \
+    && mkdir -p /models/hf-cache /data && chown app /models /models/hf-cache /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY contract ./contract
 COPY service ./service
 COPY selfcascade ./selfcascade
 COPY worker ./worker
-# torch comes from the base image (CUDA build); pip keeps it because it satisfies torch>=2.4.
-RUN pip install '.[worker]'
-# Models are mounted under /models at run time, or baked in from a build-context folder
-# (--build-arg MODEL_DIR=models/demo); the default bakes only a placeholder README.
-ARG MODEL_DIR=docker/no-model
-COPY --chown=app ${MODEL_DIR} /models/baked
+# torch comes from the base image (CUDA build); pip keeps it because it satisfies torch>=2.6.
+# The check fails the build when a BASE_IMAGE's torch is too old for transformers/diffusers.
+RUN pip install '.[worker]' \
+    && python -c "import torch, transformers.utils as t; assert t.is_torch_available(), torch.__version__"
+COPY docker/worker_health.py /app/worker_health.py
+# Models: --build-arg MODELS=models bakes the build context's ./models folder in at /app/models
+# (/app is the working directory), where the settings look without a models file: the demo model
+# (models/demo) and its upsamplers (models/demo-upsamplers-*.safetensors). The default bakes only
+# a placeholder README (the worker then serves the tiny smoke-test model). Models can also be
+# mounted there, or anywhere a models file (SELFCASCADE_MODELS_FILE) points.
+ARG MODELS=docker/no-model
+# MODEL_DIR (a single model folder, once baked at /models/baked) is gone: refuse it loudly.
+ARG MODEL_DIR=
+RUN if [ -n "$MODEL_DIR" ]; then echo "MODEL_DIR is gone: use --build-arg MODELS=models" >&2; exit 1; fi
+COPY --chown=app ${MODELS} /app/models
 USER app
-# The worker's liveness is its RQ heartbeat; this check fails when the process cannot reach Redis.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD python -c "import os, redis; redis.Redis.from_url(os.environ['SELFCASCADE_REDIS_URL']).ping()" || exit 1
+# Healthy while the worker's presence key (re-published with a TTL by its heartbeat) exists;
+# passes while Redis itself is unreachable (docker/worker_health.py says why).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+  CMD ["python", "/app/worker_health.py", "liveness"]
 # SIGTERM = warm shutdown: RQ finishes (or requeues) the current job, then exits.
 STOPSIGNAL SIGTERM
-CMD ["selfcascade-worker"]
+# Names the worker <WORKER_NAME or hostname>-<random>, records the name for the health check and
+# execs selfcascade-worker (extra arguments go to it).
+CMD ["python", "/app/worker_health.py", "run"]

@@ -123,12 +123,60 @@ def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:
     assert "SELFCASCADE_MODELS_FILE" not in settings
 
 
+OVERLAYS = ["gpu", "cpu-dev"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaled_deployments_leave_their_replicas_to_the_autoscaler(overlay: str) -> None:
+    """A Deployment sets replicas exactly when no autoscaler owns it: otherwise every apply
+    resets the live count (workers 8 -> 1, or 0 -> 1 waking a GPU for nothing)."""
+    docs = _kustomize(overlay)
+    owned = {
+        doc["spec"]["scaleTargetRef"]["name"]
+        for doc in docs
+        if doc["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")
+        and doc["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    }
+    assert {"selfcascade-api", "selfcascade-worker"} <= owned
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            name = doc["metadata"]["name"]
+            assert ("replicas" in doc["spec"]) == (name not in owned), name
+    hpa = _find(docs, "HorizontalPodAutoscaler", "selfcascade-api")
+    scaled = _find(docs, "ScaledObject", "selfcascade-worker")
+    # The autoscalers' minimums are what a fresh apply starts from.
+    assert hpa["spec"]["minReplicas"] >= 1
+    assert scaled["spec"]["minReplicaCount"] == (0 if overlay == "gpu" else 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_volumes_never_hide_the_baked_models(overlay: str) -> None:
+    docs = _kustomize(overlay)
+    container = _find(docs, "Deployment", "selfcascade-worker")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    # Where the settings look without a models file (models/demo and its upsamplers, relative
+    # to the image's working directory), and where the worker image bakes ./models.
+    demo_dir: Path = Settings.model_fields["demo_model_dir"].default
+    baked = _workdir("worker.Dockerfile") / demo_dir.parent
+    dockerfile = (ROOT / "docker" / "worker.Dockerfile").read_text()
+    assert f"COPY --chown=app ${{MODELS}} {baked}" in dockerfile
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    for mount in mounts:
+        assert not baked.is_relative_to(mount), f"{mount} hides {baked}"
+    # The model cache volume is the Hugging Face cache, nothing above it.
+    [cache] = [m for m in container["volumeMounts"] if m["name"] == "model-cache"]
+    assert cache["mountPath"] == env["HF_HOME"] == "/models/hf-cache"
+    assert "HF_HOME=/models/hf-cache" in dockerfile
+
+
 # KEDA's kinds are custom resources: kubernetes-validate ships schemas for the core API only.
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
 KUBERNETES_VERSION = "1.31"
 
 
-@pytest.mark.parametrize("overlay", ["gpu", "cpu-dev"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_core_resources_validate_against_the_kubernetes_schemas(overlay: str) -> None:
     from kubernetes_validate import validate
 
