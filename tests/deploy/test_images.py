@@ -11,11 +11,10 @@ from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 
 import pytest
-import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.deploy.test_manifests import ROOT, _mounts, _tool
+from tests.deploy.test_manifests import ROOT, _compose_config, _mounts, _tool
 
 DOCKERFILES = ["api.Dockerfile", "worker.Dockerfile"]
 
@@ -79,12 +78,7 @@ def test_images_create_their_writable_folders_for_the_app_user(dockerfile: str) 
 
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_compose_volumes_land_on_folders_the_images_made_writable(profile: str) -> None:
-    done = subprocess.run(
-        [_tool("docker-compose"), "--profile", profile, "config"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    config = yaml.safe_load(done.stdout)
+    config = _compose_config(profile)
     for name, service in config["services"].items():
         build = service.get("build")
         if not build:

@@ -41,14 +41,20 @@ def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} {name}")
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
-def test_compose_file_validates(profile: str) -> None:
+def _compose_config(profile: str) -> dict[str, Any]:
+    """docker-compose.yml as `docker-compose --profile P config` resolves it (validation only)."""
     done = subprocess.run(
         [_tool("docker-compose"), "--profile", profile, "config"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
-    services = yaml.safe_load(done.stdout)["services"]
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_file_validates(profile: str) -> None:
+    services = _compose_config(profile)["services"]
     worker = services["worker" if profile == "gpu" else "worker-cpu"]
     assert services["redis"]["command"][:3] == ["redis-server", "--appendonly", "yes"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
