@@ -1,12 +1,20 @@
-"""The RQ side of the contract: two priority queues, JSON-serialised, the job function by name.
+"""The RQ side of the contract: one queue per model and priority, JSON-serialised, the job
+function by name.
 
 The API enqueues `worker.job.run_generation` by name so it never imports the worker (or torch).
 The RQ job carries only our job id; the parameters live in the job hash (contract.state).
-Workers listen on the queues in PRIORITIES order, and RQ always dequeues from the first
-non-empty queue, so batch work only runs when no interactive request waits.
+
+A job waits in its model's queue, and a worker listens only to the queues of the models it
+holds. So a job waits for a worker that can run it (a rollout that adds a model, or one worker
+pool per model) instead of failing on whichever worker dequeued it first. Workers listen
+priority-major: RQ dequeues from the first non-empty queue, so batch work only runs when no
+interactive request for a held model waits (and worker.process rotates the models within one
+priority, so a busy model cannot starve another).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from redis import Redis
 from redis.client import Pipeline
@@ -21,21 +29,48 @@ JOB_FUNCTION = "worker.job.run_generation"
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
-def generation_queue(
-    redis: Redis, settings: Settings, priority: Priority = "interactive"
-) -> Queue:
-    # The interactive queue keeps the historical name, so existing deployments drain as before.
+def queue_name(settings: Settings, model: str, priority: Priority = "interactive") -> str:
+    """`<prefix>:<queue_name>:<model>[:batch]`; model names cannot hold ':' (ModelSpec)."""
     suffix = "" if priority == "interactive" else f":{priority}"
-    return Queue(
-        f"{settings.redis_prefix}:{settings.queue_name}{suffix}",
-        connection=redis,
-        serializer=JSONSerializer,
-    )
+    return f"{settings.redis_prefix}:{settings.queue_name}:{model}{suffix}"
 
 
-def generation_queues(redis: Redis, settings: Settings) -> list[Queue]:
-    """Every priority queue, most urgent first: the order workers listen in."""
-    return [generation_queue(redis, settings, p) for p in PRIORITIES]
+def generation_queue(
+    redis: Redis, settings: Settings, model: str, priority: Priority = "interactive"
+) -> Queue:
+    return _queue(redis, queue_name(settings, model, priority))
+
+
+def generation_queues(redis: Redis, settings: Settings, models: Iterable[str]) -> list[Queue]:
+    """Every queue of `models`, priority-major (each model's interactive queue first): the
+    order a worker holding those models listens in."""
+    names = list(models)
+    return [generation_queue(redis, settings, m, p) for p in PRIORITIES for m in names]
+
+
+def queues_ahead(redis: Redis, settings: Settings, model: str, priority: Priority) -> list[Queue]:
+    """The queues a worker drains before `model`'s `priority` queue: its more urgent ones."""
+    urgent = PRIORITIES[: PRIORITIES.index(priority)]
+    return [generation_queue(redis, settings, model, p) for p in urgent]
+
+
+def legacy_queues(redis: Redis, settings: Settings) -> list[Queue]:
+    """The shared queues of releases before per-model queues (`<prefix>:<queue_name>[:batch]`).
+
+    Workers still drain them, last, so jobs accepted by an older API during a rollout run
+    instead of waiting until their records expire. Remove once no deployment predates this.
+    """
+    base = f"{settings.redis_prefix}:{settings.queue_name}"
+    return [_queue(redis, base if p == "interactive" else f"{base}:{p}") for p in PRIORITIES]
+
+
+def worker_queues(redis: Redis, settings: Settings, models: Iterable[str]) -> list[Queue]:
+    """What a worker holding `models` listens to: their queues, then the legacy ones.
+
+    Deduplicated by name: a model called "batch" has the legacy batch queue's name.
+    """
+    queues = generation_queues(redis, settings, models) + legacy_queues(redis, settings)
+    return list({queue.name: queue for queue in queues}.values())  # first occurrence's place
 
 
 def enqueue_generation(
@@ -53,3 +88,7 @@ def enqueue_generation(
         failure_ttl=settings.result_ttl_s,
         pipeline=pipeline,
     )
+
+
+def _queue(redis: Redis, name: str) -> Queue:
+    return Queue(name, connection=redis, serializer=JSONSerializer)

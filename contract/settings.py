@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     # separated by commas (NoDecode: a plain path is not JSON).
     demo_upsamplers: Annotated[list[Path], NoDecode] = list(demo_card.UPSAMPLERS)
 
+    # The models file entries this worker loads and serves, by name (comma-separated in the
+    # environment); empty: all of them. One models file can then serve the API and several
+    # worker pools (say, one per GPU type), each listening only to its own models' queues.
+    worker_models: Annotated[list[str], NoDecode] = []
+
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # default: <data_dir>/results
     s3_endpoint_url: str | None = None
@@ -134,6 +139,11 @@ class Settings(BaseSettings):
     # A running job's lease: a worker that stops renewing it for this long is presumed dead.
     worker_lease_s: int = 30
     reaper_interval_s: float = 5.0
+    # A running job quiet this long (no denoising step, no output written) means its worker is
+    # wedged in a native call the job timeout cannot interrupt: the worker exits for a restart
+    # and the job goes to another (worker/stall_watchdog.py). Far above any step or VAE decode
+    # and upload on a GPU; raise it for very large images on CPU. 0 disables.
+    stalled_job_s: float = Field(default=600.0, ge=0)
     progress_interval_s: float = 0.2
     # One short job per model at load, so the first real job runs at warm speed (bench/gpu.py on
     # an H200: SD2.1's first generation paid 3.3 s of one-time costs, a warm one 0.26 s).
@@ -171,6 +181,9 @@ class Settings(BaseSettings):
     # after the first, so a receiver down for a redeploy or an incident of a couple of hours
     # still gets its events; given-up deliveries are kept in `<prefix>:webhooks:dead`.
     webhook_max_attempts: int = Field(default=40, ge=1)
+    # Sends in flight to one receiver (URL host:port) across all senders: one slow or hostile
+    # receiver holds at most this many sender threads, the others keep theirs.
+    webhook_receiver_concurrency: int = Field(default=2, ge=1)
     webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min
     # The API's public address (https://... behind an ingress): the base of the output URLs in
     # responses and webhook bodies. Unset: responses use the address each request came to.
@@ -190,9 +203,9 @@ class Settings(BaseSettings):
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "models" / "tiny"
 
-    @field_validator("demo_upsamplers", mode="before")
+    @field_validator("demo_upsamplers", "worker_models", mode="before")
     @classmethod
-    def _comma_separated_paths(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -241,6 +254,19 @@ def load_model_specs(settings: Settings) -> list[ModelSpec]:
     if duplicates := sorted({name for name in names if names.count(name) > 1}):
         raise ModelsFileError(f"models file {path}: duplicate names: {', '.join(duplicates)}")
     return specs
+
+
+def select_worker_models(specs: list[ModelSpec], settings: Settings) -> list[ModelSpec]:
+    """The entries of `specs` this worker serves (`worker_models`; empty means all)."""
+    if not settings.worker_models:
+        return specs
+    by_name = {spec.name: spec for spec in specs}
+    if unknown := [name for name in settings.worker_models if name not in by_name]:
+        raise ModelsFileError(
+            f"SELFCASCADE_WORKER_MODELS names {', '.join(unknown)}, not in the models file "
+            f"(it has {', '.join(by_name)})"
+        )
+    return [by_name[name] for name in dict.fromkeys(settings.worker_models)]
 
 
 def _entries(raw: object, path: Path) -> list[object]:

@@ -96,19 +96,43 @@ def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: floa
     redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
 
 
-# KEYS: pending, in flight. ARGV: now, limit, claim seconds. Lapsed claims go back first.
+# How many due entries one claim looks through for receivers with a free slot: a backlog for one
+# busy receiver cannot hide the others' entries behind it, and the script stays short.
+CLAIM_SCAN_WINDOW = 256
+
+# KEYS: pending, in flight. ARGV: now, limit, claim seconds, sends per receiver, scan window.
+# Lapsed claims go back first. The receiver is the webhook URL's authority (host:port), read with
+# a pattern rather than cjson: the entries carry whole job records, and `url` comes before
+# `record` in WebhookDelivery's JSON, so the first "url" is the delivery's own.
 _CLAIM = """
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local now = tonumber(ARGV[1])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, entry in ipairs(lapsed) do
   redis.call('ZREM', KEYS[2], entry)
-  redis.call('ZADD', KEYS[1], ARGV[1], entry)
+  redis.call('ZADD', KEYS[1], now, entry)
 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, entry in ipairs(due) do
-  redis.call('ZREM', KEYS[1], entry)
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[3]), entry)
+local function receiver(entry)
+  local url = string.match(entry, '"url":"(.-)"') or ''
+  return string.lower(string.match(url, '^%a[%w+.-]*://([^/?#]*)') or url)
 end
-return due
+local busy = {}
+for _, entry in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local r = receiver(entry)
+  busy[r] = (busy[r] or 0) + 1
+end
+local limit, per_receiver = tonumber(ARGV[2]), tonumber(ARGV[4])
+local claimed = {}
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[5])) do
+  if #claimed >= limit then break end
+  local r = receiver(entry)
+  if (busy[r] or 0) < per_receiver then
+    busy[r] = (busy[r] or 0) + 1
+    redis.call('ZREM', KEYS[1], entry)
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), entry)
+    claimed[#claimed + 1] = entry
+  end
+end
+return claimed
 """
 
 
@@ -124,11 +148,19 @@ def claim_lifetime_s(send_deadline_s: float) -> float:
 
 
 def claim_due(
-    redis: Redis, keys: RedisKeys, now: float, limit: int, claim_s: float
+    redis: Redis,
+    keys: RedisKeys,
+    now: float,
+    limit: int,
+    claim_s: float,
+    per_receiver: int = 2,
 ) -> list[Claimed]:
-    """Up to `limit` due entries, moved atomically to in-flight for `claim_s` seconds."""
+    """Up to `limit` due entries, moved atomically to in-flight for `claim_s` seconds, taking
+    none for a receiver that already has `per_receiver` sends in flight (from any sender
+    process): a slow or hostile receiver holds at most that many threads, never all of them."""
     raw: list[bytes] = redis.eval(  # type: ignore[assignment]
-        _CLAIM, 2, keys.webhooks(), keys.webhooks_in_flight(), now, limit, claim_s
+        _CLAIM, 2, keys.webhooks(), keys.webhooks_in_flight(),
+        now, limit, claim_s, per_receiver, CLAIM_SCAN_WINDOW,
     )
     return [Claimed(raw=e, delivery=WebhookDelivery.model_validate_json(e)) for e in raw]
 

@@ -58,7 +58,7 @@ class Admission:
 
     def check_queue_depth(self) -> None:
         settings = self.services.settings
-        if sum(len(q) for q in self.services.queues.values()) >= settings.max_queue_length:
+        if sum(len(q) for q in self.services.queues) >= settings.max_queue_length:
             raise ApiError(
                 429, ErrorCode.QUEUE_FULL, "the queue is full; retry later", None,
                 {"Retry-After": "5"},

@@ -28,7 +28,7 @@ def cancel(services: ApiServices, record: JobRecord) -> bool:
         record.id, [JobStatus.QUEUED], JobStatus.CANCELED, event, {"finished_at": now}
     ):
         return False  # running (the worker stops it) or ended meanwhile
-    services.queues[record.origin.priority].remove(record.id)
+    services.queue_for(record.params.model, record.origin.priority).remove(record.id)
     services.redis.delete(Job.key_for(record.id))
     histograms.count_finished(services.redis, services.keys, JobStatus.CANCELED.value)
     enqueue_webhook(services.redis, services.keys, record, "completed")

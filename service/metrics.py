@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract import histograms
+from contract.jobs import Priority
+from contract.queueing import PRIORITIES
 from contract.webhook_queue import read_outcomes
 from service.live_workers import live_worker_info
 from service.services import ApiServices
@@ -79,12 +81,14 @@ class JobCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self.services
         try:
-            waiting: dict[str, int] = {p: len(q) for p, q in s.queues.items()}
+            waiting = {
+                (m.name, p): len(s.queue_for(m.name, p)) for p in PRIORITIES for m in s.models
+            }
             queued = sum(waiting.values())
             # Counted without RQ's cleanup(), which `.count` runs: with no exception handlers it
             # would fail a dead worker's job behind worker/abandoned.py's back, record left running.
             running = sum(
-                StartedJobRegistry(queue=q).get_job_count(cleanup=False) for q in s.queues.values()
+                StartedJobRegistry(queue=q).get_job_count(cleanup=False) for q in s.queues
             )
             finished = histograms.read_counts(s.redis, s.keys, histograms.JOBS_FINISHED)
             waits = histograms.read_histogram(s.redis, s.keys, histograms.QUEUE_WAIT)
@@ -131,7 +135,7 @@ HistogramData = tuple[list[tuple[str, float]], float]
 
 
 def _inference_server_metrics(
-    waiting: dict[str, int],
+    waiting: dict[tuple[str, Priority], int],
     running: int,
     finished: dict[str, int],
     waits: HistogramData,
@@ -140,10 +144,12 @@ def _inference_server_metrics(
 ) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
     """The same numbers under the names vLLM and TGI dashboards expect (seconds throughout)."""
     gauge = GaugeMetricFamily(
-        "selfcascade_num_requests_waiting", "Generations queued, by priority", labels=["priority"]
+        "selfcascade_num_requests_waiting",
+        "Generations queued, by model and priority",
+        labels=["model", "priority"],
     )
-    for priority, count in waiting.items():
-        gauge.add_metric([priority], count)
+    for (model, priority), count in waiting.items():
+        gauge.add_metric([model, priority], count)
     yield gauge
     gauge = GaugeMetricFamily("selfcascade_num_requests_running", "Generations running now")
     gauge.add_metric([], running)

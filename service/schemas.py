@@ -79,6 +79,8 @@ class GenerationView(BaseModel):
     model: str
     params: GenerationParams
     progress: ProgressRecord | None
+    # Jobs a worker takes before this one: those ahead in its model's queue, plus (for batch)
+    # the model's interactive jobs. None once it left the queue.
     queue_position: int | None
     created_at: float
     started_at: float | None

@@ -10,7 +10,7 @@ from rq import Queue
 
 from contract.jobs import Priority
 from contract.keys import RedisKeys
-from contract.queueing import PRIORITIES, generation_queue
+from contract.queueing import generation_queue, generation_queues, queues_ahead
 from contract.redis_connection import connect
 from contract.settings import ModelSpec, Settings, load_model_specs
 from contract.state import JobStore
@@ -24,8 +24,7 @@ class ApiServices:
     async_redis: AsyncRedis
     keys: RedisKeys
     store: JobStore
-    queue: Queue  # the interactive queue
-    queues: dict[Priority, Queue]
+    queues: list[Queue]  # every configured model's queues, for depth and metrics
     storage: ResultStorage
     models: list[ModelSpec]
 
@@ -36,6 +35,7 @@ class ApiServices:
         # Short timeouts: a dead Redis must become a quick 503, not a hung request.
         client = connect(settings.redis_url, socket_timeout=3.0)
         keys = RedisKeys(settings.redis_prefix)
+        models = load_model_specs(settings)
         return cls(
             settings=settings,
             redis=client,
@@ -48,8 +48,15 @@ class ApiServices:
             ),
             keys=keys,
             store=JobStore(client, keys, settings.result_ttl_s),
-            queue=generation_queue(client, settings),
-            queues={p: generation_queue(client, settings, p) for p in PRIORITIES},
+            queues=generation_queues(client, settings, [m.name for m in models]),
             storage=build_storage(settings),
-            models=load_model_specs(settings),
+            models=models,
         )
+
+    def queue_for(self, model: str, priority: Priority) -> Queue:
+        """The queue a job for `model` at `priority` waits in (also for a model no longer in
+        the models file: its queued jobs can still be found and canceled)."""
+        return generation_queue(self.redis, self.settings, model, priority)
+
+    def queues_ahead_of(self, model: str, priority: Priority) -> list[Queue]:
+        return queues_ahead(self.redis, self.settings, model, priority)

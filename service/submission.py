@@ -70,8 +70,8 @@ def submit(
                 services.store.create(job_id, p, now, origin, pipeline=transaction)
                 for job_id, p in zip(ids, params, strict=True)
             ]
-            queue = services.queues[origin.priority]
-            for job_id in ids:
+            for job_id, p in zip(ids, params, strict=True):
+                queue = services.queue_for(p.model, origin.priority)
                 enqueue_generation(queue, job_id, services.settings, pipeline=transaction)
             transaction.execute()
     except BaseException:

@@ -75,7 +75,8 @@ class WebhookDispatcher:
         claimed: list[Claimed] = []
         try:
             claimed = claim_due(
-                self.redis, self.keys, time.time(), available, claim_lifetime_s(timeout_s)
+                self.redis, self.keys, time.time(), available, claim_lifetime_s(timeout_s),
+                per_receiver=self.settings.webhook_receiver_concurrency,
             )
         finally:
             # Permits not used by a claim go back, also when Redis failed: a leak would stall

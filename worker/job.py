@@ -134,6 +134,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         record.id,
         rt.settings.progress_interval_s,
         on_written=_progress_webhook(rt, record),
+        on_step=rt.watchdog.beat,
     )
     hooks = model.stage_hooks(params)
     try:
@@ -143,6 +144,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
             cancel=RedisCancelFlag(rt.store, record.id),
             stage_hooks=hooks,
         )
+        rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
         outputs = _store(rt, record, result, video)
     except GenerationCancelled:
         _finish(rt, record, JobStatus.CANCELED)

@@ -9,9 +9,14 @@ import uuid
 
 from contract.keys import RedisKeys
 from contract.log_format import configure_logging
-from contract.queueing import generation_queues
+from contract.queueing import worker_queues
 from contract.redis_connection import connect
-from contract.settings import ModelsFileError, load_model_specs, settings_from_env
+from contract.settings import (
+    ModelsFileError,
+    load_model_specs,
+    select_worker_models,
+    settings_from_env,
+)
 from contract.state import JobStore
 from contract.storage import build_storage
 from selfcascade.errors import SelfCascadeError
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("SELFCASCADE_REDIS_URL (or REDIS_URL) must be set for the worker")
     try:
         specs = load_model_specs(settings)
+        served = select_worker_models(specs, settings)
     except ModelsFileError as exc:  # its one line is the whole story; a traceback would bury it
         raise SystemExit(str(exc)) from None
     # The blocking dequeue needs a socket timeout longer than its own wait (RQ adjusts it).
@@ -48,14 +54,20 @@ def main(argv: list[str] | None = None) -> None:
         worker_name=name,
     )
     try:
-        runtime.models = load_models(specs, settings)
+        runtime.models = load_models(served, settings)
     except (ModelRefused, SelfCascadeError) as exc:  # a missing folder, a bad checkpoint...
         raise SystemExit(f"cannot serve the configured models: {exc}") from None
     install(runtime)
 
     worker = GenerationWorker(
-        # Listen order is priority order: RQ dequeues from the first non-empty queue.
-        generation_queues(redis, settings), runtime=runtime, connection=redis, name=name
+        # Only the queues of the models held here, priority-major (RQ dequeues from the first
+        # non-empty queue), then the shared queues of older releases.
+        worker_queues(redis, settings, runtime.models),
+        # Every model's queues: abandoned jobs come back even when their own pool is gone.
+        reap_queues=worker_queues(redis, settings, [spec.name for spec in specs]),
+        runtime=runtime,
+        connection=redis,
+        name=name,
     )
     worker.start_reaper()
     log.info("worker %s ready with models %s", name, ", ".join(runtime.models))

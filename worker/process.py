@@ -8,11 +8,14 @@ dies the lease lapses, and any worker's reaper hands the job back to RQ (worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
@@ -22,10 +25,13 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from contract.jobs import Priority
 from contract.keys import RedisKeys
+from contract.queueing import PRIORITIES, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
 from worker.resident import WorkerRuntime
+from worker.stall_watchdog import EXIT_WEDGED
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,26 @@ RESULT_SWEEP_INTERVAL_S = 3600.0
 class GenerationWorker(SimpleWorker):
     """A SimpleWorker with short job leases, a presence key for /readyz, and a reaper thread."""
 
-    def __init__(self, queues: list[Queue], *, runtime: WorkerRuntime, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        queues: list[Queue],
+        *,
+        runtime: WorkerRuntime,
+        reap_queues: list[Queue] | None = None,
+        on_stall: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.runtime = runtime
+        # What a wedged job does to this process; tests observe it instead of exiting.
+        self.on_stall = on_stall or _exit_for_restart
+        # The reaper hands back abandoned jobs of every model, not only this worker's: a pool
+        # whose last worker died (and scaled to zero) would otherwise keep its jobs "running".
+        self.reap_queues = list(reap_queues if reap_queues is not None else queues)
+        self._priority_by_queue: dict[str, Priority] = {
+            queue_name(runtime.settings, model, priority): priority
+            for model in runtime.models
+            for priority in PRIORITIES
+        }
         self.keys = RedisKeys(runtime.settings.redis_prefix)
         self.lease_s = runtime.settings.worker_lease_s
         kwargs.setdefault("serializer", JSONSerializer)
@@ -45,6 +69,26 @@ class GenerationWorker(SimpleWorker):
         kwargs.setdefault("exception_handlers", [make_exception_handler(runtime.store)])
         super().__init__(queues, **kwargs)
         self._stop_reaper = threading.Event()
+
+    # -- fairness between models ----------------------------------------------------------
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        """Move the queue just dequeued from behind the other queues of its priority.
+
+        RQ takes from the first non-empty queue in listen order: without the rotation a steady
+        stream for one model would keep another model's jobs of the same priority waiting.
+        Priorities keep their order (interactive before batch); legacy queues are not rotated.
+        """
+        priority = self._priority_by_queue.get(reference_queue.name)
+        if priority is None:
+            return
+        order = self._ordered_queues
+        slots = [i for i, q in enumerate(order) if self._priority_by_queue.get(q.name) == priority]
+        tier = [order[i] for i in slots]
+        served = [q for q in tier if q.name == reference_queue.name]
+        rotated = [q for q in tier if q.name != reference_queue.name] + served
+        for slot, queue in zip(slots, rotated, strict=True):
+            order[slot] = queue
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -58,16 +102,28 @@ class GenerationWorker(SimpleWorker):
         renewer = threading.Thread(
             target=self._renew_lease, args=(job, execution, stop), name="lease", daemon=True
         )
+        self.runtime.watchdog.job_started()
         renewer.start()
         try:
             self.perform_job(job, queue, execution)
         finally:
+            self.runtime.watchdog.job_ended()
             stop.set()
             renewer.join(timeout=5)
         self.set_state(WorkerStatus.IDLE)
 
     def _renew_lease(self, job: Job, execution: Any, stop: threading.Event) -> None:
         while not stop.wait(max(0.5, self.lease_s / 3)):
+            quiet = self.runtime.watchdog.stalled_for()
+            if quiet is not None:
+                # No renewal from here on: the lease and the presence key lapse.
+                log.critical(
+                    "job %s showed no progress for %.0f s (SELFCASCADE_STALLED_JOB_S %g): "
+                    "this worker is wedged and exits; the job goes to another worker",
+                    job.id, quiet, self.runtime.watchdog.limit_s,
+                )
+                self.on_stall()
+                return
             try:
                 self.maintain_heartbeats(job, execution)
                 self.publish_presence()
@@ -111,7 +167,7 @@ class GenerationWorker(SimpleWorker):
         while not self._stop_reaper.wait(interval):
             try:
                 reap_abandoned_jobs(
-                    self.connection, self.queues, self.keys, interval, self._exc_handlers
+                    self.connection, self.reap_queues, self.keys, interval, self._exc_handlers
                 )
                 # One sweep per interval across all workers: concurrent sweeps of a shared
                 # results directory race (a folder removed while a job writes into it).
@@ -125,6 +181,15 @@ class GenerationWorker(SimpleWorker):
                         log.info("deleted %d expired results", removed)
             except Exception:
                 log.exception("reaper pass failed; will retry")
+
+
+def _exit_for_restart() -> None:
+    # os._exit, not sys.exit: the main thread is stuck in native code and would never unwind.
+    # A plain flush, not logging.shutdown(), which would wait on locks the stuck thread may hold.
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_WEDGED)
 
 
 def reap_abandoned_jobs(

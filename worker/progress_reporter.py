@@ -23,15 +23,19 @@ class ThrottledProgress:
         job_id: str,
         min_interval_s: float,
         on_written: Callable[[ProgressRecord], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.on_written = on_written
+        self.on_step = on_step  # every step, before throttling: the stall watchdog's beat
         self.job_id = job_id
         self.min_interval_s = min_interval_s
         self._written_at = 0.0
         self.last: ProgressRecord | None = None
 
     def __call__(self, progress: Any) -> None:
+        if self.on_step:
+            self.on_step()
         record = ProgressRecord(
             stage=progress.stage,
             stages=progress.stages,

@@ -14,6 +14,7 @@ from contract.jobs import GenerationParams
 from contract.settings import TINY_MODEL_NAME, ModelSpec, Settings
 from contract.state import JobStore
 from contract.storage import ResultStorage
+from worker.stall_watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class WorkerRuntime:
     storage: ResultStorage
     worker_name: str
     models: dict[str, ResidentModel] = field(default_factory=dict)
+    watchdog: StallWatchdog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.watchdog = StallWatchdog(self.settings.stalled_job_s)
 
 
 class ModelRefused(ValueError):

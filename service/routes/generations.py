@@ -112,11 +112,12 @@ async def get_generation(
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     position = None
     if record.status is JobStatus.QUEUED:
-        queue = services.queues[record.origin.priority]
-        found = await services.async_redis.lpos(queue.key, job_id)
+        model, priority = record.params.model, record.origin.priority
+        found = await services.async_redis.lpos(services.queue_for(model, priority).key, job_id)
         position = found if isinstance(found, int) else None
-        if position is not None and record.origin.priority == "batch":
-            position += await services.async_redis.llen(services.queue.key)
+        if position is not None:
+            for ahead in services.queues_ahead_of(model, priority):
+                position += await services.async_redis.llen(ahead.key)
     return _view(services, request, record, position)
 
 
@@ -331,7 +332,8 @@ def _view(
 ) -> GenerationView:
     """The public view; `position` -1 means "look it up" (sync callers)."""
     if record.status is JobStatus.QUEUED and position == -1:
-        position = services.queues[record.origin.priority].get_job_position(record.id)
-        if position is not None and record.origin.priority == "batch":
-            position += len(services.queue)
+        model, priority = record.params.model, record.origin.priority
+        position = services.queue_for(model, priority).get_job_position(record.id)
+        if position is not None:
+            position += sum(len(q) for q in services.queues_ahead_of(model, priority))
     return generation_view(record, client_base_url(services.settings, request), position)

@@ -7,6 +7,7 @@ import time
 
 from redis import Redis
 
+from contract.jobs import GenerationParams, JobOrigin, JobRecord, JobStatus
 from contract.keys import RedisKeys
 from contract.webhook_queue import (
     DEAD_LETTERS_KEPT,
@@ -46,6 +47,37 @@ def test_a_lapsed_claim_is_due_again(redis_client: Redis, key_prefix: str) -> No
     assert claim_due(redis_client, keys, now + 1, 10, claim_s=5) == []
     [again] = claim_due(redis_client, keys, now + 6, 10, claim_s=5)
     assert again.delivery.id == "msg_3"
+
+
+def to(url: str, n: int, webhook_in_record: str = "https://elsewhere.test/") -> WebhookDelivery:
+    """A delivery to `url` whose job record names another webhook URL, as a snapshot can."""
+    record = JobRecord(
+        id="j", status=JobStatus.SUCCEEDED, created_at=0.0,
+        params=GenerationParams(prompt="p", model="tiny", width=64, height=64, seed=1),
+        origin=JobOrigin(webhook=webhook_in_record),
+    )
+    return WebhookDelivery(id=f"msg_{n}", job_id="j", event="completed", url=url, record=record)
+
+
+def test_one_receiver_gets_at_most_its_share_of_sends(redis_client: Redis, key_prefix: str) -> None:
+    keys = RedisKeys(key_prefix)
+    now = time.time()
+    # A backlog for one slow receiver, due before anything for the others.
+    for n in range(5):
+        schedule(redis_client, keys, to("https://Slow.test/hook", n), now - 10 + n)
+    schedule(redis_client, keys, to("https://slow.test:8443/hook", 5), now - 4)  # another port
+    schedule(redis_client, keys, to("https://fast.test/a?x=1", 6), now - 3)
+    schedule(redis_client, keys, to("https://fast.test/b", 7), now - 2)
+
+    claimed = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert [c.delivery.id for c in claimed] == ["msg_0", "msg_1", "msg_5", "msg_6"]
+    # fast.test has a slot left; slow.test's backlog waits behind its two sends in flight.
+    [fast] = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert fast.delivery.id == "msg_7"
+    assert claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2) == []
+    finish_claim(redis_client, keys, claimed[0])
+    [slow] = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert slow.delivery.id == "msg_2"
 
 
 def test_a_claim_outlives_the_deadline_of_its_send() -> None:

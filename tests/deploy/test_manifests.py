@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from redis import Redis
 
-from contract.queueing import generation_queues
+from contract.queueing import worker_queues
 from contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,9 +103,11 @@ def test_gpu_overlay_scales_workers_to_zero_on_the_rq_queue() -> None:
     scaled = _find(docs, "ScaledObject", "selfcascade-worker")
     assert scaled["spec"]["minReplicaCount"] == 0
     lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    # The exact Redis lists RQ uses for the queues the API enqueues to.
+    # Exactly the Redis lists of the queues the workers listen to, for the models file's models.
+    models = json.loads(_find(docs, "ConfigMap", "selfcascade-models")["data"]["models.json"])
+    names = [entry["name"] for entry in models["models"]]
     settings = Settings(redis_prefix="selfcascade", queue_name="generations")
-    expected = {queue.key for queue in generation_queues(Redis(), settings)}
+    expected = {queue.key for queue in worker_queues(Redis(), settings, names)}
     assert lists == expected
 
 

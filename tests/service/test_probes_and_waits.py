@@ -37,7 +37,7 @@ def test_a_scrape_leaves_an_expired_started_entry_to_the_reaper(
     settings_for: SettingsFactory, redis_client: Redis
 ) -> None:
     app = create_app(settings_for())
-    registry = StartedJobRegistry(queue=app.state.services.queue)
+    registry = StartedJobRegistry(queue=app.state.services.queue_for("tiny", "interactive"))
     # A worker that died mid-job: its lease ran out a minute ago and the reaper has not run yet.
     # RQ's own cleanup would drop the entry (and fail the job without our handlers).
     entry = f"{uuid.uuid4().hex}:{uuid.uuid4().hex}"  # job id:execution id, as RQ writes it
@@ -84,7 +84,7 @@ def test_full_wait_slots_leave_the_probes_free_and_refuse_more_waits_at_once(
             assert extra.status_code == 202, extra.text
             assert "preference-applied" not in extra.headers
             # The OpenAI route must wait to answer, so it is refused before making any job.
-            queue = app.state.services.queue
+            queue = app.state.services.queue_for("tiny", "interactive")
             before = queue.count
             refused = client.post("/v1/images/generations", json={"prompt": "busy"})
             error = assert_error(refused, 429, "queue_full")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from redis import Redis
 
+from contract.queueing import generation_queue, generation_queues
 from service.app import create_app
 from tests.conftest import free_port
 from tests.live_stack import ApiServer
@@ -127,8 +128,7 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
             if not k.endswith((b":events", b":cancel"))
         ]
         assert len(jobs) == 1
-        queued = sum(redis_client.llen(f"rq:queue:{settings.redis_prefix}:generations{s}")
-                     for s in ("", ":batch"))
+        queued = sum(len(q) for q in generation_queues(redis_client, settings, ["tiny"]))
         assert queued == 1
 
         with server.client() as client:
@@ -225,6 +225,40 @@ def test_batch_jobs_queue_behind_interactive_ones(settings_for: SettingsFactory)
         view = client.get(f"/v1/generations/{batch['id']}").json()
         assert view["priority"] == "batch"
         assert view["queue_position"] == 2  # two interactive jobs run first
+
+
+def test_each_model_has_its_own_queue(
+    settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
+    models = tmp_path / "two-models.json"
+    models.write_text(json.dumps([{"name": "tiny", **entry}, {"name": "tiny-b", **entry}]))
+    settings = settings_for(models_file=models)
+    with api(settings_for, models_file=models) as client:
+        for _ in range(2):
+            client.post("/v1/generations", json=BODY)  # the default model, tiny
+        other = client.post("/v1/generations", json={**BODY, "model": "tiny-b"}).json()
+        later = client.post(
+            "/v1/generations", json={**BODY, "model": "tiny-b", "priority": "batch"}
+        ).json()
+        # Only jobs for the same model are ahead: another model's workers take the others.
+        assert client.get(f"/v1/generations/{other['id']}").json()["queue_position"] == 0
+        assert client.get(f"/v1/generations/{later['id']}").json()["queue_position"] == 1
+        queues = {
+            (model, priority): len(generation_queue(redis_client, settings, model, priority))
+            for model in ("tiny", "tiny-b") for priority in ("interactive", "batch")
+        }
+        assert queues == {
+            ("tiny", "interactive"): 2, ("tiny", "batch"): 0,
+            ("tiny-b", "interactive"): 1, ("tiny-b", "batch"): 1,
+        }
+        metrics = client.get("/metrics").text
+        assert 'selfcascade_num_requests_waiting{model="tiny-b",priority="batch"} 1.0' in metrics
+        assert "selfcascade_queue_depth 4.0" in metrics
+
+        assert client.post(f"/v1/generations/{other['id']}/cancel").json()["status"] == "canceled"
+        assert len(generation_queue(redis_client, settings, "tiny-b")) == 0
+        assert client.get(f"/v1/generations/{later['id']}").json()["queue_position"] == 0
 
 
 def test_keys_file_holds_digests_and_scopes(settings_for: SettingsFactory, tmp_path: Path) -> None:

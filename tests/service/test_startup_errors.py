@@ -17,13 +17,16 @@ from tests.live_stack import REPO
 pytestmark = pytest.mark.integration
 
 
-def start(entry_point: str, models: Path, redis_url: str, tmp_path: Path) -> Any:
+def start(
+    entry_point: str, models: Path, redis_url: str, tmp_path: Path, **env_vars: str
+) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
     env.update(
         SELFCASCADE_REDIS_URL=redis_url,
         SELFCASCADE_MODELS_FILE=str(models),
         SELFCASCADE_DATA_DIR=str(tmp_path / "data"),
         PYTHONPATH=str(REPO),
+        **env_vars,
     )
     return subprocess.run(
         [sys.executable, "-m", entry_point], env=env, cwd=tmp_path, capture_output=True,
@@ -42,6 +45,19 @@ def test_a_bad_models_file_exits_with_one_line(
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"models file {models}: entry 0 ('demo'): upsampler: unknown key"
+    ], done.stderr
+
+
+def test_a_worker_asked_for_a_model_the_file_lacks_exits_with_one_line(
+    tmp_path: Path, redis_url: str, tiny_model_dir: Path
+) -> None:
+    models = tmp_path / "models.json"
+    entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
+    models.write_text(json.dumps([{"name": "a", **entry}, {"name": "b", **entry}]))
+    done = start("worker.main", models, redis_url, tmp_path, SELFCASCADE_WORKER_MODELS="b, sdxl")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "SELFCASCADE_WORKER_MODELS names sdxl, not in the models file (it has a, b)"
     ], done.stderr
 
 

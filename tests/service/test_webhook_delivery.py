@@ -23,8 +23,15 @@ from redis import Redis
 from contract.jobs import GenerationParams, JobOrigin, JobRecord, JobStatus
 from contract.keys import RedisKeys
 from contract.settings import Settings, settings_from_env
-from contract.webhook_queue import WebhookDelivery, claim_due, read_dead, signing_key
+from contract.webhook_queue import (
+    WebhookDelivery,
+    claim_due,
+    read_dead,
+    schedule,
+    signing_key,
+)
 from service.webhook_delivery import MAX_BACKOFF_S, WebhookSender, retry_delay, sign
+from service.webhook_worker import WebhookDispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -135,15 +142,36 @@ class Hook:
     body: bytes
 
 
+@dataclass
+class Concurrency:
+    now: int = 0
+    most: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def change(self, by: int) -> None:
+        with self.lock:
+            self.now += by
+            self.most = max(self.most, self.now)
+
+
 @contextmanager
-def receiver(status: int) -> Iterator[tuple[str, list[Hook]]]:
-    """A loopback HTTP receiver that records each request and answers `status`."""
+def receiver(
+    status: int, hold: threading.Event | None = None, seen: Concurrency | None = None
+) -> Iterator[tuple[str, list[Hook]]]:
+    """A loopback HTTP receiver that records each request and answers `status` (once `hold`
+    is set, when given), counting the requests it holds at once in `seen`."""
     hooks: list[Hook] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             hooks.append(Hook({k.lower(): v for k, v in self.headers.items()}, body))
+            if seen:
+                seen.change(+1)
+            if hold:
+                hold.wait(60)
+            if seen:
+                seen.change(-1)
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -249,3 +277,44 @@ def test_a_refused_answer_is_a_dead_letter_at_once(
     [dead] = read_dead(redis_client, keys)
     assert (dead.attempts, dead.error) == (1, "HTTP 410 (not retried)")
     assert claim_due(redis_client, keys, time.time() + 3600, 10, 30) == []
+
+
+def test_a_stalled_receiver_holds_only_its_share_of_the_sender_threads(
+    redis_client: Redis, redis_url: str, key_prefix: str
+) -> None:
+    # Four threads, two per receiver: while one receiver hangs on every request (up to the 30 s
+    # deadline), another still gets its deliveries at once.
+    keys = RedisKeys(key_prefix)
+    config = settings(
+        redis_url, key_prefix, webhook_timeout_s=30.0, webhook_receiver_concurrency=2
+    )
+    hold, slow_seen = threading.Event(), Concurrency()
+    dispatcher = WebhookDispatcher(config, threads=4)
+    with (
+        receiver(204, hold, slow_seen) as (slow_url, slow_hooks),
+        receiver(204) as (fast_url, fast_hooks),
+    ):
+        now = time.time()
+        for n in range(6):  # the stalled receiver's backlog is due first
+            entry = delivery(slow_url).model_copy(update={"id": f"s{n}"})
+            schedule(redis_client, keys, entry, now - 10 + n)
+        for n in range(3):
+            entry = delivery(fast_url).model_copy(update={"id": f"f{n}"})
+            schedule(redis_client, keys, entry, now - 1)
+        dispatcher.start_thread()
+        try:
+            wait_until(lambda: len(fast_hooks) == 3, 10, "the other receiver's deliveries")
+            assert slow_seen.most == 2 and len(slow_hooks) == 2
+            hold.set()
+            wait_until(lambda: len(slow_hooks) == 6, 30, "the stalled receiver's backlog")
+        finally:
+            hold.set()
+            dispatcher.stop.set()
+    assert slow_seen.most == 2
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

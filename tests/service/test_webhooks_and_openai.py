@@ -25,6 +25,7 @@ from PIL import Image
 from redis import Redis
 
 from contract.keys import RedisKeys
+from contract.queueing import generation_queue
 from contract.settings import Settings
 from contract.state import JobStore
 from contract.webhook_queue import WebhookDelivery
@@ -268,7 +269,7 @@ def test_metrics_use_inference_server_names(stack: Stack) -> None:
         "selfcascade_request_queue_time_seconds_bucket",
         "selfcascade_request_inference_time_seconds_bucket",
         "selfcascade_e2e_request_latency_seconds_bucket",
-        'selfcascade_num_requests_waiting{priority="interactive"}',
+        'selfcascade_num_requests_waiting{model="tiny",priority="interactive"}',
         "selfcascade_num_requests_running",
         'selfcascade_request_success_total{status="succeeded"}',
     ):
@@ -303,4 +304,4 @@ def test_an_openai_request_that_times_out_cancels_its_queued_jobs(
     for job_id in ids:
         assert redis.hget(f"{prefix}:job:{job_id}", "status") == b"canceled"
         assert not redis.exists(f"rq:job:{job_id}")
-    assert redis.llen(f"rq:queue:{prefix}:{settings.queue_name}") == 0
+    assert redis.llen(generation_queue(redis, settings, "tiny").key) == 0

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from contract.jobs import GenerationParams
+from contract.jobs import GenerationParams, JobOrigin, Priority
 from contract.keys import RedisKeys
-from contract.queueing import enqueue_generation, generation_queue
-from contract.settings import Settings, load_model_specs
+from contract.queueing import enqueue_generation, generation_queue, worker_queues
+from contract.settings import Settings, load_model_specs, select_worker_models
 from contract.state import JobStore
 from contract.storage import build_storage
 from tests.service.conftest import SettingsFactory, settings_for, tiny_model_dir
@@ -34,7 +34,8 @@ def runtime_for(settings_for: SettingsFactory, redis_client: Redis) -> Iterator[
             storage=build_storage(settings),
             worker_name=f"inproc-{uuid.uuid4().hex[:6]}",
         )
-        rt.models = resident.load_models(load_model_specs(settings), settings)
+        specs = select_worker_models(load_model_specs(settings), settings)
+        rt.models = resident.load_models(specs, settings)
         resident.install(rt)
         return rt
 
@@ -42,16 +43,21 @@ def runtime_for(settings_for: SettingsFactory, redis_client: Redis) -> Iterator[
     resident.RESIDENT.clear()
 
 
-def submit(rt: WorkerRuntime, **params: Any) -> str:
+def submit(rt: WorkerRuntime, priority: Priority = "interactive", **params: Any) -> str:
+    """Create a job as the API does and enqueue it on its model's queue at `priority`."""
     job_id = uuid.uuid4().hex
     values: dict[str, Any] = dict(prompt="p", model="tiny", width=64, height=64, seed=1, steps=3)
-    rt.store.create(job_id, GenerationParams(**{**values, **params}), time.time())
-    enqueue_generation(generation_queue(rt.store.redis, rt.settings), job_id, rt.settings)
+    job = GenerationParams(**{**values, **params})
+    rt.store.create(job_id, job, time.time(), JobOrigin(priority=priority))
+    queue = generation_queue(rt.store.redis, rt.settings, job.model, priority)
+    enqueue_generation(queue, job_id, rt.settings)
     return job_id
 
 
-def work_burst(rt: WorkerRuntime) -> None:
-    queue = generation_queue(rt.store.redis, rt.settings)
-    GenerationWorker([queue], runtime=rt, connection=rt.store.redis, name=rt.worker_name).work(
-        burst=True, with_scheduler=False
+def work_burst(rt: WorkerRuntime, **worker_options: Any) -> None:
+    """Run an in-process worker until its queues are empty."""
+    queues = worker_queues(rt.store.redis, rt.settings, rt.models)
+    worker = GenerationWorker(
+        queues, runtime=rt, connection=rt.store.redis, name=rt.worker_name, **worker_options
     )
+    worker.work(burst=True, with_scheduler=False)

@@ -13,7 +13,7 @@ import pytest
 
 from contract.jobs import GenerationParams, JobOrigin, Priority
 from contract.log_format import JsonFormatter, TraceFilter
-from contract.queueing import enqueue_generation, generation_queue, generation_queues
+from contract.queueing import enqueue_generation, generation_queue, worker_queues
 from worker.process import GenerationWorker
 from worker.resident import WorkerRuntime
 
@@ -25,7 +25,8 @@ def submit_with(rt: WorkerRuntime, priority: Priority, request_id: str) -> str:
     params = GenerationParams(prompt="p", model="tiny", width=64, height=64, seed=1, steps=2)
     origin = JobOrigin(priority=priority, request_id=request_id)
     rt.store.create(job_id, params, time.time(), origin)
-    enqueue_generation(generation_queue(rt.store.redis, rt.settings, priority), job_id, rt.settings)
+    queue = generation_queue(rt.store.redis, rt.settings, params.model, priority)
+    enqueue_generation(queue, job_id, rt.settings)
     return job_id
 
 
@@ -43,7 +44,7 @@ def test_interactive_jobs_run_before_earlier_batch_jobs(runtime_for: Any) -> Non
     previous_level = job_log.level
     job_log.setLevel(logging.INFO)
     try:
-        queues = generation_queues(rt.store.redis, rt.settings)
+        queues = worker_queues(rt.store.redis, rt.settings, rt.models)
         GenerationWorker(queues, runtime=rt, connection=rt.store.redis, name=rt.worker_name).work(
             burst=True, with_scheduler=False
         )

@@ -37,9 +37,11 @@ def all_events(store: JobStore, job_id: str) -> list[str]:
     return types
 
 
-def submit(store: JobStore, settings: Settings, job_id: str) -> None:
-    store.create(job_id, PARAMS, time.time())
-    enqueue_generation(generation_queue(store.redis, settings), job_id, settings)
+def submit(
+    store: JobStore, settings: Settings, job_id: str, params: GenerationParams = PARAMS
+) -> None:
+    store.create(job_id, params, time.time())
+    enqueue_generation(generation_queue(store.redis, settings, params.model), job_id, settings)
 
 
 def test_sigkilled_worker_job_is_retried_elsewhere_and_succeeds(

@@ -1,0 +1,104 @@
+"""One queue per model: a worker takes only jobs for models it holds, takes turns between them,
+and still reaps abandoned jobs of models it does not hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from contract.jobs import JobStatus
+from contract.keys import RedisKeys
+from contract.state import JobStore
+from tests.live_stack import WorkerProcess, wait_for
+from tests.service.conftest import SettingsFactory
+from tests.worker.conftest import submit, work_burst
+from tests.worker.test_worker_death import PARAMS
+from tests.worker.test_worker_death import submit as submit_params
+from worker.resident import WorkerRuntime
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def two_models(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A models file naming the tiny model twice, as "tiny" and "tiny-b"."""
+    entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
+    path = tmp_path / "two-models.json"
+    models = [{"name": "tiny", **entry}, {"name": "tiny-b", **entry}]
+    path.write_text(json.dumps({"models": models}))
+    return path
+
+
+def status(rt: WorkerRuntime, job_id: str) -> JobStatus:
+    record = rt.store.get(job_id)
+    assert record is not None
+    return record.status
+
+
+def test_a_job_waits_for_a_worker_that_holds_its_model(runtime_for: Any, two_models: Path) -> None:
+    # A rollout that adds tiny-b: the API accepts its jobs before any worker loaded it.
+    old = runtime_for(models_file=two_models, worker_models=["tiny"])
+    assert list(old.models) == ["tiny"]
+    mine, theirs = submit(old, model="tiny"), submit(old, model="tiny-b")
+    work_burst(old)
+    assert status(old, mine) is JobStatus.SUCCEEDED
+    assert status(old, theirs) is JobStatus.QUEUED  # left for a worker with tiny-b, not failed
+
+    new = runtime_for(models_file=two_models, worker_models=["tiny-b"])
+    work_burst(new)
+    record = new.store.get(theirs)
+    assert record is not None and record.status is JobStatus.SUCCEEDED
+    assert record.worker == new.worker_name
+
+
+def test_a_worker_takes_turns_between_its_models_within_a_priority(
+    runtime_for: Any, two_models: Path
+) -> None:
+    rt = runtime_for(models_file=two_models)
+    batch = submit(rt, "batch", model="tiny")
+    jobs = [submit(rt, model="tiny") for _ in range(3)]
+    jobs += [submit(rt, model="tiny-b") for _ in range(3)]
+    work_burst(rt)
+
+    records = [rt.store.get(job_id) for job_id in [batch, *jobs]]
+    done = [r for r in records if r is not None and r.status is JobStatus.SUCCEEDED]
+    assert len(done) == len(records)
+    order = sorted(done, key=lambda r: r.started_at or 0.0)
+    # tiny's three jobs were queued first, yet tiny-b's run in between; batch work runs last.
+    assert [r.params.model for r in order[:6]] == ["tiny", "tiny-b"] * 3
+    assert order[-1].id == batch
+
+
+def test_a_worker_reaps_abandoned_jobs_of_models_it_does_not_hold(
+    settings_for: SettingsFactory, redis_client: Redis, two_models: Path, tmp_path: Path
+) -> None:
+    # tiny-b's only worker dies mid-job; a worker holding only tiny hands the job back (here,
+    # with no retries left, fails it) instead of leaving it "running" until tiny-b returns.
+    settings = settings_for(models_file=two_models, job_retries=0)
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
+    doomed = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny-b"]}), "b", tmp_path)
+    other = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny"]}), "a", tmp_path)
+    try:
+        doomed.start().wait_ready(redis_client)
+        job_id = "d" * 32
+        submit_params(store, settings, job_id, PARAMS.model_copy(update={"model": "tiny-b"}))
+        wait_for(
+            lambda: (r := store.get(job_id)) is not None and r.progress is not None,
+            120, "the job to make progress",
+        )
+        doomed.kill()
+        other.start().wait_ready(redis_client)
+        wait_for(
+            lambda: (r := store.get(job_id)) is not None and r.status.is_terminal,
+            60, "the abandoned job to be failed",
+        )
+        record = store.get(job_id)
+        assert record is not None and record.status is JobStatus.FAILED
+        assert record.error is not None and record.error.code.value == "worker_lost"
+    finally:
+        doomed.stop()
+        other.stop()
