@@ -30,9 +30,11 @@ PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
 def queue_name(settings: Settings, model: str, priority: Priority = "interactive") -> str:
-    """`<prefix>:<queue_name>:<model>[:batch]`; model names cannot hold ':' (ModelSpec)."""
+    """`<prefix>:<queue_name>:model:<model>[:batch]`. The `model` segment keeps every name
+    apart from the legacy `<prefix>:<queue_name>[:batch]`, also for a model called "batch"
+    (model names cannot hold ':', ModelSpec)."""
     suffix = "" if priority == "interactive" else f":{priority}"
-    return f"{settings.redis_prefix}:{settings.queue_name}:{model}{suffix}"
+    return f"{settings.redis_prefix}:{settings.queue_name}:model:{model}{suffix}"
 
 
 def generation_queue(
@@ -65,12 +67,8 @@ def legacy_queues(redis: Redis, settings: Settings) -> list[Queue]:
 
 
 def worker_queues(redis: Redis, settings: Settings, models: Iterable[str]) -> list[Queue]:
-    """What a worker holding `models` listens to: their queues, then the legacy ones.
-
-    Deduplicated by name: a model called "batch" has the legacy batch queue's name.
-    """
-    queues = generation_queues(redis, settings, models) + legacy_queues(redis, settings)
-    return list({queue.name: queue for queue in queues}.values())  # first occurrence's place
+    """What a worker holding `models` listens to: their queues, then the legacy ones."""
+    return generation_queues(redis, settings, models) + legacy_queues(redis, settings)
 
 
 def enqueue_generation(

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = 64 * 1024
     max_pixels: int = 2048 * 2048
-    max_queue_length: int = 1000
+    max_queue_length: int = 1000  # waiting jobs per model (both priorities)
     job_timeout_s: int = 1800
     job_retries: int = 2  # extra attempts after a worker died mid-job
     # A running job's lease: a worker that stops renewing it for this long is presumed dead.
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     # after the first, so a receiver down for a redeploy or an incident of a couple of hours
     # still gets its events; given-up deliveries are kept in `<prefix>:webhooks:dead`.
     webhook_max_attempts: int = Field(default=40, ge=1)
-    # Sends in flight to one receiver (URL host:port) across all senders: one slow or hostile
+    # Sends in flight to one receiver (URL host:port) across all senders: one slow or hanging
     # receiver holds at most this many sender threads, the others keep theirs.
     webhook_receiver_concurrency: int = Field(default=2, ge=1)
     webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min

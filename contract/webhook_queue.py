@@ -96,14 +96,18 @@ def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: floa
     redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
 
 
-# How many due entries one claim looks through for receivers with a free slot: a backlog for one
-# busy receiver cannot hide the others' entries behind it, and the script stays short.
+# How many due entries one claim looks through for receivers with a free slot (it stays short).
 CLAIM_SCAN_WINDOW = 256
+# A due entry passed over because its receiver is at its limit is due again this much later:
+# behind every entry due now, so a backlog for one busy receiver cannot fill the scan window
+# for good and hide the other receivers' entries behind it. (A busy receiver's backlog is then
+# sent in no particular order; webhooks promise none, and each body carries its job's state.)
+BUSY_RECEIVER_DEFER_S = 1.0
 
-# KEYS: pending, in flight. ARGV: now, limit, claim seconds, sends per receiver, scan window.
-# Lapsed claims go back first. The receiver is the webhook URL's authority (host:port), read with
-# a pattern rather than cjson: the entries carry whole job records, and `url` comes before
-# `record` in WebhookDelivery's JSON, so the first "url" is the delivery's own.
+# KEYS: pending, in flight. ARGV: now, limit, claim seconds, sends per receiver, scan window,
+# deferral. Lapsed claims go back first. The receiver is the webhook URL's authority
+# (host:port), read with a pattern rather than cjson: the entries carry whole job records, and
+# `url` comes before `record` in WebhookDelivery's JSON, so the first "url" is the delivery's.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -130,6 +134,8 @@ for _, entry in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT'
     redis.call('ZREM', KEYS[1], entry)
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), entry)
     claimed[#claimed + 1] = entry
+  else
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), entry)
   end
 end
 return claimed
@@ -160,7 +166,7 @@ def claim_due(
     process): a slow or hostile receiver holds at most that many threads, never all of them."""
     raw: list[bytes] = redis.eval(  # type: ignore[assignment]
         _CLAIM, 2, keys.webhooks(), keys.webhooks_in_flight(),
-        now, limit, claim_s, per_receiver, CLAIM_SCAN_WINDOW,
+        now, limit, claim_s, per_receiver, CLAIM_SCAN_WINDOW, BUSY_RECEIVER_DEFER_S,
     )
     return [Claimed(raw=e, delivery=WebhookDelivery.model_validate_json(e)) for e in raw]
 

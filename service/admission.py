@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from contract.jobs import ErrorCode
+from contract.queueing import PRIORITIES
 from service.errors import ApiError
 from service.services import ApiServices
 
@@ -56,12 +57,15 @@ class Admission:
         self._bucket = services.redis.register_script(_TOKEN_BUCKET)
         self._active = services.redis.register_script(_ACTIVE_JOBS)
 
-    def check_queue_depth(self) -> None:
-        settings = self.services.settings
-        if sum(len(q) for q in self.services.queues) >= settings.max_queue_length:
+    def check_queue_depth(self, model: str) -> None:
+        """429 when `model`'s queues are full. Per model: a model whose workers are gone (or
+        not started yet) fills only its own queue, never the others'."""
+        s = self.services
+        waiting = sum(len(s.queue_for(model, p)) for p in PRIORITIES)
+        if waiting >= s.settings.max_queue_length:
             raise ApiError(
-                429, ErrorCode.QUEUE_FULL, "the queue is full; retry later", None,
-                {"Retry-After": "5"},
+                429, ErrorCode.QUEUE_FULL, f"the queue for model {model} is full; retry later",
+                None, {"Retry-After": "5"},
             )
 
     def take_rate_tokens(self, bucket: str, cost: int = 1) -> None:

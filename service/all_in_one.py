@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 import httpx
 
+from contract.exit_codes import RESTART_EXIT_CODES
 from contract.log_format import configure_logging
 from contract.settings import settings_from_env
 from service.embedded_redis import EmbeddedRedis, EmbeddedRedisBusy
@@ -23,6 +25,8 @@ log = logging.getLogger("selfcascade.serve")
 READY_TIMEOUT_S = 300.0  # the first start writes the tiny model and imports torch
 # A worker finishing its current step and the API draining its connections fit well inside it.
 STOP_GRACE_S = 30.0
+# A worker asking for a restart sooner than this after its start is crash-looping: stop instead.
+CRASH_LOOP_S = 60.0
 
 
 def main() -> None:
@@ -44,7 +48,15 @@ def main() -> None:
             raise SystemExit(str(exc)) from None
         env["SELFCASCADE_REDIS_URL"] = embedded.url
 
-    children: list[subprocess.Popen[bytes]] = []
+    children = [
+        Child("worker", ["-m", "worker.main"], restartable=True),
+        # Webhooks are sent by their own small process, never from the GPU loop.
+        Child("webhooks", ["-m", "service.webhook_worker"]),
+        Child(
+            "api",
+            ["-m", "service.main", "--host", settings.host, "--port", str(settings.port)],
+        ),
+    ]
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -54,28 +66,63 @@ def main() -> None:
     # SIGINT as ignored, and Python then never raises KeyboardInterrupt for it.
     signal.signal(signal.SIGINT, stop)
     try:
-        children.append(subprocess.Popen([sys.executable, "-m", "worker.main"], env=env))
-        # Webhooks are sent by their own small process, never from the GPU loop.
-        children.append(subprocess.Popen([sys.executable, "-m", "service.webhook_worker"], env=env))
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "service.main", "--host", settings.host,
-                 "--port", str(settings.port)],
-                env=env,
-            )
-        )
+        for child in children:
+            child.start(env)
         url = f"http://{settings.host}:{settings.port}"
-        wait_until_ready(url, children)
+        wait_until_ready(url, [child.process for child in children if child.process])
         print(f"selfcascade is serving on {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        log.error("a child process exited; shutting down")
+        gone = keep_running(children, env)
+        log.error("the %s process exited (%s); shutting down", gone.name, gone.exit_code)
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
-        _stop_all(children)
+        _stop_all([child.process for child in children if child.process])
         if embedded is not None:
             embedded.stop()
+
+
+@dataclass
+class Child:
+    """One process of the stack; `restartable` ones are started again when they exit asking
+    for it (contract.exit_codes), as an orchestrator would."""
+
+    name: str
+    args: list[str]  # after the interpreter
+    restartable: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, *self.args], env=env)
+        self.started_at = time.monotonic()
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+
+def keep_running(children: list[Child], env: dict[str, str], poll_s: float = 0.5) -> Child:
+    """Watch the children until one exits for good, and return it.
+
+    A restartable child that exits asking for a restart (a wedged job, a broken CUDA context)
+    is started again: its job's lease lapses and the new worker's reaper retries the job. One
+    that asks again within CRASH_LOOP_S of starting is crash-looping and ends the stack.
+    """
+    while True:
+        for child in children:
+            code = child.exit_code
+            if code is None:
+                continue
+            ran_s = time.monotonic() - child.started_at
+            if child.restartable and code in RESTART_EXIT_CODES and ran_s > CRASH_LOOP_S:
+                log.warning(
+                    "the %s process exited (%d) asking for a restart; starting a new one",
+                    child.name, code,
+                )
+                child.start(env)
+                continue
+            return child
+        time.sleep(poll_s)
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -56,7 +56,8 @@ def submit(
 ) -> list[JobRecord]:
     """Create and enqueue one job per params entry; 429 (nothing created) when refused."""
     ids = job_ids or [uuid.uuid4().hex for _ in params]
-    admission.check_queue_depth()
+    for model in dict.fromkeys(p.model for p in params):
+        admission.check_queue_depth(model)
     admission.take_rate_tokens(caller.bucket, cost=len(params))
     now = time.time()
     # Slots first: the slot script drops ids whose record does not exist yet only when another

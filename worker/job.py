@@ -16,6 +16,7 @@ from typing import Any
 from rq.timeouts import JobTimeoutException
 
 from contract import histograms
+from contract.exit_codes import EXIT_ACCELERATOR_BROKEN
 from contract.jobs import (
     ErrorCode,
     ErrorInfo,
@@ -42,7 +43,6 @@ from worker.resident import WorkerRuntime, runtime
 log = logging.getLogger(__name__)
 
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-EXIT_ACCELERATOR_BROKEN = 70  # EX_SOFTWARE: restart me
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0
 
 

@@ -25,13 +25,13 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from contract.exit_codes import EXIT_WEDGED
 from contract.jobs import Priority
 from contract.keys import RedisKeys
 from contract.queueing import PRIORITIES, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
 from worker.resident import WorkerRuntime
-from worker.stall_watchdog import EXIT_WEDGED
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class GenerationWorker(SimpleWorker):
     def _renew_lease(self, job: Job, execution: Any, stop: threading.Event) -> None:
         while not stop.wait(max(0.5, self.lease_s / 3)):
             quiet = self.runtime.watchdog.stalled_for()
-            if quiet is not None:
+            if quiet is not None and not stop.is_set():  # not a job that just finished
                 # No renewal from here on: the lease and the presence key lapse.
                 log.critical(
                     "job %s showed no progress for %.0f s (SELFCASCADE_STALLED_JOB_S %g): "

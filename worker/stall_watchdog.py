@@ -14,8 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-EXIT_WEDGED = 75  # EX_TEMPFAIL: restart me; the job goes to another worker
-
 
 class StallWatchdog:
     """How long the running job has been quiet. Written by the job's thread, read by the lease

@@ -10,6 +10,7 @@ from redis import Redis
 from contract.jobs import GenerationParams, JobOrigin, JobRecord, JobStatus
 from contract.keys import RedisKeys
 from contract.webhook_queue import (
+    CLAIM_SCAN_WINDOW,
     DEAD_LETTERS_KEPT,
     DeadDelivery,
     WebhookDelivery,
@@ -76,8 +77,29 @@ def test_one_receiver_gets_at_most_its_share_of_sends(redis_client: Redis, key_p
     assert fast.delivery.id == "msg_7"
     assert claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2) == []
     finish_claim(redis_client, keys, claimed[0])
-    [slow] = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
-    assert slow.delivery.id == "msg_2"
+    # The entries passed over were deferred by a second: the freed slot is taken then.
+    assert claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2) == []
+    [slow] = claim_due(redis_client, keys, now + 2, 4, claim_s=30, per_receiver=2)
+    assert slow.delivery.id in {"msg_2", "msg_3", "msg_4"}
+
+
+def test_a_busy_receivers_backlog_cannot_hide_other_receivers(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    keys = RedisKeys(key_prefix)
+    now = time.time()
+    backlog = CLAIM_SCAN_WINDOW + 40  # more than one claim looks through
+    for n in range(backlog):
+        schedule(redis_client, keys, to("https://slow.test/", n), now - 1000 + n)
+    schedule(redis_client, keys, to("https://fast.test/", backlog), now - 1)
+    first = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert [c.delivery.id for c in first] == ["msg_0", "msg_1"]  # the window held only slow.test
+    # Those passed over are due a moment later, so the next claim reaches past them.
+    [fast] = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert fast.delivery.id == f"msg_{backlog}"
+    deferred = redis_client.zrangebyscore(keys.webhooks(), now, "+inf")
+    ids = {WebhookDelivery.model_validate_json(raw).id for raw in deferred}
+    assert ids == {f"msg_{n}" for n in range(2, backlog)}  # nothing lost, nothing claimed twice
 
 
 def test_a_claim_outlives_the_deadline_of_its_send() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service import all_in_one
 from tests.conftest import free_port
 from tests.live_stack import REPO, wait_for
 
@@ -67,3 +68,43 @@ def test_serve_runs_the_flow_on_an_embedded_redis_and_stops_on_ctrl_c(tmp_path: 
             serve.wait(timeout=10)
         # Redis runs in its own session (a terminal's Ctrl-C must not stop it under the worker).
         subprocess.run(["pkill", "-f", str(tmp_path / "data" / "redis")], check=False)
+
+
+def stand_in(code: str) -> list[str]:
+    """Arguments for the interpreter: a child process running `code`."""
+    return ["-c", code]
+
+
+def test_a_worker_asking_for_a_restart_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(all_in_one, "CRASH_LOOP_S", 0.0)
+    starts = tmp_path / "starts"
+    # Exits 75 (wedged) on its first run, then keeps running like a healthy worker.
+    worker = all_in_one.Child("worker", stand_in(
+        f"import os, pathlib, time; p = pathlib.Path({str(starts)!r}); "
+        "first = not p.exists(); p.write_text(p.read_text() + 'x' if p.exists() else 'x'); "
+        "os._exit(75) if first else time.sleep(60)"
+    ), restartable=True)
+    api = all_in_one.Child("api", stand_in("import time; time.sleep(3); raise SystemExit(3)"))
+    children = [worker, api]
+    try:
+        for child in children:
+            child.start(dict(os.environ))
+        gone = all_in_one.keep_running(children, dict(os.environ), poll_s=0.05)
+        assert gone is api and gone.exit_code == 3
+        assert starts.read_text() == "xx" and worker.exit_code is None  # the second one runs
+    finally:
+        for child in children:
+            if child.process and child.process.poll() is None:
+                child.process.kill()
+
+
+@pytest.mark.parametrize(
+    ("code", "why"), [(75, "asks again right after starting"), (1, "an ordinary failure")]
+)
+def test_a_worker_is_not_restarted_when(code: int, why: str) -> None:
+    worker = all_in_one.Child("worker", stand_in(f"import os; os._exit({code})"), restartable=True)
+    worker.start(dict(os.environ))
+    gone = all_in_one.keep_running([worker], dict(os.environ), poll_s=0.05)
+    assert gone is worker and gone.exit_code == code, why

@@ -233,10 +233,13 @@ def test_each_model_has_its_own_queue(
     entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
     models = tmp_path / "two-models.json"
     models.write_text(json.dumps([{"name": "tiny", **entry}, {"name": "tiny-b", **entry}]))
-    settings = settings_for(models_file=models)
-    with api(settings_for, models_file=models) as client:
+    settings = settings_for(models_file=models, max_queue_length=2)
+    with api(settings_for, models_file=models, max_queue_length=2) as client:
         for _ in range(2):
             client.post("/v1/generations", json=BODY)  # the default model, tiny
+        # tiny's queue is full (no worker runs here); tiny-b's is not.
+        full = assert_error(client.post("/v1/generations", json=BODY), 429, "queue_full")
+        assert "model tiny " in full["message"]
         other = client.post("/v1/generations", json={**BODY, "model": "tiny-b"}).json()
         later = client.post(
             "/v1/generations", json={**BODY, "model": "tiny-b", "priority": "batch"}

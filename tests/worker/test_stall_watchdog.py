@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
+from contract.exit_codes import EXIT_WEDGED
 from contract.jobs import JobRecord, JobStatus
 from tests.live_stack import REPO
 from tests.worker.conftest import submit, work_burst
 from worker import job as job_module
 from worker.cancel_flag import RedisCancelFlag
 from worker.resident import WorkerRuntime
-from worker.stall_watchdog import EXIT_WEDGED, StallWatchdog
+from worker.stall_watchdog import StallWatchdog
 
 pytestmark = pytest.mark.integration
 
