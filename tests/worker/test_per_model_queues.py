@@ -11,13 +11,10 @@ import pytest
 from redis import Redis
 
 from contract.jobs import JobStatus
-from contract.keys import RedisKeys
-from contract.state import JobStore
-from tests.live_stack import WorkerProcess, wait_for
+from tests.live_stack import WorkerProcess
 from tests.service.conftest import SettingsFactory
 from tests.worker.conftest import submit, work_burst
-from tests.worker.test_worker_death import PARAMS
-from tests.worker.test_worker_death import submit as submit_params
+from tests.worker.test_worker_death import PARAMS, expect_worker_lost
 from worker.resident import WorkerRuntime
 
 pytestmark = pytest.mark.integration
@@ -79,26 +76,8 @@ def test_a_worker_reaps_abandoned_jobs_of_models_it_does_not_hold(
     # tiny-b's only worker dies mid-job; a worker holding only tiny hands the job back (here,
     # with no retries left, fails it) instead of leaving it "running" until tiny-b returns.
     settings = settings_for(models_file=two_models, job_retries=0)
-    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
     doomed = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny-b"]}), "b", tmp_path)
     other = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny"]}), "a", tmp_path)
-    try:
-        doomed.start().wait_ready(redis_client)
-        job_id = "d" * 32
-        submit_params(store, settings, job_id, PARAMS.model_copy(update={"model": "tiny-b"}))
-        wait_for(
-            lambda: (r := store.get(job_id)) is not None and r.progress is not None,
-            120, "the job to make progress",
-        )
-        doomed.kill()
-        other.start().wait_ready(redis_client)
-        wait_for(
-            lambda: (r := store.get(job_id)) is not None and r.status.is_terminal,
-            60, "the abandoned job to be failed",
-        )
-        record = store.get(job_id)
-        assert record is not None and record.status is JobStatus.FAILED
-        assert record.error is not None and record.error.code.value == "worker_lost"
-    finally:
-        doomed.stop()
-        other.stop()
+    expect_worker_lost(
+        settings, redis_client, doomed, other, PARAMS.model_copy(update={"model": "tiny-b"})
+    )

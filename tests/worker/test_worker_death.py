@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -112,20 +113,32 @@ def test_dead_worker_without_retries_left_fails_the_job_instead_of_leaving_it_ru
     settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path
 ) -> None:
     settings: Settings = settings_for(job_retries=0)
-    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
-    doomed = WorkerProcess(settings, "only-worker", tmp_path).start()
+    doomed = WorkerProcess(settings, "only-worker", tmp_path)
+    # The next worker to come up reaps the abandoned job.
     successor = WorkerProcess(settings, "successor", tmp_path)
+    expect_worker_lost(settings, redis_client, doomed, successor, PARAMS)
+
+
+def expect_worker_lost(
+    settings: Settings,
+    redis: Redis,
+    doomed: WorkerProcess,
+    successor: WorkerProcess,
+    params: GenerationParams,
+) -> None:
+    """Submit a long job, SIGKILL `doomed` once it makes progress, then start `successor`: with
+    no retries left (job_retries=0), its reaper must fail the job `worker_lost`."""
+    store = JobStore(redis, RedisKeys(settings.redis_prefix), settings.result_ttl_s)
+    job_id = uuid.uuid4().hex
     try:
-        doomed.wait_ready(redis_client)
-        job_id = "c" * 32
-        submit(store, settings, job_id)
+        doomed.start().wait_ready(redis)
+        submit(store, settings, job_id, params)
         wait_for(
             lambda: (r := store.get(job_id)) is not None and r.progress is not None,
             120, "the job to make progress",
         )
         doomed.kill()
-        # The next worker to come up reaps the abandoned job.
-        successor.start().wait_ready(redis_client)
+        successor.start().wait_ready(redis)
         wait_for(
             lambda: (r := store.get(job_id)) is not None and r.status.is_terminal,
             60, "the abandoned job to be failed",
