@@ -105,7 +105,11 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     params = record.params
     model = rt.models.get(params.model)
     if model is None:
-        return _fail(rt, record, ErrorCode.MODEL_UNAVAILABLE, f"model {params.model} not loaded")
+        # Only a job from the shared queues of releases before per-model queues gets here.
+        return _fail(
+            rt, record, ErrorCode.MODEL_UNAVAILABLE,
+            f"model {params.model} is not loaded on the worker that took this job",
+        )
     video = model.spec.produces_video  # load_models checked it against the engine
     if video != params.is_video:
         held, asked = ("video", "an image") if video else ("images", "a video")

@@ -4,13 +4,16 @@ and still reaps abandoned jobs of models it does not hold."""
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis import Redis
 
-from contract.jobs import JobStatus
+from contract.jobs import GenerationParams, JobStatus
+from contract.queueing import enqueue_generation, legacy_queues
 from tests.live_stack import WorkerProcess
 from tests.service.conftest import SettingsFactory
 from tests.worker.conftest import submit, work_burst
@@ -81,3 +84,23 @@ def test_a_worker_reaps_abandoned_jobs_of_models_it_does_not_hold(
     expect_worker_lost(
         settings, redis_client, doomed, other, PARAMS.model_copy(update={"model": "tiny-b"})
     )
+
+
+def test_jobs_left_on_the_shared_queues_of_an_older_release_still_run(
+    runtime_for: Any, two_models: Path
+) -> None:
+    rt = runtime_for(models_file=two_models, worker_models=["tiny"])
+    legacy, _ = legacy_queues(rt.store.redis, rt.settings)
+    ids = {}
+    for model in ("tiny", "tiny-b"):
+        job_id = ids[model] = uuid.uuid4().hex
+        params = GenerationParams(prompt="p", model=model, width=64, height=64, seed=1, steps=2)
+        rt.store.create(job_id, params, time.time())
+        enqueue_generation(legacy, job_id, rt.settings)
+    work_burst(rt)
+    assert status(rt, ids["tiny"]) is JobStatus.SUCCEEDED
+    # A shared queue cannot route by model: a job this worker cannot run fails, and says why.
+    record = rt.store.get(ids["tiny-b"])
+    assert record is not None and record.status is JobStatus.FAILED
+    assert record.error is not None and record.error.code.value == "model_unavailable"
+    assert "not loaded on the worker that took this job" in record.error.message
