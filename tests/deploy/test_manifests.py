@@ -13,7 +13,7 @@ import yaml
 from redis import Redis
 
 from contract.queueing import worker_queues
-from contract.settings import Settings
+from contract.settings import TINY_MODEL_NAME, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 1800
@@ -98,17 +98,29 @@ def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return mounts
 
 
-def test_gpu_overlay_scales_workers_to_zero_on_the_rq_queue() -> None:
-    docs = _kustomize("gpu")
-    scaled = _find(docs, "ScaledObject", "selfcascade-worker")
+def test_gpu_overlay_scales_workers_to_zero() -> None:
+    scaled = _find(_kustomize("gpu"), "ScaledObject", "selfcascade-worker")
     assert scaled["spec"]["minReplicaCount"] == 0
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-dev"])
+def test_workers_scale_on_the_queues_of_the_models_they_serve(overlay: str) -> None:
+    docs = _kustomize(overlay)
+    scaled = _find(docs, "ScaledObject", "selfcascade-worker")
     lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    # Exactly the Redis lists of the queues the workers listen to, for the models file's models.
-    models = json.loads(_find(docs, "ConfigMap", "selfcascade-models")["data"]["models.json"])
-    names = [entry["name"] for entry in models["models"]]
+    # Exactly the Redis lists of the queues the workers listen to, for the models they serve.
     settings = Settings(redis_prefix="selfcascade", queue_name="generations")
-    expected = {queue.key for queue in worker_queues(Redis(), settings, names)}
+    expected = {queue.key for queue in worker_queues(Redis(), settings, _served_models(docs))}
     assert lists == expected
+
+
+def _served_models(docs: list[dict[str, Any]]) -> list[str]:
+    """The models file's names; without one, the tiny model (the images bake no demo model
+    unless built with --build-arg MODELS=models)."""
+    if "SELFCASCADE_MODELS_FILE" not in _find(docs, "ConfigMap", "selfcascade-settings")["data"]:
+        return [TINY_MODEL_NAME]
+    models = json.loads(_find(docs, "ConfigMap", "selfcascade-models")["data"]["models.json"])
+    return [entry["name"] for entry in models["models"]]
 
 
 def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
