@@ -25,7 +25,7 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
-from contract.webhook_queue import signing_key
+from contract.webhook_queue import DEFAULT_RECEIVER_CONCURRENCY, signing_key
 from selfcascade.demo import card as demo_card
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 
@@ -183,7 +183,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=40, ge=1)
     # Sends in flight to one receiver (URL host:port) across all senders: one slow or hanging
     # receiver holds at most this many sender threads, the others keep theirs.
-    webhook_receiver_concurrency: int = Field(default=2, ge=1)
+    webhook_receiver_concurrency: int = Field(default=DEFAULT_RECEIVER_CONCURRENCY, ge=1)
     webhook_backoff_s: float = 1.0  # first retry delay; doubles each attempt, capped at 5 min
     # The API's public address (https://... behind an ingress): the base of the output URLs in
     # responses and webhook bodies. Unset: responses use the address each request came to.

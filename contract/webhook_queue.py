@@ -96,6 +96,8 @@ def schedule(redis: Redis, keys: RedisKeys, delivery: WebhookDelivery, due: floa
     redis.zadd(keys.webhooks(), {delivery.model_dump_json(): due})
 
 
+# Sends in flight per receiver unless configured (Settings.webhook_receiver_concurrency).
+DEFAULT_RECEIVER_CONCURRENCY = 2
 # How many due entries one claim looks through for receivers with a free slot (it stays short).
 CLAIM_SCAN_WINDOW = 256
 # A due entry passed over because its receiver is at its limit is due again this much later:
@@ -159,7 +161,7 @@ def claim_due(
     now: float,
     limit: int,
     claim_s: float,
-    per_receiver: int = 2,
+    per_receiver: int = DEFAULT_RECEIVER_CONCURRENCY,
 ) -> list[Claimed]:
     """Up to `limit` due entries, moved atomically to in-flight for `claim_s` seconds, taking
     none for a receiver that already has `per_receiver` sends in flight (from any sender

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,21 +130,10 @@ class ApiServer:
         return httpx.Client(base_url=self.url, timeout=10)
 
 
-def write_models_file(path: Path, model_dir: Path) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "models": [
-                    {
-                        "name": "tiny",
-                        "path": str(model_dir),
-                        "native_width": 64,
-                        "native_height": 64,
-                    }
-                ]
-            }
-        )
-    )
+def write_models_file(path: Path, model_dir: Path, names: Sequence[str] = ("tiny",)) -> Path:
+    """A models file naming the 64 px tiny model at `model_dir` once per name."""
+    entry = {"path": str(model_dir), "native_width": 64, "native_height": 64}
+    path.write_text(json.dumps({"models": [{"name": name, **entry} for name in names]}))
     return path
 
 

@@ -17,7 +17,7 @@ from redis import Redis
 from contract.queueing import generation_queue, generation_queues
 from service.app import create_app
 from tests.conftest import free_port
-from tests.live_stack import ApiServer
+from tests.live_stack import ApiServer, write_models_file
 from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
@@ -230,9 +230,7 @@ def test_batch_jobs_queue_behind_interactive_ones(settings_for: SettingsFactory)
 def test_each_model_has_its_own_queue(
     settings_for: SettingsFactory, redis_client: Redis, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
-    models = tmp_path / "two-models.json"
-    models.write_text(json.dumps([{"name": "tiny", **entry}, {"name": "tiny-b", **entry}]))
+    models = write_models_file(tmp_path / "two-models.json", tiny_model_dir, ("tiny", "tiny-b"))
     settings = settings_for(models_file=models, max_queue_length=2)
     with api(settings_for, models_file=models, max_queue_length=2) as client:
         for _ in range(2):

@@ -3,7 +3,6 @@ and still reaps abandoned jobs of models it does not hold."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +13,7 @@ from redis import Redis
 
 from contract.jobs import GenerationParams, JobStatus
 from contract.queueing import enqueue_generation, legacy_queues
-from tests.live_stack import WorkerProcess
+from tests.live_stack import WorkerProcess, write_models_file
 from tests.service.conftest import SettingsFactory
 from tests.worker.conftest import submit, work_burst
 from tests.worker.test_worker_death import PARAMS, expect_worker_lost
@@ -26,11 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def two_models(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A models file naming the tiny model twice, as "tiny" and "tiny-b"."""
-    entry = {"path": str(tiny_model_dir), "native_width": 64, "native_height": 64}
-    path = tmp_path / "two-models.json"
-    models = [{"name": "tiny", **entry}, {"name": "tiny-b", **entry}]
-    path.write_text(json.dumps({"models": models}))
-    return path
+    return write_models_file(tmp_path / "two-models.json", tiny_model_dir, ("tiny", "tiny-b"))
 
 
 def status(rt: WorkerRuntime, job_id: str) -> JobStatus:
