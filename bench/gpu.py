@@ -11,9 +11,11 @@ For each case it times, side by side in one process, at the same step count and 
 - `tuned`: the same with the time-aware feature upsamplers (random weights, LR features
   recomputed every step as in the official code);
 
-plus, on the largest SD2.1 case, two optimisation variants (`tuned_per_stage`: LR features
-cached once per stage; `tuning_free_channels_last`); `--experiment attention` compares SDPA's
-attention kernels on SD2.1 2048^2. It records median seconds, per-stage
+and, with the suffix `_cuda_graphs`, the same through an engine whose launch-bound stages (up
+to 1024^2) replay CUDA graphs of the UNet (selfcascade/cuda_graphs.py, the worker's default);
+its images are compared with the eager variant's of the same seed. Also: `tuned_per_stage`
+(LR features cached once per stage), `_channels_last`, and `--experiment attention`, which
+compares SDPA's attention kernels on SD2.1 2048^2. It records median seconds, per-stage
 seconds, peak GPU memory (allocated and reserved), UNet evaluations, whether the decoded
 pixels were finite, the warm-up cost at load and first-vs-warm job times, and host syncs per
 denoising step. It writes JSON after every run (a killed run keeps what it measured) and prints
@@ -37,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
-from tuned_overhead import random_upsamplers  # a sibling script: bench/ is on sys.path
 
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import build_public_pipeline
@@ -48,12 +50,13 @@ from selfcascade.stage_runtime import count_calls
 from selfcascade.stage_runtime import synchronize_device as synchronize
 from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from selfcascade.tuned import TunedStageHook
+from selfcascade.upsamplers import FeatureUpsamplerSet
 from selfcascade.warmup import warm_up
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-BASE_VARIANTS = ("stock_direct", "tuning_free", "tuned")
-EXTRA_VARIANTS = ("tuned_per_stage", "tuning_free_channels_last")
+BASE_VARIANTS = ("stock_direct", "tuning_free", "tuning_free_cuda_graphs", "tuned_cuda_graphs")
+GRAPHS = "_cuda_graphs"
 # `--experiment attention`: the attention-bound 2048^2 step with cuDNN's fused attention (the
 # Hopper kernel) preferred over the FlashAttention-2 kernel SDPA picks by default, stock too.
 ATTENTION_VARIANTS = (
@@ -69,24 +72,36 @@ class Case:
     size: int
     steps: int
     reps: int = 2
-    extras: bool = False  # the optimisation variants, on one case only (device time is short)
     variants: tuple[str, ...] = BASE_VARIANTS
+    # Run in the last rep only (device time is 15 minutes a session).
+    extras: tuple[str, ...] = ("tuned",)
 
 
 FULL_CASES = (
     Case("sd21-base", 1024, 50),
-    Case("sd21-base", 2048, 50, extras=True),
+    Case("sd21-base", 2048, 50, extras=("tuned", "tuned_per_stage_cuda_graphs")),
     Case("sdxl-base", 2048, 50),
-    # 20 steps, one rep: at 50 steps the three 4096^2 runs alone would take ~3 minutes.
-    Case("sdxl-base", 4096, 20, reps=1),
+    # 20 steps, one rep, no stock run (33 s on an H200, measured before: 44.9 GiB): the memory
+    # target is what this case checks.
+    Case("sdxl-base", 4096, 20, reps=1, variants=("tuning_free_cuda_graphs", "tuned_cuda_graphs"),
+         extras=()),
 )
+GRAPH_VARIANTS = ("stock_direct", "tuning_free_cuda_graphs", "tuned_cuda_graphs")
 EXPERIMENTS = {
-    "attention": (Case("sd21-base", 2048, 50, reps=1, variants=ATTENTION_VARIANTS),),
-    "attention-tiny": (Case("tiny-sd", 128, 4, reps=1, variants=ATTENTION_VARIANTS),),
+    # Tuned stages replaying graphs (per-step LR features inside the graph), against the eager
+    # tuned run of the same seed in the last rep.
+    "graphs": (
+        Case("sd21-base", 1024, 50, variants=GRAPH_VARIANTS),
+        Case("sd21-base", 2048, 50, variants=GRAPH_VARIANTS),
+        Case("sdxl-base", 2048, 50, variants=GRAPH_VARIANTS[1:]),
+    ),
+    "attention": (Case("sd21-base", 2048, 50, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
+    "attention-tiny": (Case("tiny-sd", 128, 4, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
 }
 TINY_CASES = (
     Case("tiny-sd", 128, 4),
-    Case("tiny-sd", 256, 4, extras=True),
+    Case("tiny-sd", 256, 4, extras=("tuned", "tuned_per_stage_cuda_graphs",
+                                    "tuning_free_channels_last")),
     Case("tiny-sdxl", 256, 4, reps=1),
 )
 
@@ -105,6 +120,9 @@ class Run:
     peak_allocated_gib: float
     peak_reserved_gib: float
     finite: bool
+    # `_cuda_graphs` variants: the largest difference of any pixel value (0-255) from the eager
+    # variant's image of the same seed; None when that one did not run.
+    max_pixel_diff_vs_eager: int | None = None
 
 
 @dataclass
@@ -166,8 +184,14 @@ def attention_backend(variant: str) -> Iterator[None]:
 
 
 def timed_run(
-    engine: SelfCascadePipeline, case: Case, variant: str, rep: int, hooks: dict[str, Any]
-) -> Run:
+    engines: dict[str, SelfCascadePipeline],
+    case: Case,
+    variant: str,
+    rep: int,
+    hooks: dict[str, Any],
+) -> tuple[Run, Any]:
+    """One end-to-end run of `variant`; returns it and its (first) image."""
+    engine = engines["graphs" if GRAPHS in variant else "eager"]
     pipe, device = engine.pipe, engine.pipe.device
     request = GenerationRequest(PROMPT, case.size, case.size, steps=case.steps, seed=rep)
     if device.type == "cuda":
@@ -175,25 +199,27 @@ def timed_run(
     channels_last = variant.endswith("_channels_last")
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-    base = variant.removesuffix("_channels_last").removesuffix("_cudnn_attention")
+    base = (variant.removesuffix("_channels_last").removesuffix("_cudnn_attention")
+            .removesuffix(GRAPHS))
     try:
         with attention_backend(variant), finite_output_check(pipe) as flags:
             synchronize(device)
             started = time.perf_counter()
             if base == "stock_direct":
                 with count_calls(pipe.unet) as calls:
-                    pipe(
+                    images = pipe(
                         PROMPT,
                         height=case.size,
                         width=case.size,
                         num_inference_steps=case.steps,
                         generator=torch.Generator().manual_seed(rep),
-                    )
+                    ).images
                 synchronize(device)
                 seconds = time.perf_counter() - started
                 stage_seconds, stages, evaluations = [seconds], [f"{case.size}"], calls[0]
             else:
                 result = engine.generate(request, stage_hooks=hooks.get(base, []))
+                images = result.images
                 synchronize(device)
                 seconds = time.perf_counter() - started
                 stage_seconds = result.stage_seconds
@@ -207,10 +233,15 @@ def timed_run(
     if device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated(device) / GIB
         reserved = torch.cuda.max_memory_reserved(device) / GIB
-    return Run(
+    run = Run(
         case.architecture, case.size, case.steps, variant, rep, seconds, stage_seconds, stages,
         evaluations, allocated, reserved, finite,
     )
+    return run, images[0]
+
+
+def max_pixel_diff(a: Any, b: Any) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
 def count_host_syncs(engine: SelfCascadePipeline, size: int, steps: int) -> dict[str, Any]:
@@ -247,46 +278,61 @@ def bench_architecture(
     pipe.set_progress_bar_config(disable=True)
     synchronize(device)
     built_s = time.perf_counter() - started
-    engine = SelfCascadePipeline(pipe)
+    engines = {
+        "eager": SelfCascadePipeline(pipe, cuda_graph_max_pixels=None),
+        "graphs": SelfCascadePipeline(pipe),  # the worker's default: graphs up to 1024^2
+    }
     # Small random (non-zero) weights: the cost does not depend on the values.
-    ups = random_upsamplers(pipe).to(device=pipe.device, dtype=pipe.dtype)
+    ups = FeatureUpsamplerSet.random_for_unet(pipe.unet.config).to(pipe.device, pipe.dtype)
     hooks = {
         "tuned": [TunedStageHook(ups, "per_step")],
         "tuned_per_stage": [TunedStageHook(ups, "per_stage")],
     }
-    # What a worker does at load: the first warm-up pays the one-time costs, a second shows
-    # what a warm one costs.
+    # What a worker does at load (with its default engine): the first warm-up pays the
+    # one-time costs and captures the graphs of the native and 2x stages, a second shows what
+    # a warm one costs. Then the eager engine's, unreported.
+    graphs = engines["graphs"].unet_graphs
     startup = {"architecture": architecture, "build_s": built_s,
-               "warm_up_cold_s": warm_up(engine), "warm_up_warm_s": warm_up(engine)}
+               "warm_up_cold_s": warm_up(engines["graphs"]),
+               "warm_up_warm_s": warm_up(engines["graphs"]),
+               "graphs_captured_at_warm_up": graphs.captures}
+    warm_up(engines["eager"])
     report.startup.append(startup)
     if device.type == "cuda" and args.sync_check:
         report.host_syncs.append(
-            {"architecture": architecture, **count_host_syncs(engine, cases[0].size, 5)}
+            {"architecture": architecture, **count_host_syncs(engines["graphs"], cases[0].size, 5)}
         )
     report.save(args.out)
 
     for case in cases:
         for rep in range(case.reps):
             variants = list(case.variants)
-            if case.extras and rep == case.reps - 1:
-                variants += EXTRA_VARIANTS
+            if rep == case.reps - 1:
+                variants += case.extras
+            runs: dict[str, tuple[Run, Any]] = {}
             for variant in variants:
                 label = f"{architecture} {case.size} {variant} rep {rep}"
                 if rep > 0 and time.perf_counter() > deadline:
                     report.skipped.append(f"{label}: over the time budget")
                     continue
-                run = timed_run(engine, case, variant, rep, hooks)
+                run, image = runs[variant] = timed_run(engines, case, variant, rep, hooks)
                 report.runs.append(run)
                 report.save(args.out)
                 print(f"{label}: {run.seconds:.2f}s peak {run.peak_allocated_gib:.1f} GiB"
                       f" finite={run.finite}", flush=True)
+            for variant, (run, image) in runs.items():
+                eager = runs.get(variant.replace(GRAPHS, ""))
+                if GRAPHS in variant and eager is not None:
+                    run.max_pixel_diff_vs_eager = max_pixel_diff(image, eager[1])
+            report.save(args.out)
         first = [r for r in report.runs if (r.architecture, r.size) == (architecture, case.size)]
         if first and not startup.get("first_job_s"):
             # The first job after the warm-up: the worker's first real job.
             startup["first_job_s"] = first[0].seconds
             startup["first_job"] = f"{case.size} {first[0].variant}"
 
-    del engine, pipe, ups, hooks
+    startup["graphs_held"] = len(graphs._graphs)
+    del engines, graphs, pipe, ups, hooks
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -310,7 +356,8 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
     for (arch, size, variant), group in keyed.items():
         seconds = median(arch, size, variant)
         direct = median(arch, size, "stock_direct")
-        free = median(arch, size, "tuning_free")
+        # Graphed variants against the graphed tuning-free run: the tuned overhead in one mode.
+        free = median(arch, size, "tuning_free" + (GRAPHS if GRAPHS in variant else ""))
         rows.append({
             "architecture": arch,
             "size": size,
@@ -330,6 +377,9 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
             "peak_reserved_gib": max(r.peak_reserved_gib for r in group),
             "unet_evaluations": group[0].unet_evaluations,
             "finite": all(r.finite for r in group),
+            "max_pixel_diff_vs_eager": max(
+                (r.max_pixel_diff_vs_eager for r in group
+                 if r.max_pixel_diff_vs_eager is not None), default=None),
         })
     return rows
 
@@ -337,20 +387,25 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
 def print_table(report: Report) -> None:
     print(f"\n{report.device}, {report.dtype}, torch {report.torch}, diffusers {report.diffusers}")
     header = (f"{'model':<10} {'size':>5} {'steps':>5} {'variant':<32} {'median s':>9}"
-              f" {'/stock':>7} {'/free':>6} {'stages (s)':<24} {'peak GiB':>8} {'evals':>5} fin")
+              f" {'first s':>8} {'/stock':>7} {'/free':>6} {'stages (s)':<24} {'peak GiB':>8}"
+              f" {'evals':>5} fin px-diff")
     print(header)
     for r in summarise(report.runs):
         ratio = f"{r['vs_stock_direct']:.3f}" if r["vs_stock_direct"] else "-"
         free = f"{r['vs_tuning_free']:.3f}" if r["vs_tuning_free"] else "-"
         stages = " ".join(f"{s:.2f}" for s in r["stage_seconds"])
+        diff = r["max_pixel_diff_vs_eager"]
         print(f"{r['architecture']:<10} {r['size']:>5} {r['steps']:>5} {r['variant']:<32}"
-              f" {r['median_s']:>9.3f} {ratio:>7} {free:>6} {stages:<24}"
-              f" {r['peak_allocated_gib']:>8.2f} {r['unet_evaluations']:>5} {r['finite']}")
+              f" {r['median_s']:>9.3f} {r['first_s']:>8.3f} {ratio:>7} {free:>6} {stages:<24}"
+              f" {r['peak_allocated_gib']:>8.2f} {r['unet_evaluations']:>5} {r['finite']}"
+              f" {'-' if diff is None else diff}")
     for s in report.startup:
         first = s.get("first_job_s")
         print(f"startup {s['architecture']}: build {s['build_s']:.1f}s, warm-up cold"
               f" {s['warm_up_cold_s']:.2f}s / warm {s['warm_up_warm_s']:.2f}s, first job"
-              f" {first if first is None else round(first, 2)}s ({s.get('first_job')})")
+              f" {first if first is None else round(first, 2)}s ({s.get('first_job')}),"
+              f" graphs captured at warm-up {s['graphs_captured_at_warm_up']},"
+              f" held at the end {s.get('graphs_held')}")
     for h in report.host_syncs:
         print(f"host syncs {h['architecture']} {h['size']}: {h['synchronizing_calls']} in"
               f" {h['denoising_steps']} steps ({h['per_step']:.1f}/step)")

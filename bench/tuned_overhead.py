@@ -64,15 +64,6 @@ def parameter_counts() -> list[dict[str, Any]]:
     return rows
 
 
-def random_upsamplers(pipe: Any) -> FeatureUpsamplerSet:
-    ups = FeatureUpsamplerSet.for_unet(pipe.unet.config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ups.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return ups
-
-
 def measure(engine: SelfCascadePipeline, args: argparse.Namespace) -> list[dict[str, Any]]:
     native = engine.native_size
     base = GenerationRequest(
@@ -82,7 +73,7 @@ def measure(engine: SelfCascadePipeline, args: argparse.Namespace) -> list[dict[
         steps=args.steps,
         seed=1,
     )
-    ups = random_upsamplers(engine.pipe)
+    ups = FeatureUpsamplerSet.random_for_unet(engine.pipe.unet.config)
     runs: dict[str, tuple[GenerationRequest, list[Any]]] = {
         "tuned_per_step": (base, [TunedStageHook(ups, "per_step")]),
         "tuned_per_stage": (base, [TunedStageHook(ups, "per_stage")]),

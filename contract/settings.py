@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     # One short job per model at load, so the first real job runs at warm speed (bench/gpu.py on
     # an H200: SD2.1's first generation paid 3.3 s of one-time costs, a warm one 0.26 s).
     warm_up_on_load: bool = True
+    # Image stages up to this many pixels replay CUDA graphs of the UNet on a GPU: the native
+    # and 2x stages are bound by kernel launches, not arithmetic (selfcascade/cuda_graphs.py,
+    # bench/GPU_NOTES.md). Unset: the engine's default (1024^2); 0 turns graphs off. No effect
+    # on a CPU or for video models.
+    cuda_graph_max_pixels: int | None = Field(default=None, ge=0)
     sse_keepalive_s: float = 15.0
 
     # -- API keys: "open" needs none (make run); "keys" requires a bearer token on /v1/*.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from selfcascade.cuda_graphs import UNetGraphs
 from selfcascade.errors import InvalidRequest, ModelLoadError
 from selfcascade.plan import StageSize, plan_stages
 from selfcascade.progress import CancelToken, ProgressCallback
@@ -78,16 +79,23 @@ class CascadeEngine:
         return None
 
     def __init__(
-        self, pipe: Any, *, renoise_cls: Any, tiled_decode_above_pixels: int | None
+        self,
+        pipe: Any,
+        *,
+        renoise_cls: Any,
+        tiled_decode_above_pixels: int | None,
+        cuda_graph_max_pixels: int | None,
     ) -> None:
         """`pipe` is the resident pipeline (stage 1 runs it as it is); `renoise_cls` the stock
-        diffusers pipeline class whose view runs the re-noise stages."""
+        diffusers pipeline class whose view runs the re-noise stages; stages up to
+        `cuda_graph_max_pixels` replay CUDA graphs of the UNet (None: never)."""
         if pipe.vae.config.latent_channels != 4:
             # diffusers' re-noise pipelines recognise an already-encoded latent by 4 channels.
             raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
         self.pipe = pipe
         # Compared with the pixels one VAE decode call handles (every frame of a video chunk).
         self.tiled_decode_above_pixels = tiled_decode_above_pixels
+        self.unet_graphs = UNetGraphs(pipe.unet, max_pixels=cuda_graph_max_pixels)
         vae_factor = self.vae_factor = int(pipe.vae_scale_factor)
         down_levels = len(pipe.unet.config.down_block_types) - 1
         self.size_multiple = math.lcm(vae_factor, PIPELINE_SIZE_MULTIPLE)
@@ -167,11 +175,17 @@ class CascadeEngine:
                 }
                 with self._decode_context(request, size) if last else nullcontext():
                     if pivot is None:
-                        output = self._run_first(request, size, kwargs)
+                        with self.unet_graphs.stage(size.pixels):
+                            output = self._run_first(request, size, kwargs)
                     else:
                         upsampled = self._upsample(pivot, size, request.upsample_mode)
-                        with self._stage_hooks_entered(
-                            request, index, sizes, pivot, upsampled, stage_hooks
+                        # Graphs are decided after the hooks are in: hooks inside the UNet
+                        # keep a stage eager.
+                        with (
+                            self._stage_hooks_entered(
+                                request, index, sizes, pivot, upsampled, stage_hooks
+                            ),
+                            self.unet_graphs.stage(size.pixels),
                         ):
                             output = self._run_renoise(request, size, upsampled, kwargs)
                 synchronize_device(self.pipe.device)

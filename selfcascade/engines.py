@@ -8,15 +8,19 @@ from typing import Any
 from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline
 
 from selfcascade.cascade_engine import CascadeEngine
+from selfcascade.cuda_graphs import DEFAULT_CUDA_GRAPH_MAX_PIXELS
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.video_pipeline import VideoSelfCascadePipeline
 
 
-def engine_for(pipe: Any) -> CascadeEngine:
+def engine_for(
+    pipe: Any, *, cuda_graph_max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS
+) -> CascadeEngine:
     """The engine for `pipe`; `ModelLoadError` for a pipeline neither engine supports.
 
     `engine.produces_video` tells the caller whether results carry `frames` or `images`.
+    Image stages up to `cuda_graph_max_pixels` replay CUDA graphs on a GPU (None: never).
     """
     if isinstance(pipe, TextToVideoSDPipeline | AnimateDiffPipeline):
         return VideoSelfCascadePipeline(pipe)
-    return SelfCascadePipeline(pipe)
+    return SelfCascadePipeline(pipe, cuda_graph_max_pixels=cuda_graph_max_pixels)

@@ -26,6 +26,7 @@ from diffusers import (
 )
 
 from selfcascade.cascade_engine import CascadeEngine, StagedResult
+from selfcascade.cuda_graphs import DEFAULT_CUDA_GRAPH_MAX_PIXELS
 from selfcascade.errors import ModelLoadError
 from selfcascade.plan import StageSize
 from selfcascade.progress import CancelToken, ProgressCallback
@@ -56,6 +57,7 @@ class SelfCascadePipeline(CascadeEngine):
         pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
         *,
         tiled_decode_above_pixels: int | None = DEFAULT_TILED_DECODE_ABOVE_PIXELS,
+        cuda_graph_max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS,
     ) -> None:
         if isinstance(pipe, StableDiffusionXLPipeline):
             self._img2img_cls: Any = StableDiffusionXLImg2ImgPipeline
@@ -67,6 +69,7 @@ class SelfCascadePipeline(CascadeEngine):
             pipe,
             renoise_cls=self._img2img_cls,
             tiled_decode_above_pixels=tiled_decode_above_pixels,
+            cuda_graph_max_pixels=cuda_graph_max_pixels,
         )
 
     @property

@@ -31,6 +31,13 @@ timestep embedding.
 
 Every hook is removed in `finally`, also when a denoising step raises, so one resident UNet can
 serve tuned and tuning-free jobs back to back.
+
+CUDA graphs (selfcascade/cuda_graphs.py): in "per_step" mode with persistent LR inputs (what
+`TunedStageHook` gives), everything the block hooks compute depends only on the UNet call's own
+arguments, the upsampler weights and one persistent buffer per shape, into which the pre-hook
+(run outside the graph, before every call) copies conv_in(pivot). The block hooks then carry a
+`graph_key` saying so, and a tuned stage may replay a graph captured with them. "per_stage"
+decides per call whether to recompute, which a replay cannot: its hooks carry no key.
 """
 
 from __future__ import annotations
@@ -66,6 +73,22 @@ UNet = Any
 _HR_ONLY_KWARGS = ("additional_residuals",)
 
 
+class LRInputs:
+    """Persistent buffers for the LR chain's input, one per shape and dtype, kept for the life
+    of a `TunedStageHook`: a CUDA graph captured with the injection's hooks reads from them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def holding(self, value: torch.Tensor) -> torch.Tensor:
+        """The buffer for `value`'s shape, dtype and device, now holding a copy of `value`."""
+        key = (tuple(value.shape), value.dtype, value.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty_like(value)
+        return buffer.copy_(value)
+
+
 class FeatureInjection:
     """The per-run state of one injection: the pivot, the LR chain, the cached features."""
 
@@ -75,6 +98,7 @@ class FeatureInjection:
         upsamplers: FeatureUpsamplerSet,
         pivot_latents: torch.Tensor,
         lr_features: LRFeatureMode,
+        lr_inputs: LRInputs | None = None,
     ) -> None:
         if lr_features not in ("per_step", "per_stage"):
             raise ValueError(f"lr_features must be per_step or per_stage, got {lr_features!r}")
@@ -82,9 +106,12 @@ class FeatureInjection:
         self.upsamplers = upsamplers
         self.pivot = pivot_latents.detach()  # (B, C, h, w) or (B, C, F, h, w)
         self.mode = lr_features
+        self.lr_inputs = lr_inputs
         self.unet_calls = 0
         self.lr_computations = 0
+        self._lr_input: torch.Tensor | None = None  # conv_in(pivot), what the chain starts from
         self._lr_state: torch.Tensor | None = None  # running LR hidden state of this call
+        self._first_block: str | None = None  # where the LR chain starts (set by attach)
         self._features: dict[str, torch.Tensor] = {}  # h_n^LR by level name
         self._batch: int | None = None
         self._compute_lr = False
@@ -114,11 +141,17 @@ class FeatureInjection:
                 # Two injections would each run the other's hooks on their LR passes.
                 raise RuntimeError("feature upsamplers are already injected into this UNet")
         handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
+        chain = self.blocks()
+        self._first_block = chain[0][0]
+        replayable = self.mode == "per_step" and self.lr_inputs is not None
         try:
-            for name, block in self.blocks():
-                handles.append(
-                    block.register_forward_hook(self._after_block(name), with_kwargs=True)
-                )
+            for name, block in chain:
+                hook = self._after_block(name)
+                if replayable:
+                    # What a captured graph of these hooks reads besides the UNet's arguments
+                    # (selfcascade/cuda_graphs.py); the key keeps both alive with the graph.
+                    hook.graph_key = ("tuned", name, self.upsamplers, self.lr_inputs)
+                handles.append(block.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             for handle in handles:
                 handle.remove()
@@ -149,7 +182,8 @@ class FeatureInjection:
         if getattr(self.unet.config, "center_input_sample", False):
             lr = 2 * lr - 1.0
         with torch.no_grad():  # the base is frozen: LR features never need a graph
-            self._lr_state = conv_in(lr)  # (kB[*F], C0, h, w)
+            lr_input = conv_in(lr)  # (kB[*F], C0, h, w)
+        self._lr_input = lr_input if self.lr_inputs is None else self.lr_inputs.holding(lr_input)
 
     def _after_block(self, name: str) -> Any:
         def hook(
@@ -158,6 +192,10 @@ class FeatureInjection:
             if self._in_lr:
                 return None
             if self._compute_lr:
+                if name == self._first_block:
+                    # Each pass starts from the input, never from a state left by an earlier
+                    # call (a graph capture calls the forward without the pre-hook).
+                    self._lr_state = self._lr_input
                 self._features[name] = self._run_on_lr(module, args, kwargs)
             if name not in self.upsamplers:
                 return None  # a level the LR chain passes through without an upsampler
@@ -214,9 +252,11 @@ def inject_upsamplers(
     upsamplers: FeatureUpsamplerSet,
     pivot_latents: torch.Tensor,
     lr_features: LRFeatureMode = "per_step",
+    lr_inputs: LRInputs | None = None,
 ) -> Iterator[FeatureInjection]:
-    """Add phi_n(h_n^LR, t) to the UNet's block outputs inside the `with` block; undone on exit."""
-    injection = FeatureInjection(unet, upsamplers, pivot_latents, lr_features)
+    """Add phi_n(h_n^LR, t) to the UNet's block outputs inside the `with` block; undone on exit.
+    With `lr_inputs`, per-step hooks may be replayed from CUDA graphs (see the module doc)."""
+    injection = FeatureInjection(unet, upsamplers, pivot_latents, lr_features, lr_inputs)
     handles = injection.attach()
     try:
         yield injection
@@ -274,6 +314,7 @@ class TunedStageHook:
             s.upsamplers.eval().requires_grad_(False)
         self.sets = sets
         self.lr_features = lr_features
+        self.lr_inputs = LRInputs()  # lets a worker's tuned stages replay CUDA graphs
 
     def __call__(self, stage: StageRun) -> AbstractContextManager[None]:
         return self._inject(stage)
@@ -299,7 +340,9 @@ class TunedStageHook:
                 growth,
                 chosen.trained_scale,
             )
-        with inject_upsamplers(unet, chosen.upsamplers, stage.pivot_latents, mode):
+        with inject_upsamplers(
+            unet, chosen.upsamplers, stage.pivot_latents, mode, self.lr_inputs
+        ):
             yield
 
 

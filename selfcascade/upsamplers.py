@@ -142,6 +142,20 @@ class FeatureUpsamplerSet(nn.Module):
     ) -> FeatureUpsamplerSet:
         return cls(UpsamplerSetConfig.from_unet_config(unet_config, levels))
 
+    @classmethod
+    def random_for_unet(
+        cls, unet_config: Mapping[str, Any], *, std: float = 0.02, seed: int = 0
+    ) -> FeatureUpsamplerSet:
+        """A set with small random weights everywhere, for benchmarks and tests: trained sets
+        start their output layers at zero (the identity), which would hide the cost and the
+        effect of the injection. Speed does not depend on the values."""
+        ups = cls.for_unet(unet_config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ups.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return ups
+
     def __getitem__(self, name: str) -> FeatureUpsampler:
         module = self.levels[name]
         assert isinstance(module, FeatureUpsampler)

@@ -83,7 +83,12 @@ class VideoSelfCascadePipeline(CascadeEngine):
         else:
             raise ModelLoadError(f"unsupported video pipeline {type(pipe).__name__}")
         super().__init__(
-            pipe, renoise_cls=renoise_cls, tiled_decode_above_pixels=tiled_decode_above_pixels
+            pipe,
+            renoise_cls=renoise_cls,
+            tiled_decode_above_pixels=tiled_decode_above_pixels,
+            # Not measured on video UNets, whose every step carries all frames (rarely
+            # launch-bound, and a graph would pin a whole clip's activations): always eager.
+            cuda_graph_max_pixels=None,
         )
 
     @property

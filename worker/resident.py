@@ -77,7 +77,7 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         if spec.name == TINY_MODEL_NAME and settings.models_file is None:
             ensure_tiny_model(settings)
         pipe = load_pipeline(spec.path, dtype=spec.dtype, device=spec.device)
-        engine = engine_for(pipe)
+        engine = engine_for(pipe, **_engine_options(settings))
         spec = _with_modality(spec, engine.produces_video)
         _check_frame_limit(spec, engine.max_num_frames)
         if spec.size_multiple % engine.size_multiple:
@@ -92,6 +92,13 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
             warm_up(engine)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
+
+
+def _engine_options(settings: Settings) -> dict[str, Any]:
+    """The engine's keyword arguments that settings override (unset: the engine's default)."""
+    if settings.cuda_graph_max_pixels is None:
+        return {}
+    return {"cuda_graph_max_pixels": settings.cuda_graph_max_pixels or None}
 
 
 def _check_frame_limit(spec: ModelSpec, engine_limit: int | None) -> None:

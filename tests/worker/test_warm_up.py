@@ -1,4 +1,5 @@
-"""A worker warms each model up at load (one short job), unless the setting turns it off."""
+"""A worker warms each model up at load (one short job), unless the setting turns it off; the
+CUDA graph setting reaches its engine."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def test_models_are_warmed_up_at_load_when_enabled(
     if enabled:
         native = model.engine.native_size
         assert f"({native.width * 2}x{native.height * 2}, 2 steps)" in warmed[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "engine_limit"), [(None, 1024 * 1024), (0, None), (512 * 512, 512 * 512)]
+)
+def test_the_cuda_graph_setting_reaches_the_engine(
+    settings_for: SettingsFactory, tiny_model_dir: Path, setting: int | None,
+    engine_limit: int | None,
+) -> None:
+    """Unset: the engine's default; 0: graphs off; otherwise the largest graphed stage."""
+    settings = settings_for(warm_up_on_load=False, cuda_graph_max_pixels=setting)
+    [model] = resident.load_models([spec(tiny_model_dir)], settings).values()
+    assert model.engine.unet_graphs.max_pixels == engine_limit
