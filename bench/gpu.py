@@ -57,6 +57,8 @@ RESULTS = Path(__file__).parent / "results" / "gpu.json"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 BASE_VARIANTS = ("stock_direct", "tuning_free", "tuning_free_cuda_graphs", "tuned_cuda_graphs")
 GRAPHS = "_cuda_graphs"
+# `_cuda_graphs_all`: every stage graphed, 2048^2 and 4096^2 too (an experiment, not the default).
+ALL_STAGES = "_all"
 # `--experiment attention`: the attention-bound 2048^2 step with cuDNN's fused attention (the
 # Hopper kernel) preferred over the FlashAttention-2 kernel SDPA picks by default, stock too.
 ATTENTION_VARIANTS = (
@@ -94,6 +96,13 @@ EXPERIMENTS = {
         Case("sd21-base", 1024, 50, variants=GRAPH_VARIANTS),
         Case("sd21-base", 2048, 50, variants=GRAPH_VARIANTS),
         Case("sdxl-base", 2048, 50, variants=GRAPH_VARIANTS[1:]),
+    ),
+    # Every stage graphed: does graphing the tuned 2048^2 stage (its LR branch runs at 1024^2,
+    # launch-bound) bring the tuned overhead down?
+    "graphs-all": (
+        Case("sd21-base", 2048, 50, extras=(), variants=(
+            "tuning_free_cuda_graphs", "tuned_cuda_graphs",
+            "tuning_free_cuda_graphs_all", "tuned_cuda_graphs_all")),
     ),
     "attention": (Case("sd21-base", 2048, 50, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
     "attention-tiny": (Case("tiny-sd", 128, 4, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
@@ -191,7 +200,8 @@ def timed_run(
     hooks: dict[str, Any],
 ) -> tuple[Run, Any]:
     """One end-to-end run of `variant`; returns it and its (first) image."""
-    engine = engines["graphs" if GRAPHS in variant else "eager"]
+    engine = engines["graphs_all" if variant.endswith(GRAPHS + ALL_STAGES)
+                     else "graphs" if GRAPHS in variant else "eager"]
     pipe, device = engine.pipe, engine.pipe.device
     request = GenerationRequest(PROMPT, case.size, case.size, steps=case.steps, seed=rep)
     if device.type == "cuda":
@@ -200,7 +210,7 @@ def timed_run(
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     base = (variant.removesuffix("_channels_last").removesuffix("_cudnn_attention")
-            .removesuffix(GRAPHS))
+            .removesuffix(ALL_STAGES).removesuffix(GRAPHS))
     try:
         with attention_backend(variant), finite_output_check(pipe) as flags:
             synchronize(device)
@@ -281,6 +291,7 @@ def bench_architecture(
     engines = {
         "eager": SelfCascadePipeline(pipe, cuda_graph_max_pixels=None),
         "graphs": SelfCascadePipeline(pipe),  # the worker's default: graphs up to 1024^2
+        "graphs_all": SelfCascadePipeline(pipe, cuda_graph_max_pixels=4096 * 4096),
     }
     # Small random (non-zero) weights: the cost does not depend on the values.
     ups = FeatureUpsamplerSet.random_for_unet(pipe.unet.config).to(pipe.device, pipe.dtype)
@@ -321,7 +332,7 @@ def bench_architecture(
                 print(f"{label}: {run.seconds:.2f}s peak {run.peak_allocated_gib:.1f} GiB"
                       f" finite={run.finite}", flush=True)
             for variant, (run, image) in runs.items():
-                eager = runs.get(variant.replace(GRAPHS, ""))
+                eager = runs.get(variant.removesuffix(ALL_STAGES).replace(GRAPHS, ""))
                 if GRAPHS in variant and eager is not None:
                     run.max_pixel_diff_vs_eager = max_pixel_diff(image, eager[1])
             report.save(args.out)
@@ -357,7 +368,8 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
         seconds = median(arch, size, variant)
         direct = median(arch, size, "stock_direct")
         # Graphed variants against the graphed tuning-free run: the tuned overhead in one mode.
-        free = median(arch, size, "tuning_free" + (GRAPHS if GRAPHS in variant else ""))
+        free = median(arch, size, "tuning_free" + variant[variant.find(GRAPHS):]
+                      if GRAPHS in variant else "tuning_free")
         rows.append({
             "architecture": arch,
             "size": size,
