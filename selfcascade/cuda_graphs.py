@@ -18,9 +18,15 @@ holding the persistent tensors it reads besides the UNet's arguments (the tuned 
 per-step hooks do, selfcascade/tuned.py). The keys of the hooks present join the signature, so
 tuned and tuning-free calls of one size never share a graph.
 
+A graph also bakes in the UNet's weight storage and its Python behaviour at capture. Moved or
+re-cast weights are noticed (their storage addresses are checked at every stage, and all graphs
+are dropped when they changed); anything else that changes what the forward does without a
+hook, such as swapped attention processors or a patched submodule forward, needs `reset()`.
+
 A stage runs eager, with a log line saying why, when a graph would be wrong or impossible: not
 on CUDA, autograd recording, a hook inside the UNet without a `graph_key`, the forward already
-wrapped (CPU offloading), or a capture that failed (then that signature stays eager for good).
+wrapped (CPU offloading), or a capture that failed (then that signature stays eager for good,
+also after a transient failure such as running out of memory).
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class UNetGraphs:
         self._refused: set[Hashable] = set()
         self._pool: Any = None
         self._hook_keys: tuple[Hashable, ...] = ()  # of the stage being run
+        self._weights: tuple[int, ...] = ()  # the UNet's weight storage the graphs read
         self.captures = 0  # for the benchmark and tests: graphs captured / calls replayed
         self.replays = 0
 
@@ -121,7 +128,19 @@ class UNetGraphs:
         if reason is not None:
             log.debug("stage of %d pixels runs eager: %s", pixels, reason)
             return nullcontext()
+        weights = tuple(p.data_ptr() for p in self.unet.parameters())
+        if weights != self._weights:
+            if self._graphs:
+                log.info("the UNet's weights moved: dropping %d CUDA graphs", len(self._graphs))
+            self.reset()
+            self._weights = weights
         return self._installed(inner_hook_keys(self.unet) or ())
+
+    def reset(self) -> None:
+        """Forget every graph and refusal (their memory goes with the last reference)."""
+        self._graphs.clear()
+        self._refused.clear()
+        self._pool = None
 
     def why_eager(self, pixels: int) -> str | None:
         """None if a stage of `pixels` may replay graphs now, else why it runs eager."""

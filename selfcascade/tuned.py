@@ -34,16 +34,19 @@ serve tuned and tuning-free jobs back to back.
 
 CUDA graphs (selfcascade/cuda_graphs.py): in "per_step" mode with persistent LR inputs (what
 `TunedStageHook` gives), everything the block hooks compute depends only on the UNet call's own
-arguments, the upsampler weights and one persistent buffer per shape, into which the pre-hook
-(run outside the graph, before every call) copies conv_in(pivot). The block hooks then carry a
-`graph_key` saying so, and a tuned stage may replay a graph captured with them. "per_stage"
-decides per call whether to recompute, which a replay cannot: its hooks carry no key.
+arguments, the upsampler weights and a persistent pivot buffer (one per pivot shape, filled when
+the stage starts; conv_in runs on it inside the UNet's forward). The block hooks then carry a
+`graph_key` naming those: the buffer object itself (so a graph keeps it alive and a pivot of
+another shape never replays it) and the upsampler weights' storage. A tuned stage may replay a
+graph captured with them. "per_stage" decides per call whether to recompute, which a replay
+cannot: its hooks carry no key.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -73,20 +76,36 @@ UNet = Any
 _HR_ONLY_KWARGS = ("additional_residuals",)
 
 
+class PivotBuffer:
+    """A persistent tensor the LR chain starts from, compared by identity (a graph key holds it:
+    it lives as long as the graphs that read it)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
 class LRInputs:
-    """Persistent buffers for the LR chain's input, one per shape and dtype, kept for the life
-    of a `TunedStageHook`: a CUDA graph captured with the injection's hooks reads from them."""
+    """Pivot buffers kept across the stages and jobs of one `TunedStageHook`, one per shape,
+    dtype and device, so that a graph captured in one job is replayed in the next. At most
+    `max_buffers`, the least recently used dropped (a graph still holding one keeps it)."""
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+    def __init__(self, max_buffers: int = 8) -> None:
+        self.max_buffers = max_buffers
+        self._buffers: OrderedDict[tuple[Any, ...], PivotBuffer] = OrderedDict()
 
-    def holding(self, value: torch.Tensor) -> torch.Tensor:
+    def holding(self, value: torch.Tensor) -> PivotBuffer:
         """The buffer for `value`'s shape, dtype and device, now holding a copy of `value`."""
         key = (tuple(value.shape), value.dtype, value.device)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = torch.empty_like(value)
-        return buffer.copy_(value)
+        held = self._buffers.get(key)
+        if held is None:
+            held = self._buffers[key] = PivotBuffer(torch.empty_like(value))
+            while len(self._buffers) > self.max_buffers:
+                self._buffers.popitem(last=False)
+        self._buffers.move_to_end(key)
+        held.tensor.copy_(value)
+        return held
 
 
 class FeatureInjection:
@@ -109,7 +128,9 @@ class FeatureInjection:
         self.lr_inputs = lr_inputs
         self.unet_calls = 0
         self.lr_computations = 0
-        self._lr_input: torch.Tensor | None = None  # conv_in(pivot), what the chain starts from
+        # The pivot as conv_in takes it, frames folded into the batch (set by attach).
+        self._lr_input: PivotBuffer | None = None
+        self._repeats = 1  # copies of the pivot in the current call's batch (guidance)
         self._lr_state: torch.Tensor | None = None  # running LR hidden state of this call
         self._first_block: str | None = None  # where the LR chain starts (set by attach)
         self._features: dict[str, torch.Tensor] = {}  # h_n^LR by level name
@@ -140,17 +161,20 @@ class FeatureInjection:
             if isinstance(getattr(hook, "__self__", None), FeatureInjection):
                 # Two injections would each run the other's hooks on their LR passes.
                 raise RuntimeError("feature upsamplers are already injected into this UNet")
-        handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         chain = self.blocks()
         self._first_block = chain[0][0]
+        lr = self._pivot_for_conv_in()
+        self._lr_input = PivotBuffer(lr) if self.lr_inputs is None else self.lr_inputs.holding(lr)
         replayable = self.mode == "per_step" and self.lr_inputs is not None
+        # What a captured graph of the block hooks reads besides the UNet's arguments
+        # (selfcascade/cuda_graphs.py): the pivot buffer and the upsamplers' weight storage.
+        weights = tuple(p.data_ptr() for p in self.upsamplers.parameters())
+        handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         try:
             for name, block in chain:
                 hook = self._after_block(name)
                 if replayable:
-                    # What a captured graph of these hooks reads besides the UNet's arguments
-                    # (selfcascade/cuda_graphs.py); the key keeps both alive with the graph.
-                    hook.graph_key = ("tuned", name, self.upsamplers, self.lr_inputs)
+                    hook.graph_key = ("tuned", name, self.upsamplers, weights, self._lr_input)
                 handles.append(block.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             for handle in handles:
@@ -174,16 +198,19 @@ class FeatureInjection:
             return
         self.lr_computations += 1
         self._features = {}
+        # CFG batches are [uncond; cond], each a copy of the latents: the pivot is repeated the
+        # same way when the chain starts.
+        self._repeats = batch // self.pivot.shape[0]
+
+    def _pivot_for_conv_in(self) -> torch.Tensor:
+        """The pivot as conv_in takes it: frames folded into the batch, conv_in's device and
+        dtype, centred if the UNet centres its input. (B[*F], C, h, w)"""
         conv_in = self.unet.conv_in
-        # CFG batches are [uncond; cond], each a copy of the latents: repeat the pivot the same way.
-        repeats = (batch // self.pivot.shape[0],) + (1,) * (self.pivot.dim() - 1)
-        lr = _frames_into_batch(self.pivot.repeat(*repeats))  # (kB[*F], C, h, w)
+        lr = _frames_into_batch(self.pivot)
         lr = lr.to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
         if getattr(self.unet.config, "center_input_sample", False):
             lr = 2 * lr - 1.0
-        with torch.no_grad():  # the base is frozen: LR features never need a graph
-            lr_input = conv_in(lr)  # (kB[*F], C0, h, w)
-        self._lr_input = lr_input if self.lr_inputs is None else self.lr_inputs.holding(lr_input)
+        return lr
 
     def _after_block(self, name: str) -> Any:
         def hook(
@@ -193,9 +220,7 @@ class FeatureInjection:
                 return None
             if self._compute_lr:
                 if name == self._first_block:
-                    # Each pass starts from the input, never from a state left by an earlier
-                    # call (a graph capture calls the forward without the pre-hook).
-                    self._lr_state = self._lr_input
+                    self._lr_state = self._start_lr_chain()
                 self._features[name] = self._run_on_lr(module, args, kwargs)
             if name not in self.upsamplers:
                 return None  # a level the LR chain passes through without an upsampler
@@ -214,6 +239,17 @@ class FeatureInjection:
             return hidden if res_samples is None else (hidden, *res_samples)
 
         return hook
+
+    def _start_lr_chain(self) -> torch.Tensor:
+        """conv_in of the pivot repeated to the call's batch: every pass starts here, never from
+        a state an earlier call left (a graph capture calls the forward without the pre-hook).
+        Repeating after folding the frames gives the batch-major order the video UNets use."""
+        if self._lr_input is None:
+            raise RuntimeError("LR input missing: a UNet block ran before the injection attached")
+        lr = self._lr_input.tensor
+        lr = lr.repeat(self._repeats, *(1,) * (lr.dim() - 1))  # (kB[*F], C, h, w)
+        with torch.no_grad():  # the base is frozen: LR features never need autograd
+            return self.unet.conv_in(lr)  # (kB[*F], C0, h, w)
 
     def _run_on_lr(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

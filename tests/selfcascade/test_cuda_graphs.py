@@ -19,7 +19,7 @@ from selfcascade.plan import StageSize
 from selfcascade.request import GenerationRequest
 from selfcascade.stage_hooks import StageRun
 from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
-from selfcascade.tuned import TunedStageHook
+from selfcascade.tuned import LRInputs, TunedStageHook
 from selfcascade.upsamplers import FeatureUpsamplerSet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -89,23 +89,51 @@ def test_only_hooks_inside_the_unet_without_a_graph_key_keep_it_eager() -> None:
         handle.remove()
 
 
-@pytest.mark.parametrize(("mode", "replayable"), [("per_step", True), ("per_stage", False)])
-def test_tuned_hooks_are_replayable_per_step_only(mode: str, replayable: bool) -> None:
-    pipe = build_tiny_sd_pipeline()
-    hook = TunedStageHook(FeatureUpsamplerSet.for_unet(pipe.unet.config), mode)  # type: ignore[arg-type]
-    pivot = torch.zeros(1, 4, 8, 8)
-    stage = StageRun(
+def tuned_stage(pipe: Any, pivot: torch.Tensor, mode: str = "per_step") -> StageRun:
+    return StageRun(
         index=2, stages=2, size=StageSize(128, 128), previous_size=StageSize(64, 64),
         unet=pipe.unet, pivot_latents=pivot, upsampled_latents=pivot, pivot_strength=0.7,
         lr_features=mode,  # type: ignore[arg-type]
     )
+
+
+def tuned_keys(hook: TunedStageHook, stage: StageRun) -> tuple[Any, ...] | None:
     with hook(stage):
-        keys = inner_hook_keys(pipe.unet)
+        return inner_hook_keys(stage.unet)
+
+
+@pytest.mark.parametrize(("mode", "replayable"), [("per_step", True), ("per_stage", False)])
+def test_tuned_hooks_are_replayable_per_step_only(mode: str, replayable: bool) -> None:
+    pipe = build_tiny_sd_pipeline()
+    hook = TunedStageHook(FeatureUpsamplerSet.for_unet(pipe.unet.config), mode)  # type: ignore[arg-type]
+    keys = tuned_keys(hook, tuned_stage(pipe, torch.zeros(1, 4, 8, 8), mode))
     assert (keys is not None) is replayable
-    if keys:
-        # Each key holds what the graph reads besides the UNet's arguments.
-        assert all(hook.lr_inputs in key for key in keys)
-    assert inner_hook_keys(pipe.unet) == ()
+    assert inner_hook_keys(pipe.unet) == ()  # all removed after the stage
+
+
+def test_a_tuned_graph_is_keyed_by_its_pivot_buffer_and_upsampler_weights() -> None:
+    """Two stages of one size share a graph only if their pivots share a buffer (same shape):
+    a pivot of another shape reusing a graph would replay the earlier job's pivot."""
+    pipe = build_tiny_sd_pipeline()
+    ups = FeatureUpsamplerSet.for_unet(pipe.unet.config)
+    hook = TunedStageHook(ups, "per_step")
+    first = tuned_keys(hook, tuned_stage(pipe, torch.zeros(1, 4, 8, 8)))
+    next_job = tuned_keys(hook, tuned_stage(pipe, torch.ones(1, 4, 8, 8)))
+    other_shape = tuned_keys(hook, tuned_stage(pipe, torch.zeros(1, 4, 8, 6)))
+    assert first and first == next_job  # the next job's pivot of this shape replays the graph
+    assert other_shape and not set(first) & set(other_shape)
+    ups.to(torch.float64)  # new weight storage: graphs captured before must not be replayed
+    assert not set(first) & set(tuned_keys(hook, tuned_stage(pipe, torch.zeros(1, 4, 8, 8))) or ())
+
+
+def test_pivot_buffers_are_bounded_and_reused() -> None:
+    inputs = LRInputs(max_buffers=2)
+    a = inputs.holding(torch.zeros(1, 4, 8, 8))
+    assert inputs.holding(torch.ones(1, 4, 8, 8)) is a and bool(a.tensor.eq(1).all())
+    b = inputs.holding(torch.zeros(1, 4, 8, 6))
+    inputs.holding(torch.zeros(1, 4, 6, 6))  # a third shape drops the least recently used, a
+    assert inputs.holding(torch.zeros(1, 4, 8, 6)) is b
+    assert inputs.holding(torch.zeros(1, 4, 8, 8)) is not a
 
 
 def test_why_a_stage_runs_eager() -> None:
@@ -168,16 +196,21 @@ def test_tuned_stages_replay_their_own_graphs_and_give_the_eager_image() -> None
     engine = SelfCascadePipeline(pipe, cuda_graph_max_pixels=128 * 128)
     per_step, per_stage = TunedStageHook(ups, "per_step"), TunedStageHook(ups, "per_stage")
 
+    other_seed = GenerationRequest("a red circle", 256, 256, steps=4, seed=2)
     want = {
         "tuned": eager.generate(request, stage_hooks=[per_step]).images[0],
         "free": eager.generate(request).images[0],
+        "tuned, other seed": eager.generate(other_seed, stage_hooks=[per_step]).images[0],
         "per_stage": eager.generate(request, stage_hooks=[per_stage]).images[0],
     }
     assert max_pixel_difference(want["tuned"], want["free"]) > 0  # the upsamplers do act
-    # Tuned, tuning-free and tuned again through one engine: the 128^2 stage's tuned and
-    # tuning-free graphs are distinct, and a replay of the tuned one sees the new job's pivot.
-    for name, hooks in (("tuned", [per_step]), ("free", []), ("tuned", [per_step])):
-        image = engine.generate(request, stage_hooks=hooks).images[0]
+    # Tuned, tuning-free and tuned again (another seed, so another pivot) through one engine:
+    # the 128^2 stage's tuned and tuning-free graphs are distinct, and a replay of the tuned one
+    # sees the new job's pivot.
+    runs = (("tuned", request, [per_step]), ("free", request, []),
+            ("tuned, other seed", other_seed, [per_step]))
+    for name, job, hooks in runs:
+        image = engine.generate(job, stage_hooks=hooks).images[0]
         assert max_pixel_difference(image, want[name]) <= 1, name
     # 64^2, 128^2 tuning-free and 128^2 tuned; 256^2 is above the limit.
     assert engine.unet_graphs.captures == 3
@@ -197,3 +230,32 @@ def test_the_least_recently_used_graph_is_dropped_beyond_the_limit() -> None:
     engine.generate(GenerationRequest("a red circle", 256, 256, steps=2, seed=1))
     assert engine.unet_graphs.captures == 3
     assert len(engine.unet_graphs._graphs) == 2
+
+
+@cuda
+def test_one_tuned_stage_size_from_two_pivot_shapes_never_shares_a_graph() -> None:
+    """104x192 and 120x200 both pass through a 72x128 stage, from 48x88 and 48x80 pivots."""
+    pipe = cuda_pipe(build_tiny_sd_pipeline)
+    hook = TunedStageHook(
+        FeatureUpsamplerSet.random_for_unet(pipe.unet.config, std=0.05).to("cuda", torch.float16),
+        "per_step",
+    )
+    jobs = [GenerationRequest("a red circle", w, h, steps=4, seed=1) for w, h in
+            ((104, 192), (120, 200))]
+    eager = SelfCascadePipeline(pipe, cuda_graph_max_pixels=None)
+    want = [eager.generate(job, stage_hooks=[hook]).images[0] for job in jobs]
+    engine = SelfCascadePipeline(pipe, cuda_graph_max_pixels=72 * 128)
+    for job, image in zip(jobs, want, strict=True):
+        assert max_pixel_difference(engine.generate(job, stage_hooks=[hook]).images[0], image) <= 1
+
+
+@cuda
+def test_graphs_are_dropped_when_the_unet_weights_move() -> None:
+    pipe = cuda_pipe(build_tiny_sd_pipeline)
+    request = GenerationRequest("a red circle", 128, 128, steps=3, seed=5)
+    engine = SelfCascadePipeline(pipe, cuda_graph_max_pixels=128 * 128)
+    before = engine.generate(request).images[0]
+    pipe.unet.to("cpu").to("cuda")  # same values, new storage
+    after = engine.generate(request).images[0]
+    assert engine.unet_graphs.captures == 4  # both stages captured again
+    assert max_pixel_difference(before, after) == 0
