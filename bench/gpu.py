@@ -56,9 +56,9 @@ from selfcascade.warmup import warm_up
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 BASE_VARIANTS = ("stock_direct", "tuning_free", "tuning_free_cuda_graphs", "tuned_cuda_graphs")
-GRAPHS = "_cuda_graphs"
-# `_cuda_graphs_all`: every stage graphed, 2048^2 and 4096^2 too (an experiment, not the default).
-ALL_STAGES = "_all"
+GRAPHS = "_cuda_graphs"  # through the worker's default engine: stages up to 1024^2 graphed
+# Every stage graphed, 2048^2 and 4096^2 too (an experiment, not the default).
+GRAPHS_ALL = "_cuda_graphs_all"
 # `--experiment attention`: the attention-bound 2048^2 step with cuDNN's fused attention (the
 # Hopper kernel) preferred over the FlashAttention-2 kernel SDPA picks by default, stock too.
 ATTENTION_VARIANTS = (
@@ -200,8 +200,8 @@ def timed_run(
     hooks: dict[str, Any],
 ) -> tuple[Run, Any]:
     """One end-to-end run of `variant`; returns it and its (first) image."""
-    engine = engines["graphs_all" if variant.endswith(GRAPHS + ALL_STAGES)
-                     else "graphs" if GRAPHS in variant else "eager"]
+    mode = graph_mode(variant)
+    engine = engines[mode]
     pipe, device = engine.pipe, engine.pipe.device
     request = GenerationRequest(PROMPT, case.size, case.size, steps=case.steps, seed=rep)
     if device.type == "cuda":
@@ -210,7 +210,7 @@ def timed_run(
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     base = (variant.removesuffix("_channels_last").removesuffix("_cudnn_attention")
-            .removesuffix(ALL_STAGES).removesuffix(GRAPHS))
+            .removesuffix(mode))
     try:
         with attention_backend(variant), finite_output_check(pipe) as flags:
             synchronize(device)
@@ -248,6 +248,11 @@ def timed_run(
         evaluations, allocated, reserved, finite,
     )
     return run, images[0]
+
+
+def graph_mode(variant: str) -> str:
+    """Which engine runs `variant`: "" (eager), GRAPHS or GRAPHS_ALL (its suffix)."""
+    return next((mode for mode in (GRAPHS_ALL, GRAPHS) if mode in variant), "")
 
 
 def max_pixel_diff(a: Any, b: Any) -> int:
@@ -288,10 +293,10 @@ def bench_architecture(
     pipe.set_progress_bar_config(disable=True)
     synchronize(device)
     built_s = time.perf_counter() - started
-    engines = {
-        "eager": SelfCascadePipeline(pipe, cuda_graph_max_pixels=None),
-        "graphs": SelfCascadePipeline(pipe),  # the worker's default: graphs up to 1024^2
-        "graphs_all": SelfCascadePipeline(pipe, cuda_graph_max_pixels=4096 * 4096),
+    engines = {  # by graph_mode
+        "": SelfCascadePipeline(pipe, cuda_graph_max_pixels=None),
+        GRAPHS: SelfCascadePipeline(pipe),  # the worker's default: graphs up to 1024^2
+        GRAPHS_ALL: SelfCascadePipeline(pipe, cuda_graph_max_pixels=4096 * 4096),
     }
     # Small random (non-zero) weights: the cost does not depend on the values.
     ups = FeatureUpsamplerSet.random_for_unet(pipe.unet.config).to(pipe.device, pipe.dtype)
@@ -302,16 +307,16 @@ def bench_architecture(
     # What a worker does at load (with its default engine): the first warm-up pays the
     # one-time costs and captures the graphs of the native and 2x stages, a second shows what
     # a warm one costs. Then the eager engine's, unreported.
-    graphs = engines["graphs"].unet_graphs
+    graphs = engines[GRAPHS].unet_graphs
     startup = {"architecture": architecture, "build_s": built_s,
-               "warm_up_cold_s": warm_up(engines["graphs"]),
-               "warm_up_warm_s": warm_up(engines["graphs"]),
+               "warm_up_cold_s": warm_up(engines[GRAPHS]),
+               "warm_up_warm_s": warm_up(engines[GRAPHS]),
                "graphs_captured_at_warm_up": graphs.captures}
-    warm_up(engines["eager"])
+    warm_up(engines[""])
     report.startup.append(startup)
     if device.type == "cuda" and args.sync_check:
         report.host_syncs.append(
-            {"architecture": architecture, **count_host_syncs(engines["graphs"], cases[0].size, 5)}
+            {"architecture": architecture, **count_host_syncs(engines[GRAPHS], cases[0].size, 5)}
         )
     report.save(args.out)
 
@@ -332,8 +337,9 @@ def bench_architecture(
                 print(f"{label}: {run.seconds:.2f}s peak {run.peak_allocated_gib:.1f} GiB"
                       f" finite={run.finite}", flush=True)
             for variant, (run, image) in runs.items():
-                eager = runs.get(variant.removesuffix(ALL_STAGES).replace(GRAPHS, ""))
-                if GRAPHS in variant and eager is not None:
+                mode = graph_mode(variant)
+                eager = runs.get(variant.replace(mode, "")) if mode else None
+                if eager is not None:
                     run.max_pixel_diff_vs_eager = max_pixel_diff(image, eager[1])
             report.save(args.out)
         first = [r for r in report.runs if (r.architecture, r.size) == (architecture, case.size)]
@@ -342,7 +348,7 @@ def bench_architecture(
             startup["first_job_s"] = first[0].seconds
             startup["first_job"] = f"{case.size} {first[0].variant}"
 
-    startup["graphs_held"] = len(graphs._graphs)
+    startup["graphs_held"] = graphs.held
     del engines, graphs, pipe, ups, hooks
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -367,9 +373,9 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
     for (arch, size, variant), group in keyed.items():
         seconds = median(arch, size, variant)
         direct = median(arch, size, "stock_direct")
-        # Graphed variants against the graphed tuning-free run: the tuned overhead in one mode.
-        free = median(arch, size, "tuning_free" + variant[variant.find(GRAPHS):]
-                      if GRAPHS in variant else "tuning_free")
+        # Graphed variants against the tuning-free run of their engine: the tuned overhead in
+        # one mode.
+        free = median(arch, size, "tuning_free" + graph_mode(variant))
         rows.append({
             "architecture": arch,
             "size": size,

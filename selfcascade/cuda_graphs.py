@@ -56,7 +56,11 @@ def graph_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable |
     """What one captured graph serves: every tensor's shape, dtype and device, every other value
     as it is, and the structure holding them. None when a call cannot be graphed (a value that
     is not hashable, or a timestep given as a Python number: a graph per step value)."""
-    leaves, spec = tree_flatten((args, kwargs))
+    return _signature(args, *tree_flatten((args, kwargs)))
+
+
+def _signature(args: tuple[Any, ...], leaves: list[Any], spec: TreeSpec) -> Hashable | None:
+    """`graph_signature` of a call already flattened into `leaves` and `spec`."""
     if len(args) > 1 and not isinstance(args[1], torch.Tensor):
         return None
     described: list[Hashable] = []
@@ -122,9 +126,14 @@ class UNetGraphs:
         self.captures = 0  # for the benchmark and tests: graphs captured / calls replayed
         self.replays = 0
 
+    @property
+    def held(self) -> int:
+        """Graphs held now."""
+        return len(self._graphs)
+
     def stage(self, pixels: int) -> AbstractContextManager[None]:
         """Around one stage of `pixels` output pixels: graphs on when worthwhile and safe."""
-        reason = self.why_eager(pixels)
+        reason, hook_keys = self._eligibility(pixels)
         if reason is not None:
             log.debug("stage of %d pixels runs eager: %s", pixels, reason)
             return nullcontext()
@@ -134,7 +143,7 @@ class UNetGraphs:
                 log.info("the UNet's weights moved: dropping %d CUDA graphs", len(self._graphs))
             self.reset()
             self._weights = weights
-        return self._installed(inner_hook_keys(self.unet) or ())
+        return self._installed(hook_keys)
 
     def reset(self) -> None:
         """Forget every graph and refusal (their memory goes with the last reference)."""
@@ -144,17 +153,23 @@ class UNetGraphs:
 
     def why_eager(self, pixels: int) -> str | None:
         """None if a stage of `pixels` may replay graphs now, else why it runs eager."""
+        return self._eligibility(pixels)[0]
+
+    def _eligibility(self, pixels: int) -> tuple[str | None, tuple[Hashable, ...]]:
+        """Why a stage of `pixels` runs eager (None: it may replay graphs), and the graph keys
+        of the hooks inside the UNet, which join every signature of the stage."""
         if self.max_pixels is None:
-            return "CUDA graphs are off"
+            return "CUDA graphs are off", ()
         if pixels > self.max_pixels:
-            return f"above {self.max_pixels} pixels (arithmetic-bound)"
+            return f"above {self.max_pixels} pixels (arithmetic-bound)", ()
         if "forward" in vars(self.unet):
-            return "the UNet's forward is already wrapped (offloading?)"
-        if inner_hook_keys(self.unet) is None:
-            return "a hook inside the UNet that a graph cannot replay"
+            return "the UNet's forward is already wrapped (offloading?)", ()
+        hook_keys = inner_hook_keys(self.unet)
+        if hook_keys is None:
+            return "a hook inside the UNet that a graph cannot replay", ()
         if self._device().type != "cuda":
-            return "not on a CUDA device"
-        return None
+            return "not on a CUDA device", ()
+        return None, hook_keys
 
     @contextmanager
     def _installed(self, hook_keys: tuple[Hashable, ...]) -> Iterator[None]:
@@ -179,17 +194,17 @@ class UNetGraphs:
         # default return_dict=True) is not a plain structure of tensors to copy out.
         if torch.is_grad_enabled() or kwargs.get("return_dict", True):
             return self._eager(*args, **kwargs)
-        signature = graph_signature(args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        signature = _signature(args, leaves, spec)
         key = None if signature is None else (signature, self._hook_keys)
         if key is None or key in self._refused:
             return self._eager(*args, **kwargs)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(key, args, kwargs)
+            graph = self._capture(key, leaves, spec)
             if graph is None:
                 return self._eager(*args, **kwargs)
         self._graphs.move_to_end(key)
-        leaves, _ = tree_flatten((args, kwargs))
         for static, leaf in zip(graph.static_inputs, leaves, strict=True):
             if isinstance(static, torch.Tensor):
                 static.copy_(leaf)
@@ -198,10 +213,7 @@ class UNetGraphs:
         # The static output is overwritten by the next replay: the caller gets its own copy.
         return _map_tensors(graph.static_output, torch.Tensor.clone)
 
-    def _capture(
-        self, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _Graph | None:
-        leaves, spec = tree_flatten((args, kwargs))
+    def _capture(self, key: Hashable, leaves: list[Any], spec: TreeSpec) -> _Graph | None:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         static_args, static_kwargs = _rebuild(static_inputs, spec)
         device = self._device()

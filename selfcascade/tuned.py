@@ -165,10 +165,10 @@ class FeatureInjection:
         self._first_block = chain[0][0]
         lr = self._pivot_for_conv_in()
         self._lr_input = PivotBuffer(lr) if self.lr_inputs is None else self.lr_inputs.holding(lr)
-        replayable = self.mode == "per_step" and self.lr_inputs is not None
         # What a captured graph of the block hooks reads besides the UNet's arguments
         # (selfcascade/cuda_graphs.py): the pivot buffer and the upsamplers' weight storage.
-        weights = tuple(p.data_ptr() for p in self.upsamplers.parameters())
+        replayable = self.mode == "per_step" and self.lr_inputs is not None
+        weights = tuple(p.data_ptr() for p in self.upsamplers.parameters()) if replayable else ()
         handles = [self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)]
         try:
             for name, block in chain:

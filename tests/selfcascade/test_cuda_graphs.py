@@ -229,7 +229,7 @@ def test_the_least_recently_used_graph_is_dropped_beyond_the_limit() -> None:
     engine.unet_graphs.max_graphs = 2
     engine.generate(GenerationRequest("a red circle", 256, 256, steps=2, seed=1))
     assert engine.unet_graphs.captures == 3
-    assert len(engine.unet_graphs._graphs) == 2
+    assert engine.unet_graphs.held == 2
 
 
 @cuda
