@@ -56,12 +56,15 @@ def graph_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable |
     """What one captured graph serves: every tensor's shape, dtype and device, every other value
     as it is, and the structure holding them. None when a call cannot be graphed (a value that
     is not hashable, or a timestep given as a Python number: a graph per step value)."""
-    return _signature(args, *tree_flatten((args, kwargs)))
+    return _signature(args, kwargs, *tree_flatten((args, kwargs)))
 
 
-def _signature(args: tuple[Any, ...], leaves: list[Any], spec: TreeSpec) -> Hashable | None:
+def _signature(
+    args: tuple[Any, ...], kwargs: dict[str, Any], leaves: list[Any], spec: TreeSpec
+) -> Hashable | None:
     """`graph_signature` of a call already flattened into `leaves` and `spec`."""
-    if len(args) > 1 and not isinstance(args[1], torch.Tensor):
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if timestep is not None and not isinstance(timestep, torch.Tensor):
         return None
     described: list[Hashable] = []
     for leaf in leaves:
@@ -195,7 +198,7 @@ class UNetGraphs:
         if torch.is_grad_enabled() or kwargs.get("return_dict", True):
             return self._eager(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
-        signature = _signature(args, leaves, spec)
+        signature = _signature(args, kwargs, leaves, spec)
         key = None if signature is None else (signature, self._hook_keys)
         if key is None or key in self._refused:
             return self._eager(*args, **kwargs)

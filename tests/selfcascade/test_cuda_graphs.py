@@ -55,6 +55,8 @@ def test_calls_a_graph_cannot_serve_are_refused() -> None:
     args, kwargs = unet_args()
     # A Python-number timestep would be frozen into the graph: one graph per step value.
     assert graph_signature((args[0], 981), kwargs) is None
+    assert graph_signature((args[0],), {**kwargs, "timestep": 981}) is None
+    assert graph_signature((args[0],), {**kwargs, "timestep": args[1]}) is not None
     assert graph_signature(args, {**kwargs, "cross_attention_kwargs": {"scale": object()}}) is None
 
 
