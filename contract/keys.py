@@ -31,6 +31,13 @@ class RedisKeys:
     def worker_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
 
+    def api(self, name: str) -> str:
+        """String with TTL: a live API process and the models its models file lists (JSON)."""
+        return f"{self.prefix}:api:{name}"
+
+    def api_pattern(self) -> str:
+        return f"{self.prefix}:api:*"
+
     def histogram(self, name: str) -> str:
         """Hash of bucket counters written by workers, exported by the API's /metrics."""
         return f"{self.prefix}:metrics:{name}"
@@ -53,6 +60,9 @@ class RedisKeys:
 
     def reaper_lock(self) -> str:
         return f"{self.prefix}:lock:reaper"
+
+    def retired_model_sweep_lock(self) -> str:
+        return f"{self.prefix}:lock:retired-models"
 
     def result_sweep_lock(self) -> str:
         return f"{self.prefix}:lock:result-sweep"

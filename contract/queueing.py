@@ -34,7 +34,23 @@ def queue_name(settings: Settings, model: str, priority: Priority = "interactive
     apart from the legacy `<prefix>:<queue_name>[:batch]`, also for a model called "batch"
     (model names cannot hold ':', ModelSpec)."""
     suffix = "" if priority == "interactive" else f":{priority}"
-    return f"{settings.redis_prefix}:{settings.queue_name}:model:{model}{suffix}"
+    return f"{_model_queue_prefix(settings)}{model}{suffix}"
+
+
+def models_with_queues(redis: Redis, settings: Settings) -> set[str]:
+    """Every model that has had a queue here: RQ registers a queue's name when it first
+    enqueues on it and keeps it after the queue empties (so also models no longer served)."""
+    prefix = f"{Queue.redis_queue_namespace_prefix}{_model_queue_prefix(settings)}"
+    found = set()
+    for key in redis.smembers(Queue.redis_queues_keys):
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        if text.startswith(prefix):
+            found.add(text.removeprefix(prefix).split(":")[0])  # model names hold no ':'
+    return found
+
+
+def _model_queue_prefix(settings: Settings) -> str:
+    return f"{settings.redis_prefix}:{settings.queue_name}:model:"
 
 
 def generation_queue(

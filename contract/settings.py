@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     # on a CPU or for video models.
     cuda_graph_max_pixels: int | None = Field(default=None, ge=0)
     sse_keepalive_s: float = 15.0
+    # How often each API process says which models it accepts jobs for, and one of them fails
+    # the queued jobs of models that no API process lists and no worker holds any longer
+    # (removed from the models file: service.retired_models).
+    retired_model_sweep_s: float = Field(default=30.0, gt=0)
 
     # -- API keys: "open" needs none (make run); "keys" requires a bearer token on /v1/*.
     auth_mode: Literal["open", "keys"] = "open"

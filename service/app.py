@@ -16,6 +16,7 @@ from service.errors import install_error_handlers
 from service.metrics import JobCollector, RequestMetrics
 from service.playground import mount_playground
 from service.production import install_production_api
+from service.retired_models import RetiredModelSweeper
 from service.routes import generations, operations
 from service.services import ApiServices
 
@@ -24,9 +25,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = ApiServices.build(settings)
 
+    sweeper = RetiredModelSweeper(services)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sweeper.start()
         yield
+        sweeper.stop()
         await services.async_redis.aclose()
         services.redis.close()
 
