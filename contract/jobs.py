@@ -164,6 +164,9 @@ class JobOrigin(BaseModel):
     request_id: str | None = None
     traceparent: str | None = None
     webhook: str | None = None
+    # The machine `webhook` resolved to when the job was accepted (WebhookTarget.receiver):
+    # the key of the per-receiver send limit. None: the URL's host:port is used instead.
+    webhook_receiver: str | None = None
     webhook_events_filter: list[WebhookEvent] = Field(default_factory=_completed_only)
 
 

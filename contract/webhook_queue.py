@@ -39,6 +39,9 @@ class WebhookDelivery(BaseModel):
     job_id: str
     event: WebhookEvent
     url: str
+    # Who the per-receiver send limit counts this under (JobOrigin.webhook_receiver). Before
+    # `record` on purpose: the claim script reads the first `,"receiver":"` of the entry.
+    receiver: str | None = None
     attempt: int = 0
     # The job as it was when the event happened: the body shows that moment, not a later one.
     record: JobRecord | None = None
@@ -64,6 +67,7 @@ def enqueue_webhook(
         job_id=record.id,
         event=event,
         url=origin.webhook,
+        receiver=origin.webhook_receiver,
         record=snapshot,
     )
     schedule(redis, keys, delivery, due if due is not None else time.time())
@@ -107,9 +111,11 @@ CLAIM_SCAN_WINDOW = 256
 BUSY_RECEIVER_DEFER_S = 1.0
 
 # KEYS: pending, in flight. ARGV: now, limit, claim seconds, sends per receiver, scan window,
-# deferral. Lapsed claims go back first. The receiver is the webhook URL's authority
-# (host:port), read with a pattern rather than cjson: the entries carry whole job records, and
-# `url` comes before `record` in WebhookDelivery's JSON, so the first "url" is the delivery's.
+# deferral. Lapsed claims go back first. The receiver is the delivery's `receiver` (the address
+# the URL resolved to when the job was accepted) or, for entries without one, the URL's
+# authority (host:port). Both are read with a pattern rather than cjson: the entries carry whole
+# job records, and `url` and `receiver` come before `record` in WebhookDelivery's JSON, so their
+# first matches are the delivery's own (the record's origin spells `webhook_receiver`).
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -118,6 +124,8 @@ for _, entry in ipairs(lapsed) do
   redis.call('ZADD', KEYS[1], now, entry)
 end
 local function receiver(entry)
+  local known = string.match(entry, ',"receiver":"(.-)"')
+  if known then return known end
   local url = string.match(entry, '"url":"(.-)"') or ''
   return string.lower(string.match(url, '^%a[%w+.-]*://([^/?#]*)') or url)
 end

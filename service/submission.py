@@ -29,6 +29,7 @@ def origin_for(
     *,
     priority: str = "interactive",
     webhook: str | None = None,
+    webhook_receiver: str | None = None,
     webhook_events_filter: list[WebhookEvent] | None = None,
     user: str | None = None,
 ) -> JobOrigin:
@@ -41,6 +42,7 @@ def origin_for(
             request_id=state.get("request_id") or accept_request_id(None),
             traceparent=state.get("traceparent") or accept_traceparent(None),
             webhook=webhook,
+            webhook_receiver=webhook_receiver,
             webhook_events_filter=sorted(set(webhook_events_filter or ["completed"])),
         )
     )

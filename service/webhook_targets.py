@@ -31,6 +31,18 @@ class WebhookTarget:
     port: int
     address: str  # the checked IP to connect to
 
+    @property
+    def receiver(self) -> str:
+        """The machine behind the URL, for the per-receiver send limit (contract.webhook_queue):
+        its address, an IPv6 one by its /64 (what one host is usually given). Many names or
+        ports of one server are then one receiver, not one each."""
+        address = ipaddress.ip_address(self.address)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv6Address):
+            return f"ip {ipaddress.IPv6Network((address, 64), strict=False)}"
+        return f"ip {address}"
+
 
 class WebhookPolicy:
     def __init__(self, allowed_networks: list[IpNetwork], allow_http: bool) -> None:

@@ -29,7 +29,7 @@ from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
 from service.views import client_base_url, generation_view
-from service.webhook_targets import WebhookPolicy, WebhookTargetRefused
+from service.webhook_targets import WebhookPolicy, WebhookTarget, WebhookTargetRefused
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -73,13 +73,13 @@ def _create(
     """The new generation's record, or (True) the one an earlier request with this key made."""
     caller.require("generate")
     params = normalise(body, services.models, services.settings)
-    if body.webhook is not None:
-        check_webhook_url(request, body.webhook)
+    target = check_webhook_url(request, body.webhook) if body.webhook is not None else None
     origin = origin_for(
         request,
         caller,
         priority=body.priority,
         webhook=body.webhook,
+        webhook_receiver=target.receiver if target is not None else None,
         webhook_events_filter=body.webhook_events_filter,
     )
     job_id = uuid.uuid4().hex
@@ -237,7 +237,7 @@ def _resume_after(last_event_id: str | None) -> str:
     return last_event_id
 
 
-def check_webhook_url(request: Request, url: str) -> None:
+def check_webhook_url(request: Request, url: str) -> WebhookTarget:
     policy: WebhookPolicy = request.app.state.webhook_policy
     if request.app.state.services.settings.webhook_secret is None:
         raise ApiError(
@@ -246,7 +246,7 @@ def check_webhook_url(request: Request, url: str) -> None:
             "webhook",
         )
     try:
-        policy.resolve(url)
+        return policy.resolve(url)
     except WebhookTargetRefused as exc:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, f"webhook: {exc}", "webhook") from None
 

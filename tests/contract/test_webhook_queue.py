@@ -16,6 +16,7 @@ from contract.webhook_queue import (
     WebhookDelivery,
     claim_due,
     claim_lifetime_s,
+    enqueue_webhook,
     finish_claim,
     read_dead,
     record_dead,
@@ -81,6 +82,33 @@ def test_one_receiver_gets_at_most_its_share_of_sends(redis_client: Redis, key_p
     assert claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2) == []
     [slow] = claim_due(redis_client, keys, now + 2, 4, claim_s=30, per_receiver=2)
     assert slow.delivery.id in {"msg_2", "msg_3", "msg_4"}
+
+
+def test_many_names_of_one_machine_share_one_receivers_sends(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    # One hostile server behind many subdomains: its deliveries carry the address the API
+    # resolved, so they count against one limit; entries from before that field keep host:port.
+    keys = RedisKeys(key_prefix)
+    now = time.time()
+    machine = {"receiver": "ip 203.0.113.7"}
+    for n, host in enumerate(["a", "b", "c", "d"]):
+        entry = to(f"https://{host}.evil.test/", n).model_copy(update=machine)
+        schedule(redis_client, keys, entry, now - 10 + n)
+    schedule(redis_client, keys, to("https://fast.test/", 4), now - 1)
+    claimed = claim_due(redis_client, keys, now, 4, claim_s=30, per_receiver=2)
+    assert [c.delivery.id for c in claimed] == ["msg_0", "msg_1", "msg_4"]
+
+
+def test_a_jobs_webhook_is_queued_with_its_receiver(redis_client: Redis, key_prefix: str) -> None:
+    keys = RedisKeys(key_prefix)
+    record = to("https://a.evil.test/", 0).record
+    assert record is not None
+    origin = JobOrigin(webhook="https://a.evil.test/", webhook_receiver="ip 203.0.113.7")
+    assert enqueue_webhook(redis_client, keys, record.model_copy(update={"origin": origin}),
+                           "completed")
+    [claimed] = claim_due(redis_client, keys, time.time() + 1, 4, claim_s=30)
+    assert claimed.delivery.receiver == "ip 203.0.113.7"
 
 
 def test_a_busy_receivers_backlog_cannot_hide_other_receivers(

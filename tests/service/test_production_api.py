@@ -14,8 +14,11 @@ import httpx
 import pytest
 from redis import Redis
 
+from contract.keys import RedisKeys
 from contract.queueing import generation_queue, generation_queues
+from contract.state import JobStore
 from service.app import create_app
+from service.webhook_targets import WebhookTarget
 from tests.conftest import free_port
 from tests.live_stack import ApiServer, write_models_file
 from tests.service.conftest import SettingsFactory
@@ -192,6 +195,35 @@ def test_allow_list_admits_a_loopback_webhook_and_http_needs_opt_in(
     with api(settings_for, webhook_allowed_networks="127.0.0.0/8") as client:
         unsigned = client.post("/v1/generations", json={**BODY, "webhook": "https://127.0.0.1/h"})
         assert_error(unsigned, 422, "invalid_request")  # no secret: webhooks are off
+
+
+def test_a_webhook_is_limited_per_machine_not_per_name(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    # Two spellings of one loopback address (and two ports): one receiver for the send limit.
+    settings = settings_for(webhook_secret="s3cret", webhook_allowed_networks="127.0.0.0/8")
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), 60)
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        for url in ("https://127.0.0.1:9/h", "https://127.1:10/h"):
+            reply = client.post("/v1/generations", json={**BODY, "webhook": url})
+            assert reply.status_code == 202, reply.text
+            record = store.get(reply.json()["id"])
+            assert record is not None and record.origin.webhook_receiver == "ip 127.0.0.1"
+            assert "webhook_receiver" not in reply.json()  # internal: not part of the API
+
+
+@pytest.mark.parametrize(
+    ("address", "receiver"),
+    [
+        ("203.0.113.7", "ip 203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "ip 2001:db8:1:2::/64"),  # one host's usual IPv6 allocation
+        ("2001:db8:1:2:bbbb::9", "ip 2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "ip 203.0.113.7"),
+    ],
+)
+def test_the_receiver_of_a_webhook_target_is_its_machine(address: str, receiver: str) -> None:
+    target = WebhookTarget("https://x.test/", "https", "x.test", 443, address)
+    assert target.receiver == receiver
 
 
 def test_request_id_and_traceparent_are_echoed_and_stored(
