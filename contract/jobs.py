@@ -17,6 +17,9 @@ MAX_GUIDANCE = 30.0
 # Video bounds the API enforces for every model; a model's own frame limit is in its ModelSpec.
 MAX_FRAMES = 64  # = selfcascade.request.MAX_FRAMES, the engine's bound (not imported: no torch)
 MAX_FPS = 60
+# GIF stores delays in hundredths of a second, and browsers play 10 ms or less as 100 ms: 20 ms
+# frames (worker.video_encoding.gif_delays_ms never goes below that up to 50 fps) are the fastest.
+GIF_MAX_FPS = 50
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 VideoFormat = Literal["mp4", "webm", "gif"]

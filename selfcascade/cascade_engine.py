@@ -104,6 +104,11 @@ class CascadeEngine:
         native = int(pipe.unet.config.sample_size) * vae_factor
         self.native_size = StageSize(native, native)
         self._scheduler_config = pipe.scheduler.config
+        # Steps beyond this index past the model's last training timestep (DDIM's leading
+        # spacing adds `steps_offset`: 1000 steps of T = 1000 would ask for t = 1000).
+        self.max_steps = int(self._scheduler_config.get("num_train_timesteps", 1000)) - int(
+            self._scheduler_config.get("steps_offset", 0)
+        )
         # Views of the one resident pipeline, built once; each job swaps in its own scheduler.
         self._first = self._stage_pipeline(type(pipe))
         self._renoise = self._stage_pipeline(renoise_cls)
@@ -126,6 +131,11 @@ class CascadeEngine:
 
     def validate(self, request: GenerationRequest) -> list[StageSize]:
         request.validate(self.size_multiple)
+        if request.steps > self.max_steps:
+            raise InvalidRequest(
+                "steps", f"must be at most {self.max_steps} for this model's scheduler, "
+                f"got {request.steps}",
+            )
         self._check_kind(request)
         sizes = self.plan(request)
         if len(sizes) > 1 and self.stage_steps(request, 2)[1] < 1:

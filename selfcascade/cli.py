@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -164,14 +165,16 @@ def _generate(args: argparse.Namespace) -> int:
             bar.update(round(p.fraction * 1000) - bar.n)
 
         result = engine.generate(request, on_progress=on_progress, stage_hooks=hooks)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(result, VideoResult):
         frames = result.frames
     else:
         assert isinstance(result, GenerationResult)
         frames = result.images
     # Pillow writes every frame of a clip as one animated .gif/.png/.webp; no video encoder here.
-    frames[0].save(args.out, save_all=len(frames) > 1, append_images=frames[1:])
+    try:
+        frames[0].save(args.out, save_all=len(frames) > 1, append_images=frames[1:])
+    except OSError as exc:  # the disk filled up, or the folder went away meanwhile
+        raise InvalidRequest("out", f"cannot write {args.out}: {exc}") from None
     kind = f"{len(frames)} frames of " if isinstance(result, VideoResult) else ""
     print(f"wrote {args.out} ({kind}{frames[0].width}x{frames[0].height})")
     stages = " -> ".join(str(s) for s in result.stages)
@@ -201,6 +204,12 @@ def _check_out(out: Path, video: bool) -> None:
         )
     if video and fmt not in ANIMATED_FORMATS:
         raise InvalidRequest("out", f"a clip needs an animated .gif, .png or .webp, not {out.name}")
+    folder = out.parent
+    try:  # by writing there: permission bits say nothing of read-only mounts, or of root
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise InvalidRequest("out", f"cannot write into {folder}: {exc.strerror}") from None
 
 
 def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:

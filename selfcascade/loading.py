@@ -39,9 +39,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} was asked for, but CUDA is not available here")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:  # torch's message names the device types it knows
         raise ModelLoadError(f"device {device!r} is not a device: {exc}") from exc
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {device!r} was asked for, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -69,10 +75,10 @@ def load_pipeline(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    _check_local_folder(model)
+    source = _local_folder(model) or model
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            model, dtype=torch_dtype, variant=variant, local_files_only=local_files_only
+            source, dtype=torch_dtype, variant=variant, local_files_only=local_files_only
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
@@ -82,19 +88,28 @@ def load_pipeline(
             + ", ".join(cls.__name__ for cls in SUPPORTED_PIPELINES)
         )
     pipe.set_progress_bar_config(disable=True)
+    try:
+        # A device torch knows the name of may still be unusable here (mps on a CPU build).
+        pipe = pipe.to(torch_device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"cannot use device {device!r}: {exc}") from exc
     log.info("loaded %s (%s) on %s as %s", model, type(pipe).__name__, torch_device, torch_dtype)
-    return pipe.to(torch_device)
+    return pipe
 
 
-def _check_local_folder(model: str) -> None:
-    """A path-looking model that is not a diffusers folder gets a precise message, not a hub 404."""
+def _local_folder(model: str) -> str | None:
+    """The folder a path-looking `model` names (`~` expanded: from_pretrained would take
+    "~/sd21" for a hub id), or None for a hub id. A path that is not a diffusers folder gets a
+    precise message, not a hub 404."""
     path = Path(model)
     looks_local = path.is_absolute() or model.startswith((".", "~")) or path.exists()
     if not looks_local:
-        return
-    if not path.expanduser().is_dir():
+        return None
+    folder = path.expanduser()
+    if not folder.is_dir():
         raise ModelLoadError(f"no model folder at {model!r}")
-    if not (path.expanduser() / "model_index.json").is_file():
+    if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
             f"{model!r} is not a diffusers pipeline folder: model_index.json is missing"
         )
+    return str(folder)

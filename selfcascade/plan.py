@@ -1,8 +1,8 @@
 """Stage planning: from a target size to the sizes the cascade samples at.
 
 Pure arithmetic, no torch. The base stage has the model's native pixel count at the target's
-aspect ratio; each later stage grows at most 2x per side (4x the pixels, the paper's rule) and
-the last stage is exactly the target.
+aspect ratio; each later stage grows at most 2x per side (4x the pixels, the paper's rule), the
+last one included, and the last stage is exactly the target.
 """
 
 from __future__ import annotations
@@ -54,10 +54,14 @@ def plan_stages(
         f = i / upscales
         w = _round_to(base.width * (width / base.width) ** f, multiple, upper=width)
         h = _round_to(base.height * (height / base.height) ** f, multiple, upper=height)
-        prev = sizes[-1]
-        # Rounding may overshoot the 2x rule by a fraction of `multiple`: stay inside it.
-        w = min(w, _floor_to(prev.width * MAX_GROWTH_PER_SIDE, multiple))
-        h = min(h, _floor_to(prev.height * MAX_GROWTH_PER_SIDE, multiple))
+        prev, left = sizes[-1], upscales - i  # stages still to come after this one
+        # Rounding may break the 2x rule by a fraction of `multiple`, on either side of this
+        # stage: at most 2x the previous one, at least what the target is 2 ** left x of. The two
+        # never conflict: the previous stage met the second bound, and 2x it is a multiple.
+        w = max(min(w, _floor_to(prev.width * MAX_GROWTH_PER_SIDE, multiple)),
+                _ceil_to(width / MAX_GROWTH_PER_SIDE**left, multiple, upper=width))
+        h = max(min(h, _floor_to(prev.height * MAX_GROWTH_PER_SIDE, multiple)),
+                _ceil_to(height / MAX_GROWTH_PER_SIDE**left, multiple, upper=height))
         sizes.append(StageSize(w, h))
     sizes.append(target)
     return _drop_repeats(sizes)
@@ -71,6 +75,10 @@ def _round_to(value: float, multiple: int, upper: int) -> int:
 
 def _floor_to(value: float, multiple: int) -> int:
     return max(multiple, int(value // multiple) * multiple)
+
+
+def _ceil_to(value: float, multiple: int, upper: int) -> int:
+    return min(max(multiple, math.ceil(value / multiple - 1e-9) * multiple), upper)
 
 
 def _drop_repeats(sizes: list[StageSize]) -> list[StageSize]:

@@ -473,9 +473,12 @@ def _load_state(
         raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
     if state.get("base_config_sha256") != BaseModelIdentity.of(model.unet).config_sha256:
         raise CheckpointError(f"training state {path} was made for another base model")
-    saved_key = json.loads(state["resume_key"])
-    if saved_key != config.resume_key():
-        changed = sorted(k for k in saved_key if saved_key[k] != config.resume_key().get(k))
+    # The crop size as used, on both sides: a run that left it to default (None) and one naming
+    # that same default are the same run.
+    saved_key = _with_crop_size(json.loads(state["resume_key"]), model.native_size)
+    key = _with_crop_size(config.resume_key(), model.native_size)
+    if saved_key != key:
+        changed = sorted(k for k in saved_key.keys() | key.keys() if saved_key.get(k) != key.get(k))
         raise CheckpointError(
             f"cannot resume {path}: settings changed since it was saved ({', '.join(changed)})"
         )
@@ -484,6 +487,12 @@ def _load_state(
     scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     return int(state["step"])
+
+
+def _with_crop_size(key: dict[str, Any], native_size: int) -> dict[str, Any]:
+    if key.get("crop_size") is None and "scale" in key:
+        return {**key, "crop_size": native_size * int(key["scale"])}
+    return key
 
 
 def _truncate_loss_log(path: Path, step: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 
 from contract.jobs import (
+    GIF_MAX_FPS,
     IMAGE_FORMATS,
     MAX_SEED,
     MAX_SIDE_PX,
@@ -101,7 +102,14 @@ def _media_fields(
             f"model {spec.name} makes at most {spec.max_num_frames} frames, got {num_frames}",
         )
     fps = body.fps or spec.default_fps
-    return _format(body.output_format, spec, VIDEO_FORMATS), num_frames, fps
+    output_format = _format(body.output_format, spec, VIDEO_FORMATS)
+    if output_format == "gif" and fps > GIF_MAX_FPS:
+        raise _invalid(
+            "fps",
+            f"gif plays at most {GIF_MAX_FPS} fps (its frame delays are hundredths of a second, "
+            f"and browsers slow shorter ones down to 100 ms); got {fps}: use mp4 or webm",
+        )
+    return output_format, num_frames, fps
 
 
 def _check_size_for_format(output_format: OutputFormat, width: int, height: int) -> None:

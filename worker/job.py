@@ -162,8 +162,11 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         return _fail(rt, record, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
-            free_accelerator_memory()
-            return _fail(rt, record, ErrorCode.OUT_OF_MEMORY, "accelerator out of memory")
+            free_accelerator_memory(exc)
+            return _fail(
+                rt, record, ErrorCode.OUT_OF_MEMORY,
+                "out of memory at this size; a smaller size (or fewer frames) may fit",
+            )
         log.exception("generation %s failed", record.id)
         outcome = _fail(rt, record, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if is_fatal_accelerator_error(exc):

@@ -1,5 +1,7 @@
 """The `selfcascade` command as a user runs it: a real subprocess on a tiny model folder."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +71,12 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
         (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
         (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),
+        # DDIM's leading spacing would ask for t = 1000 of T = 1000 (an IndexError before).
+        (["--width", "64", "--height", "64", "--steps", "1000"], "steps: must be at most 999"),
+        # Known to torch, unusable here (a CPU build): refused at loading, not in pipe.to().
+        (["--width", "64", "--height", "64", "--device", "mps"], "cannot use device 'mps'"),
+        # Unwritable destinations are refused before the generation, not after it.
+        (["--width", "64", "--height", "64", "--out", "/proc/no/x.png"], "cannot write into"),
     ],
 )
 def test_bad_values_are_one_line_errors_not_tracebacks(
@@ -78,6 +86,18 @@ def test_bad_values_are_one_line_errors_not_tracebacks(
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_model_folder_under_home_can_be_named_with_a_tilde(model: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(model, home / "sd")
+    args = ["generate", "--model", "~/sd", "--prompt", "x", "--width", "64", "--height", "64",
+            "--steps", "2", "--out", str(tmp_path / "o.png")]
+    done = subprocess.run(
+        [sys.executable, "-m", "selfcascade.cli", *args], capture_output=True, text=True,
+        timeout=240, cwd=ROOT, env={**os.environ, "HOME": str(home)},
+    )
+    assert done.returncode == 0, done.stderr  # was: "Repo id must use alphanumeric chars"
 
 
 def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:

@@ -138,9 +138,18 @@ def test_resume_refuses_changed_settings_and_missing_state(tmp_path: Path, data:
     tune(pipe, config(tmp_path, data, steps=1))
     with pytest.raises(CheckpointError, match=r"settings changed.*lr"):
         tune(pipe, config(tmp_path, data, steps=2, lr=1e-3, resume=True))
+    with pytest.raises(CheckpointError, match=r"since it was saved \(clip_frames\)"):
+        tune(pipe, config(tmp_path, data, steps=2, clip_frames=4, resume=True))
     (tmp_path / "out" / STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         tune(pipe, config(tmp_path, data, steps=2, resume=True))
+
+
+def test_resume_takes_the_default_crop_size_named_explicitly(tmp_path: Path, data: Path) -> None:
+    pipe = build_tiny_sd_pipeline(0)
+    tune(pipe, config(tmp_path, data, steps=1, crop_size=None))
+    result = tune(pipe, config(tmp_path, data, steps=2, crop_size=CROP, resume=True))
+    assert result.start_step == 1  # was refused: "settings changed (crop_size)"
 
 
 def test_final_checkpoint_loads_for_serving(tmp_path: Path, data: Path) -> None:

@@ -65,6 +65,7 @@ def client(settings: Settings) -> Iterator[httpx.Client]:
         ({**VIDEO, "fps": 0}, "fps", "greater than or equal to 1"),
         ({**VIDEO, "fps": 61}, "fps", "less than or equal to 60"),
         ({**VIDEO, "output_format": "avi"}, "output_format", "mp4"),
+        ({**VIDEO, "output_format": "gif", "fps": 60}, "fps", "gif plays at most 50 fps"),
     ],
 )
 def test_modality_and_range_rules_answer_422_naming_the_param(

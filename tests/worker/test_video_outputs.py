@@ -13,7 +13,7 @@ import av
 import pytest
 from PIL import Image
 
-from contract.jobs import GenerationParams
+from contract.jobs import GIF_MAX_FPS, GenerationParams
 from contract.storage.local import LocalResultStorage
 from worker.outputs import store_video
 from worker.video_encoding import VideoEncodingError, encode_video, gif_delays_ms
@@ -73,6 +73,12 @@ def test_gif_delays_add_up_to_the_clip_length() -> None:
     assert gif_delays_ms(3, 1) == [1000, 1000, 1000]
     assert sum(gif_delays_ms(30, 30)) == 1000
     assert set(gif_delays_ms(16, 8)) == {120, 130}
+
+
+def test_gif_delays_stay_at_20_ms_or_more_up_to_the_apis_gif_limit() -> None:
+    # Browsers play a delay of 10 ms or less as 100 ms: the API caps gif at GIF_MAX_FPS for this.
+    for fps in range(1, GIF_MAX_FPS + 1):
+        assert min(gif_delays_ms(64, fps)) >= 20, fps
 
 
 @pytest.mark.parametrize(
