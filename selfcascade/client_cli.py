@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from selfcascade.client import ServiceClient
 
 EXIT_FAILED = 1
+EXIT_BAD_ARGUMENTS = 2
 EXIT_INTERRUPTED = 130
+OUTPUT_FORMATS = ("png", "webp", "jpeg", "mp4", "webm", "gif")
 
 
 def add_client_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,8 +46,8 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     g.add_argument("--fps", type=int, help="video models: frames per second")
     g.add_argument(
         "--output-format",
-        choices=("png", "webp", "jpeg", "mp4", "webm", "gif"),
-        help="default: png for image models, mp4 for video models",
+        choices=OUTPUT_FORMATS,
+        help="default: --out's extension, else png for image models and mp4 for video models",
     )
     g.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     g.add_argument(
@@ -104,18 +106,37 @@ def _request_body(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "num_frames": args.num_frames,
         "fps": args.fps,
-        "output_format": args.output_format,
+        "output_format": _output_format(args),
         "tuned": {"true": True, "false": False, "auto": "auto"}.get(args.tuned or ""),
     }
     return {"prompt": args.prompt, **{k: v for k, v in optional.items() if v is not None}}
+
+
+def _output_format(args: argparse.Namespace) -> str | None:
+    """--output-format, else the format --out's extension names: the file then holds what its
+    name says (a clip asked for as out.png would otherwise be mp4 bytes in a .png)."""
+    suffix = args.out.suffix.lower().lstrip(".") if args.out else ""
+    named = {"jpg": "jpeg"}.get(suffix, suffix)
+    if named not in OUTPUT_FORMATS:
+        return args.output_format  # no extension, or one the service does not make
+    if args.output_format is not None and args.output_format != named:
+        raise ValueError(
+            f"--out {args.out} names a .{suffix} file, but --output-format is {args.output_format}"
+        )
+    return named
 
 
 def _generate(args: argparse.Namespace) -> int:
     from selfcascade.client import ClientError
 
     try:
+        body = _request_body(args)
+    except ValueError as exc:
+        print(f"selfcascade client: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    try:
         with _client(args) as client:
-            job = client.create(_request_body(args))
+            job = client.create(body)
             params = job["params"]
             print(
                 f"generation {job['id']} {job['status']}: {params['width']}x{params['height']}, "

@@ -80,18 +80,26 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         engine = engine_for(pipe, **_engine_options(settings))
         spec = _with_modality(spec, engine.produces_video)
         _check_frame_limit(spec, engine.max_num_frames)
-        if spec.size_multiple % engine.size_multiple:
-            log.warning(
-                "model %s: models file says size_multiple %d but the engine needs multiples of %d",
-                spec.name, spec.size_multiple, engine.size_multiple,
-            )
+        _check_sizes(spec, engine)
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
         if settings.warm_up_on_load:
-            from selfcascade.warmup import warm_up
-
-            warm_up(engine)
+            _warm_up(spec, engine)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
+
+
+def _warm_up(spec: ModelSpec, engine: Any) -> None:
+    """One short job at 2x native; a model that cannot even run that here (out of memory, a
+    broken kernel) would fail every real job, so the worker refuses to start, in one line."""
+    from selfcascade.warmup import warm_up
+
+    try:
+        warm_up(engine)
+    except Exception as exc:
+        raise ModelRefused(
+            f"model {spec.name}: its warm-up generation failed ({type(exc).__name__}: {exc}); "
+            "SELFCASCADE_WARM_UP_ON_LOAD=false starts without it"
+        ) from exc
 
 
 def _engine_options(settings: Settings) -> dict[str, Any]:
@@ -109,6 +117,25 @@ def _check_frame_limit(spec: ModelSpec, engine_limit: int | None) -> None:
             f"model {spec.name}: its motion module takes at most {engine_limit} frames but the "
             f"models file allows max_num_frames {spec.max_num_frames}; set "
             f'"max_num_frames": {engine_limit} (or less) in its entry'
+        )
+
+
+def _check_sizes(spec: ModelSpec, engine: Any) -> None:
+    """The API decides by the models file whether a request cascades (native size) and which
+    sizes pass (size_multiple); the worker by the loaded UNet. Where they disagree, jobs the API
+    accepted would fail after waiting in the queue, so the worker refuses to start instead."""
+    native = engine.native_size
+    if (spec.native_width, spec.native_height) != (native.width, native.height):
+        raise ModelRefused(
+            f"model {spec.name}: the models file says native {spec.native_width}x"
+            f"{spec.native_height}, but its UNet samples {native.width}x{native.height}; set "
+            f'"native_width": {native.width}, "native_height": {native.height}'
+        )
+    if spec.size_multiple % engine.size_multiple:
+        raise ModelRefused(
+            f"model {spec.name}: the models file allows sizes in multiples of "
+            f"{spec.size_multiple} px, but the model needs multiples of {engine.size_multiple}; "
+            f'set "size_multiple" to a multiple of {engine.size_multiple}'
         )
 
 

@@ -14,6 +14,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from selfcascade.demo import card as demo_card
 from tests.deploy.test_manifests import ROOT, _compose_config, _mounts, _tool
 
 DOCKERFILES = ["api.Dockerfile", "worker.Dockerfile"]
@@ -114,7 +115,7 @@ def test_build_context_leaves_out_the_venv_data_and_git_but_keeps_what_images_co
     patterns = _dockerignore()
     for path in (".venv", ".venv/lib/python3.11", "data", "data/models/tiny", ".git"):
         assert _ignored(path, patterns), path
-    copied = {"models", "models/demo/model_index.json", "models/demo-upsamplers-2x.safetensors"}
+    copied = {"models", "models/demo/model_index.json", str(demo_card.UPSAMPLERS[0])}
     for dockerfile in DOCKERFILES:
         for line in _lines(dockerfile):
             if line.startswith("COPY "):

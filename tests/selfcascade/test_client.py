@@ -61,6 +61,27 @@ def test_generate_waits_and_downloads_the_image(
 
 
 @pytest.mark.integration
+def test_the_out_files_extension_picks_the_output_format(
+    stack: RunningStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fox.jpg"
+    argv = ["client", "generate", "--server", stack.url, "--prompt", "a red fox", "--width", "64"]
+    assert main([*argv, "--height", "64", "--steps", "2", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "JPEG"  # not png bytes in a .jpg
+
+
+def test_an_out_file_name_contradicting_the_output_format_is_refused_before_submitting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["client", "generate", "--server", "http://127.0.0.1:9", "--prompt", "x"]
+    assert main([*argv, "--output-format", "mp4", "--out", "clip.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfcascade client: error: --out clip.png names a .png file, but --output-format is mp4"
+    )
+
+
+@pytest.mark.integration
 def test_server_comes_from_the_environment_and_queued_jobs_cancel(
     stack: RunningStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,7 +18,7 @@ from selfcascade.tuned import load_tuned_hook
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo"
-UPSAMPLERS = ROOT / "models" / "demo-upsamplers-2x.safetensors"
+UPSAMPLERS = ROOT / demo_card.UPSAMPLERS[0]  # the default 2x set
 MAX_BYTES = 30 * 2**20
 
 

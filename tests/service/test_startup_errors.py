@@ -71,6 +71,9 @@ def test_a_model_the_worker_cannot_serve_exits_with_one_line(
         ({"path": str(tmp_path / "missing")}, "cannot serve the configured models: "),
         ({"path": str(tiny_model_dir), "produces": "video"}, "says it produces video"),
         ({"path": str(tiny_model_dir), "upsamplers": str(models)}, "corrupt or truncated"),
+        # The API would admit requests by these, the worker run them by the UNet's own.
+        ({"path": str(tiny_model_dir), "native_width": 128}, "UNet samples 64x64"),
+        ({"path": str(tiny_model_dir), "size_multiple": 4}, "needs multiples of 8"),
     ]:
         models.write_text(json.dumps([{**entry, **fields}]))
         done = start("worker.main", models, redis_url, tmp_path)

@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from contract.settings import ModelSpec
+from selfcascade import warmup
 from tests.service.conftest import SettingsFactory
 from worker import resident
 
@@ -31,6 +33,19 @@ def test_models_are_warmed_up_at_load_when_enabled(
     if enabled:
         native = model.engine.native_size
         assert f"({native.width * 2}x{native.height * 2}, 2 steps)" in warmed[0]
+
+
+def test_a_failed_warm_up_refuses_the_model_in_one_line(
+    settings_for: SettingsFactory, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a card too small for the model's 2x stage does at start-up (the job would fail too).
+    def out_of_memory(engine: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(warmup, "warm_up", out_of_memory)
+    with pytest.raises(resident.ModelRefused, match=r"model tiny: its warm-up generation failed "
+                       r"\(OutOfMemoryError: CUDA out of memory"):
+        resident.load_models([spec(tiny_model_dir)], settings_for(warm_up_on_load=True))
 
 
 @pytest.mark.parametrize(
