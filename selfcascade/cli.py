@@ -209,7 +209,7 @@ def _check_out(out: Path, video: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as exc:
-        raise InvalidRequest("out", f"cannot write into {folder}: {exc.strerror}") from None
+        raise InvalidRequest("out", f"cannot write into {folder}: {exc.strerror or exc}") from None
 
 
 def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:

@@ -473,10 +473,10 @@ def _load_state(
         raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
     if state.get("base_config_sha256") != BaseModelIdentity.of(model.unet).config_sha256:
         raise CheckpointError(f"training state {path} was made for another base model")
-    # The crop size as used, on both sides: a run that left it to default (None) and one naming
-    # that same default are the same run.
-    saved_key = _with_crop_size(json.loads(state["resume_key"]), model.native_size)
-    key = _with_crop_size(config.resume_key(), model.native_size)
+    # The settings as used, on both sides: a run that left one to its default (None) and one
+    # naming that same default are the same run.
+    saved_key = _as_used(json.loads(state["resume_key"]), model.native_size)
+    key = _as_used(config.resume_key(), model.native_size)
     if saved_key != key:
         changed = sorted(k for k in saved_key.keys() | key.keys() if saved_key.get(k) != key.get(k))
         raise CheckpointError(
@@ -489,10 +489,11 @@ def _load_state(
     return int(state["step"])
 
 
-def _with_crop_size(key: dict[str, Any], native_size: int) -> dict[str, Any]:
+def _as_used(key: dict[str, Any], native_size: int) -> dict[str, Any]:
+    used = {**key, "clip_frames": key.get("clip_frames") or DEFAULT_CLIP_FRAMES}
     if key.get("crop_size") is None and "scale" in key:
-        return {**key, "crop_size": native_size * int(key["scale"])}
-    return key
+        used["crop_size"] = native_size * int(key["scale"])
+    return used
 
 
 def _truncate_loss_log(path: Path, step: int) -> None:

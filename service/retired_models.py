@@ -20,9 +20,11 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 
 from redis.exceptions import RedisError
+from rq.job import Job
 
 from contract.jobs import ErrorCode, ErrorInfo, JobStatus
 from contract.queueing import PRIORITIES, models_with_queues
@@ -72,8 +74,9 @@ def fail_jobs_of_retired_models(services: ApiServices) -> int:
             queue = services.queue_for(model, priority)
             for job_id in queue.get_job_ids():
                 record = services.store.get(job_id)
-                if record is None:  # its record expired: nothing to tell anyone
+                if record is None:  # its record is gone: nothing to tell anyone
                     queue.remove(job_id)
+                    services.redis.delete(Job.key_for(job_id))
                 elif end_queued(services, record, JobStatus.FAILED, error):
                     failed += 1
         log.warning("model %s is no longer served; failed its queued jobs", model)
@@ -84,20 +87,31 @@ class RetiredModelSweeper:
     """The API process's thread that publishes its models and, one process at a time, fails
     the queued jobs of retired models."""
 
-    def __init__(self, services: ApiServices) -> None:
+    def __init__(self, services: ApiServices, settle_s: float | None = None) -> None:
         self.services = services
         self.interval_s = services.settings.retired_model_sweep_s
+        # A published key outlives a missed pass or two, so a slow process is not taken for a
+        # stopped one.
+        self.ttl_s = 3 * self.interval_s
+        # How long this process publishes without a Redis error before it judges anything: by
+        # then every live API process has published again, also after an outage that let their
+        # keys lapse (sweeping at once would fail the jobs of a model another replica serves).
+        self.settle_s = self.ttl_s if settle_s is None else settle_s
         self.process = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._publishing_since: float | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="retired-models", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="retired-models", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.ident is not None:  # started
+        if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
         # Gone now, not when the key expires: a replacement's sweep must not count on it.
         with contextlib.suppress(RedisError):
             self.services.redis.delete(self.services.keys.api(self.process))
@@ -114,9 +128,17 @@ class RetiredModelSweeper:
                 return
 
     def pass_once(self) -> int:
-        # Outlives a missed pass or two, so a slow process is not taken for a stopped one.
-        publish_listed_models(self.services, self.process, ttl_s=3 * self.interval_s)
+        try:
+            publish_listed_models(self.services, self.process, ttl_s=self.ttl_s)
+        except RedisError:
+            self._publishing_since = None
+            raise
+        now = time.monotonic()
+        if self._publishing_since is None:
+            self._publishing_since = now
+        if now - self._publishing_since < self.settle_s:
+            return 0
         lock = self.services.keys.retired_model_sweep_lock()
-        if not self.services.redis.set(lock, "1", nx=True, px=int(self.interval_s * 900)):
+        if not self.services.redis.set(lock, "1", nx=True, px=max(1, int(self.interval_s * 900))):
             return 0  # another API process swept within this interval
         return fail_jobs_of_retired_models(self.services)

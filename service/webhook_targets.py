@@ -37,11 +37,31 @@ class WebhookTarget:
         its address, an IPv6 one by its /64 (what one host is usually given). Many names or
         ports of one server are then one receiver, not one each."""
         address = ipaddress.ip_address(self.address)
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if isinstance(address, ipaddress.IPv6Address):
-            return f"ip {ipaddress.IPv6Network((address, 64), strict=False)}"
+            embedded = _embedded_ipv4(address)
+            if embedded is None:
+                return f"ip {ipaddress.IPv6Network((address, 64), strict=False)}"
+            address = embedded
         return f"ip {address}"
+
+
+# NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): on an IPv6-only cluster with DNS64
+# every IPv4-only receiver is reached inside one of these /64s, so the IPv4 address it carries
+# is the machine.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 machine behind an IPv4-mapped, NAT64, 6to4 or Teredo IPv6 address."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if any(address in network for network in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # (server, client): the client is the receiver
+    return None
 
 
 class WebhookPolicy:

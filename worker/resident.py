@@ -125,7 +125,11 @@ def _check_sizes(spec: ModelSpec, engine: Any) -> None:
     sizes pass (size_multiple); the worker by the loaded UNet. Where they disagree, jobs the API
     accepted would fail after waiting in the queue, so the worker refuses to start instead."""
     native = engine.native_size
-    if (spec.native_width, spec.native_height) != (native.width, native.height):
+    # Video models keep their declared size: some sample a non-square native (zeroscope's
+    # 576x320) that the square sample_size does not describe.
+    if not engine.produces_video and (spec.native_width, spec.native_height) != (
+        native.width, native.height
+    ):
         raise ModelRefused(
             f"model {spec.name}: the models file says native {spec.native_width}x"
             f"{spec.native_height}, but its UNet samples {native.width}x{native.height}; set "

@@ -20,6 +20,7 @@ from selfcascade.errors import CheckpointError, InvalidRequest
 from selfcascade.tiny_models import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline, save_tiny_sd
 from selfcascade.tuned import inject_upsamplers
 from selfcascade.tuning import (
+    DEFAULT_CLIP_FRAMES,
     LOSS_LOG,
     STATE_FILE,
     UPSAMPLERS_FILE,
@@ -150,6 +151,9 @@ def test_resume_takes_the_default_crop_size_named_explicitly(tmp_path: Path, dat
     tune(pipe, config(tmp_path, data, steps=1, crop_size=None))
     result = tune(pipe, config(tmp_path, data, steps=2, crop_size=CROP, resume=True))
     assert result.start_step == 1  # was refused: "settings changed (crop_size)"
+    result = tune(pipe, config(tmp_path, data, steps=3, clip_frames=DEFAULT_CLIP_FRAMES,
+                               crop_size=CROP, resume=True))
+    assert result.start_step == 2
 
 
 def test_final_checkpoint_loads_for_serving(tmp_path: Path, data: Path) -> None:

@@ -219,6 +219,10 @@ def test_a_webhook_is_limited_per_machine_not_per_name(
         ("2001:db8:1:2:aaaa::1", "ip 2001:db8:1:2::/64"),  # one host's usual IPv6 allocation
         ("2001:db8:1:2:bbbb::9", "ip 2001:db8:1:2::/64"),
         ("::ffff:203.0.113.7", "ip 203.0.113.7"),
+        # NAT64 (DNS64 on an IPv6-only cluster): one receiver per IPv4 host, not one for all.
+        ("64:ff9b::cb00:7107", "ip 203.0.113.7"),
+        ("64:ff9b::808:808", "ip 8.8.8.8"),
+        ("2002:cb00:7107::1", "ip 203.0.113.7"),  # 6to4
     ],
 )
 def test_the_receiver_of_a_webhook_target_is_its_machine(address: str, receiver: str) -> None:

@@ -85,7 +85,7 @@ def test_a_removed_model_is_not_retired_while_a_live_worker_still_holds_it(
     # An old worker, still up during the rollout, drains tiny-b's queue: its presence record.
     presence = services.keys.worker("old-worker")
     redis_client.set(presence, json.dumps({"name": "old-worker", "models": ["tiny-b"]}), ex=30)
-    sweeper = RetiredModelSweeper(services)
+    sweeper = RetiredModelSweeper(services, settle_s=0)
     assert sweeper.pass_once() == 0
     assert status_of(services, job_id) is JobStatus.QUEUED
 
@@ -97,8 +97,12 @@ def test_a_removed_model_is_not_retired_while_a_live_worker_still_holds_it(
 def test_a_removed_model_is_not_retired_while_another_api_process_lists_it(
     settings_for: SettingsFactory, both_models: Path, tiny_only: Path, redis_client: Redis
 ) -> None:
-    old_api = RetiredModelSweeper(ApiServices.build(settings_for(models_file=both_models)))
-    new_api = RetiredModelSweeper(ApiServices.build(settings_for(models_file=tiny_only)))
+    old_api = RetiredModelSweeper(
+        ApiServices.build(settings_for(models_file=both_models)), settle_s=0
+    )
+    new_api = RetiredModelSweeper(
+        ApiServices.build(settings_for(models_file=tiny_only)), settle_s=0
+    )
     job_id = queue_job(new_api.services, "tiny-b")  # accepted by the old replica
     lock = new_api.services.keys.retired_model_sweep_lock()
 
@@ -119,9 +123,46 @@ def test_one_api_process_sweeps_per_interval(
     settings_for: SettingsFactory, tiny_only: Path
 ) -> None:
     services = ApiServices.build(settings_for(models_file=tiny_only, retired_model_sweep_s=60))
-    first, second = RetiredModelSweeper(services), RetiredModelSweeper(services)
+    first, second = (RetiredModelSweeper(services, settle_s=0) for _ in range(2))
     job_id = queue_job(services, "tiny-b")
     assert second.pass_once() == 1 and status_of(services, job_id) is JobStatus.FAILED
     later = queue_job(services, "tiny-b")
     assert first.pass_once() == 0  # the lock is held for this interval
     assert status_of(services, later) is JobStatus.QUEUED
+
+
+def test_a_process_judges_nothing_until_every_live_process_has_had_time_to_publish(
+    settings_for: SettingsFactory, both_models: Path, tiny_only: Path, redis_client: Redis
+) -> None:
+    # Replica B serves tiny-b; its key lapsed in a Redis outage (or replica A just started).
+    # A must not take the silence for a retirement before B has had a pass to publish again.
+    a = RetiredModelSweeper(ApiServices.build(settings_for(models_file=tiny_only)), settle_s=0.5)
+    b = RetiredModelSweeper(ApiServices.build(settings_for(models_file=both_models)), settle_s=0)
+    job_id = queue_job(a.services, "tiny-b")
+    assert a.pass_once() == 0  # just started publishing: no judgement yet
+    b.pass_once()
+    time.sleep(0.6)
+    redis_client.delete(a.services.keys.retired_model_sweep_lock())
+    assert a.pass_once() == 0 and status_of(a.services, job_id) is JobStatus.QUEUED
+
+    b.stop()  # B really goes away: now tiny-b is retired
+    redis_client.delete(a.services.keys.retired_model_sweep_lock())
+    assert a.pass_once() == 1
+
+
+def test_a_sweeper_restarts_with_its_app(settings_for: SettingsFactory, tiny_only: Path) -> None:
+    sweeper = RetiredModelSweeper(ApiServices.build(settings_for(models_file=tiny_only)))
+    for _ in range(2):  # a second lifespan on one app (TestClient used twice)
+        sweeper.start()
+        sweeper.stop()
+
+
+def test_an_entry_whose_record_is_gone_leaves_nothing_behind(
+    settings_for: SettingsFactory, tiny_only: Path, redis_client: Redis
+) -> None:
+    sweeper = RetiredModelSweeper(ApiServices.build(settings_for(models_file=tiny_only)), 0)
+    job_id = queue_job(sweeper.services, "tiny-b")
+    redis_client.delete(sweeper.services.keys.job(job_id))
+    assert sweeper.pass_once() == 0
+    assert generation_queue(redis_client, sweeper.services.settings, "tiny-b").count == 0
+    assert not redis_client.exists(Job.key_for(job_id))
