@@ -152,6 +152,7 @@ def _generate(args: argparse.Namespace) -> int:
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
     _check_out(args.out, video=False)
+    _check_writable(args.out.parent)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
     engine.validate(request)
@@ -204,7 +205,10 @@ def _check_out(out: Path, video: bool) -> None:
         )
     if video and fmt not in ANIMATED_FORMATS:
         raise InvalidRequest("out", f"a clip needs an animated .gif, .png or .webp, not {out.name}")
-    folder = out.parent
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a destination folder that cannot be written, before any compute."""
     try:  # by writing there: permission bits say nothing of read-only mounts, or of root
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()

@@ -29,7 +29,7 @@ from rq.job import Job
 from contract.jobs import ErrorCode, ErrorInfo, JobStatus
 from contract.queueing import PRIORITIES, models_with_queues
 from service.cancellation import end_queued
-from service.live_workers import live_worker_models
+from service.live_workers import live_worker_models, presence_records
 from service.services import ApiServices
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,8 @@ def publish_listed_models(services: ApiServices, process: str, ttl_s: float) -> 
 
 def listed_models(services: ApiServices) -> set[str]:
     """The models some live API process accepts jobs for."""
-    listed: set[str] = set()
-    for key in services.redis.scan_iter(match=services.keys.api_pattern(), count=100):
-        raw = services.redis.get(key)
-        if raw is not None:
-            listed.update(json.loads(raw).get("models", []))
-    return listed
+    records = presence_records(services.redis, services.keys.api_pattern())
+    return {model for _, info in records for model in info.get("models", [])}
 
 
 def retired_models(services: ApiServices) -> set[str]:
@@ -63,13 +59,14 @@ def retired_models(services: ApiServices) -> set[str]:
 
 def fail_jobs_of_retired_models(services: ApiServices) -> int:
     """Fail every queued job of a retired model; the number failed."""
-    failed = 0
+    failed_in_all = 0
     for model in sorted(retired_models(services)):
         error = ErrorInfo(
             code=ErrorCode.MODEL_UNAVAILABLE,
             message=f"model '{model}' is no longer served: it was removed from the service's "
             "models file while this job waited",
         )
+        failed = 0
         for priority in PRIORITIES:
             queue = services.queue_for(model, priority)
             for job_id in queue.get_job_ids():
@@ -79,8 +76,10 @@ def fail_jobs_of_retired_models(services: ApiServices) -> int:
                     services.redis.delete(Job.key_for(job_id))
                 elif end_queued(services, record, JobStatus.FAILED, error):
                     failed += 1
-        log.warning("model %s is no longer served; failed its queued jobs", model)
-    return failed
+        if failed:  # RQ keeps an emptied queue's name: a retired model comes back every pass
+            log.warning("model %s is no longer served: failed %d queued jobs", model, failed)
+        failed_in_all += failed
+    return failed_in_all
 
 
 class RetiredModelSweeper:
