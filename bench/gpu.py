@@ -59,6 +59,10 @@ BASE_VARIANTS = ("stock_direct", "tuning_free", "tuning_free_cuda_graphs", "tune
 GRAPHS = "_cuda_graphs"  # through the worker's default engine: stages up to 1024^2 graphed
 # Every stage graphed, 2048^2 and 4096^2 too (an experiment, not the default).
 GRAPHS_ALL = "_cuda_graphs_all"
+# The default engine with its UNet torch.compile'd for every stage of the case's size, compiled
+# at warm-up (selfcascade/compiled_unet.py); its images are compared with GRAPHS' (same seed).
+GRAPHS_COMPILED = "_cuda_graphs_compiled"
+MODES = (GRAPHS_COMPILED, GRAPHS_ALL, GRAPHS)  # longest first: each contains GRAPHS
 # `--experiment attention`: the attention-bound 2048^2 step with cuDNN's fused attention (the
 # Hopper kernel) preferred over the FlashAttention-2 kernel SDPA picks by default, stock too.
 ATTENTION_VARIANTS = (
@@ -105,6 +109,12 @@ EXPERIMENTS = {
             "tuning_free_cuda_graphs_all", "tuned_cuda_graphs_all")),
     ),
     "attention": (Case("sd21-base", 2048, 50, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
+    # torch.compile on top of the default engine; tuned stages keep running uncompiled.
+    "compile": (Case("sd21-base", 2048, 50, variants=(
+        "stock_direct", "tuning_free_cuda_graphs", "tuning_free" + GRAPHS_COMPILED,
+    ), extras=("tuned_cuda_graphs", "tuned" + GRAPHS_COMPILED)),),
+    "compile-tiny": (Case("tiny-sd", 128, 4, variants=(
+        "tuning_free_cuda_graphs", "tuning_free" + GRAPHS_COMPILED), extras=()),),
     "attention-tiny": (Case("tiny-sd", 128, 4, reps=1, variants=ATTENTION_VARIANTS, extras=()),),
 }
 
@@ -142,8 +152,8 @@ class Run:
     peak_allocated_gib: float
     peak_reserved_gib: float
     finite: bool
-    # `_cuda_graphs` variants: the largest difference of any pixel value (0-255) from the eager
-    # variant's image of the same seed; None when that one did not run.
+    # `_cuda_graphs` variants: the largest difference of any pixel value (0-255) from the image
+    # of the same seed of their `twin`; None when that one did not run.
     max_pixel_diff_vs_eager: int | None = None
 
 
@@ -277,8 +287,15 @@ def timed_run(
 
 
 def graph_mode(variant: str) -> str:
-    """Which engine runs `variant`: "" (eager), GRAPHS or GRAPHS_ALL (its suffix)."""
-    return next((mode for mode in (GRAPHS_ALL, GRAPHS) if mode in variant), "")
+    """Which engine runs `variant`: "" (eager) or one of MODES (its suffix)."""
+    return next((mode for mode in MODES if mode in variant), "")
+
+
+def twin(variant: str) -> str:
+    """The variant whose image `variant`'s is compared with: the same without graphs, or, for
+    compiled ones, the same with graphs but not compiled."""
+    mode = graph_mode(variant)
+    return variant.replace(mode, GRAPHS if mode == GRAPHS_COMPILED else "")
 
 
 def max_pixel_diff(a: Any, b: Any) -> int:
@@ -323,6 +340,7 @@ def bench_architecture(
         "": SelfCascadePipeline(pipe, cuda_graph_max_pixels=None),
         GRAPHS: SelfCascadePipeline(pipe),  # the worker's default: graphs up to 1024^2
         GRAPHS_ALL: SelfCascadePipeline(pipe, cuda_graph_max_pixels=4096 * 4096),
+        GRAPHS_COMPILED: SelfCascadePipeline(pipe, compile_backend="inductor"),
     }
     # Small random (non-zero) weights: the cost does not depend on the values.
     ups = FeatureUpsamplerSet.random_for_unet(pipe.unet.config).to(pipe.device, pipe.dtype)
@@ -339,6 +357,16 @@ def bench_architecture(
                "warm_up_warm_s": warm_up(engines[GRAPHS]),
                "graphs_captured_at_warm_up": graphs.captures}
     warm_up(engines[""])
+    compiled_sizes = sorted({c.size for c in cases
+                             if any(GRAPHS_COMPILED in v for v in (*c.variants, *c.extras))})
+    if compiled_sizes:
+        # What a worker compiling its UNet does at load: every stage of the largest square size.
+        native = engines[GRAPHS_COMPILED].native_size.width
+        scale = compiled_sizes[-1] // native
+        startup["compile_warm_up_s"] = warm_up(engines[GRAPHS_COMPILED], scale=scale)
+        compiled = engines[GRAPHS_COMPILED].unet_graphs.compiled
+        startup["compiled_signatures"] = compiled.compiled_signatures if compiled else 0
+        startup["compile_warm_up_warm_s"] = warm_up(engines[GRAPHS_COMPILED], scale=scale)
     report.startup.append(startup)
     if device.type == "cuda" and args.sync_check:
         report.host_syncs.append(
@@ -363,8 +391,7 @@ def bench_architecture(
                 print(f"{label}: {run.seconds:.2f}s peak {run.peak_allocated_gib:.1f} GiB"
                       f" finite={run.finite}", flush=True)
             for variant, (run, image) in runs.items():
-                mode = graph_mode(variant)
-                eager = runs.get(variant.replace(mode, "")) if mode else None
+                eager = runs.get(twin(variant)) if graph_mode(variant) else None
                 if eager is not None:
                     run.max_pixel_diff_vs_eager = max_pixel_diff(image, eager[1])
             report.save(args.out)
@@ -451,6 +478,9 @@ def print_table(report: Report) -> None:
               f" {first if first is None else round(first, 2)}s ({s.get('first_job')}),"
               f" graphs captured at warm-up {s['graphs_captured_at_warm_up']},"
               f" held at the end {s.get('graphs_held')}")
+        if "compile_warm_up_s" in s:
+            print(f"  compiling warm-up {s['compile_warm_up_s']:.1f}s ({s['compiled_signatures']}"
+                  f" signatures), then {s['compile_warm_up_warm_s']:.2f}s")
     for h in report.host_syncs:
         print(f"host syncs {h['architecture']} {h['size']}: {h['synchronizing_calls']} in"
               f" {h['denoising_steps']} steps ({h['per_step']:.1f}/step)")

@@ -8,6 +8,8 @@
 #   attention  bench/gpu.py end to end on SD2.1 2048^2 with the backend `kernels` found fastest
 #              at the 2048^2 attention preferred (when it beats FlashAttention-2 by 5%; else
 #              the graphs experiment again), ~2-3 minutes;
+#   compile    bench/gpu.py --experiment compile: SD2.1 2048^2 with the UNet torch.compile'd at
+#              warm-up (~3 minutes of compiling) against the default engine and stock, ~5 minutes;
 #   bench      bench/gpu.py's standard cases (SD2.1 1024/2048, SDXL 2048/4096), ~6 minutes;
 #   demo       the demo model (issue #5) retrained on the GPU with a time budget, ~3 minutes.
 # Run from the repository root with the wheels the GPU image lacks in .whl/ (diffusers,
@@ -35,7 +37,7 @@ if wants tests; then
     echo "== tests: CUDA graphs"
     # --noconftest: the suite's conftest needs Redis and the service's packages, absent there.
     timeout 150 python3 -m pytest --noconftest -p no:cacheprovider -q -rs \
-        --junitxml="$OUT/pytest.xml" tests/selfcascade/test_cuda_graphs.py
+        --junitxml="$OUT/pytest.xml" tests/selfcascade/test_cuda_graphs.py tests/selfcascade/test_compiled_unet.py
     elapsed tests $?
 fi
 
@@ -68,6 +70,13 @@ PY
     timeout "${GPU_ATTENTION_TIMEOUT_S:-200}" python3 bench/gpu.py --out "$OUT/gpu.json" \
         --budget-s "${GPU_ATTENTION_BUDGET_S:-110}" --no-sync-check "${args[@]}"
     elapsed attention $?
+fi
+
+if wants compile; then
+    echo "== compile: bench/gpu.py --experiment compile"
+    timeout "${GPU_COMPILE_TIMEOUT_S:-380}" python3 bench/gpu.py --out "$OUT/gpu_compile.json" \
+        --budget-s "${GPU_COMPILE_BUDGET_S:-230}" --no-sync-check --experiment compile
+    elapsed compile $?
 fi
 
 if wants bench; then

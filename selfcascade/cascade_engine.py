@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from selfcascade.compiled_unet import CompiledUNet
 from selfcascade.cuda_graphs import UNetGraphs
 from selfcascade.errors import InvalidRequest, ModelLoadError
 from selfcascade.plan import StageSize, plan_stages
@@ -85,17 +86,23 @@ class CascadeEngine:
         renoise_cls: Any,
         tiled_decode_above_pixels: int | None,
         cuda_graph_max_pixels: int | None,
+        compile_backend: str | None = None,
     ) -> None:
         """`pipe` is the resident pipeline (stage 1 runs it as it is); `renoise_cls` the stock
         diffusers pipeline class whose view runs the re-noise stages; stages up to
-        `cuda_graph_max_pixels` replay CUDA graphs of the UNet (None: never)."""
+        `cuda_graph_max_pixels` replay CUDA graphs of the UNet (None: never); with a
+        `compile_backend` ("inductor"), hook-free UNet calls of the shapes the warm-up compiled
+        run `torch.compile`d (selfcascade/compiled_unet.py)."""
         if pipe.vae.config.latent_channels != 4:
             # diffusers' re-noise pipelines recognise an already-encoded latent by 4 channels.
             raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")
         self.pipe = pipe
         # Compared with the pixels one VAE decode call handles (every frame of a video chunk).
         self.tiled_decode_above_pixels = tiled_decode_above_pixels
-        self.unet_graphs = UNetGraphs(pipe.unet, max_pixels=cuda_graph_max_pixels)
+        compiled = CompiledUNet(pipe.unet, backend=compile_backend) if compile_backend else None
+        self.unet_graphs = UNetGraphs(
+            pipe.unet, max_pixels=cuda_graph_max_pixels, compiled=compiled
+        )
         vae_factor = self.vae_factor = int(pipe.vae_scale_factor)
         down_levels = len(pipe.unet.config.down_block_types) - 1
         self.size_multiple = math.lcm(vae_factor, PIPELINE_SIZE_MULTIPLE)

@@ -27,6 +27,11 @@ A stage runs eager, with a log line saying why, when a graph would be wrong or i
 on CUDA, autograd recording, a hook inside the UNet without a `graph_key`, the forward already
 wrapped (CPU offloading), or a capture that failed (then that signature stays eager for good,
 also after a transient failure such as running out of memory).
+
+With a `CompiledUNet` (selfcascade/compiled_unet.py), what runs "eager" above runs its compiled
+forward instead, graphs capture the compiled kernels, and stages too large for graphs run it
+directly, for every call without hooks inside the UNet whose signature was compiled at
+start-up.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from selfcascade.compiled_unet import CompiledUNet
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +124,17 @@ class UNetGraphs:
         *,
         max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS,
         max_graphs: int = DEFAULT_MAX_GRAPHS,
+        compiled: CompiledUNet | None = None,
     ) -> None:
         self.unet = unet
         self.max_pixels = max_pixels
         self.max_graphs = max_graphs
+        self.compiled = compiled
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._refused: set[Hashable] = set()
         self._pool: Any = None
         self._hook_keys: tuple[Hashable, ...] = ()  # of the stage being run
+        self._graphing = False  # whether the stage being run may replay graphs
         self._weights: tuple[int, ...] = ()  # the UNet's weight storage the graphs read
         self.captures = 0  # for the benchmark and tests: graphs captured / calls replayed
         self.replays = 0
@@ -138,6 +148,8 @@ class UNetGraphs:
         """Around one stage of `pixels` output pixels: graphs on when worthwhile and safe."""
         reason, hook_keys = self._eligibility(pixels)
         if reason is not None:
+            if self._may_compile():
+                return self._installed((), graphing=False)
             log.debug("stage of %d pixels runs eager: %s", pixels, reason)
             return nullcontext()
         weights = tuple(p.data_ptr() for p in self.unet.parameters())
@@ -146,7 +158,7 @@ class UNetGraphs:
                 log.info("the UNet's weights moved: dropping %d CUDA graphs", len(self._graphs))
             self.reset()
             self._weights = weights
-        return self._installed(hook_keys)
+        return self._installed(hook_keys, graphing=True)
 
     def reset(self) -> None:
         """Forget every graph and refusal (their memory goes with the last reference)."""
@@ -174,23 +186,42 @@ class UNetGraphs:
             return "not on a CUDA device", ()
         return None, hook_keys
 
+    def _may_compile(self) -> bool:
+        """Whether a stage that replays no graphs may still run the compiled forward: only
+        without any hook inside the UNet (compiled code would not run them)."""
+        return (
+            self.compiled is not None
+            and self.compiled.active
+            and "forward" not in vars(self.unet)
+            and inner_hook_keys(self.unet) == ()
+        )
+
     @contextmanager
-    def _installed(self, hook_keys: tuple[Hashable, ...]) -> Iterator[None]:
+    def _installed(self, hook_keys: tuple[Hashable, ...], *, graphing: bool) -> Iterator[None]:
         # An instance attribute shadows the class's forward; nn.Module.__call__ still runs the
         # UNet's own hooks (the engine's call counter, the tuned pre-hook) around it.
         self.unet.forward = self._forward  # type: ignore[method-assign]
-        self._hook_keys = hook_keys
+        self._hook_keys, self._graphing = hook_keys, graphing
         try:
             yield
         finally:
             del self.unet.forward
-            self._hook_keys = ()
+            self._hook_keys, self._graphing = (), False
 
     def _device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.unet).forward(self.unet, *args, **kwargs)
+
+    def _direct(self, signature: Hashable | None, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+        """One call without a graph: compiled when it may be (no hooks inside the UNet, a
+        signature compiled at start-up), else eager."""
+        compiled = self.compiled
+        if compiled is None or self._hook_keys or not compiled.serves(signature):
+            return self._eager(*args, **kwargs)
+        return compiled(signature, self._eager, *args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         # Training records autograd history a replay would not; a model output object (the
@@ -200,13 +231,13 @@ class UNetGraphs:
         leaves, spec = tree_flatten((args, kwargs))
         signature = _signature(args, kwargs, leaves, spec)
         key = None if signature is None else (signature, self._hook_keys)
-        if key is None or key in self._refused:
-            return self._eager(*args, **kwargs)
+        if not self._graphing or key is None or key in self._refused:
+            return self._direct(signature, args, kwargs)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(key, leaves, spec)
+            graph = self._capture(key, signature, leaves, spec)
             if graph is None:
-                return self._eager(*args, **kwargs)
+                return self._direct(signature, args, kwargs)
         self._graphs.move_to_end(key)
         for static, leaf in zip(graph.static_inputs, leaves, strict=True):
             if isinstance(static, torch.Tensor):
@@ -216,7 +247,9 @@ class UNetGraphs:
         # The static output is overwritten by the next replay: the caller gets its own copy.
         return _map_tensors(graph.static_output, torch.Tensor.clone)
 
-    def _capture(self, key: Hashable, leaves: list[Any], spec: TreeSpec) -> _Graph | None:
+    def _capture(
+        self, key: Hashable, signature: Hashable, leaves: list[Any], spec: TreeSpec
+    ) -> _Graph | None:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         static_args, static_kwargs = _rebuild(static_inputs, spec)
         device = self._device()
@@ -224,12 +257,12 @@ class UNetGraphs:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                for _ in range(CAPTURE_WARM_UP_CALLS):
-                    self._eager(*static_args, **static_kwargs)
+                for _ in range(CAPTURE_WARM_UP_CALLS):  # the first compiles, if it may
+                    self._direct(signature, static_args, static_kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                static_output = self._eager(*static_args, **static_kwargs)
+                static_output = self._direct(signature, static_args, static_kwargs)
         except Exception as exc:  # any capture failure (an op that syncs, memory): eager
             log.warning("CUDA graph capture failed, this UNet call signature stays eager: %s",
                         exc)

@@ -14,13 +14,19 @@ from selfcascade.video_pipeline import VideoSelfCascadePipeline
 
 
 def engine_for(
-    pipe: Any, *, cuda_graph_max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS
+    pipe: Any,
+    *,
+    cuda_graph_max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS,
+    compile_backend: str | None = None,
 ) -> CascadeEngine:
     """The engine for `pipe`; `ModelLoadError` for a pipeline neither engine supports.
 
     `engine.produces_video` tells the caller whether results carry `frames` or `images`.
-    Image stages up to `cuda_graph_max_pixels` replay CUDA graphs on a GPU (None: never).
+    Image stages up to `cuda_graph_max_pixels` replay CUDA graphs on a GPU (None: never);
+    with `compile_backend`, image stages of the sizes the warm-up ran run `torch.compile`d.
     """
     if isinstance(pipe, TextToVideoSDPipeline | AnimateDiffPipeline):
         return VideoSelfCascadePipeline(pipe)
-    return SelfCascadePipeline(pipe, cuda_graph_max_pixels=cuda_graph_max_pixels)
+    return SelfCascadePipeline(
+        pipe, cuda_graph_max_pixels=cuda_graph_max_pixels, compile_backend=compile_backend
+    )

@@ -58,6 +58,7 @@ class SelfCascadePipeline(CascadeEngine):
         *,
         tiled_decode_above_pixels: int | None = DEFAULT_TILED_DECODE_ABOVE_PIXELS,
         cuda_graph_max_pixels: int | None = DEFAULT_CUDA_GRAPH_MAX_PIXELS,
+        compile_backend: str | None = None,
     ) -> None:
         if isinstance(pipe, StableDiffusionXLPipeline):
             self._img2img_cls: Any = StableDiffusionXLImg2ImgPipeline
@@ -70,6 +71,7 @@ class SelfCascadePipeline(CascadeEngine):
             renoise_cls=self._img2img_cls,
             tiled_decode_above_pixels=tiled_decode_above_pixels,
             cuda_graph_max_pixels=cuda_graph_max_pixels,
+            compile_backend=compile_backend,
         )
 
     @property

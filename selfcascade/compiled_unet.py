@@ -1,0 +1,102 @@
+"""`torch.compile` of the UNet's forward, for the stage sizes compiled at start-up.
+
+Compiling fuses the normalisations, activations and residual adds around the attention and
+convolution kernels: one SD2.1 UNet call took 194 ms instead of 226 ms at 2048^2 and 25.6
+instead of 34.8 ms at 1024^2 on an H200 (bench/GPU_NOTES.md). It costs ~50-60 s of compiling
+per call shape, so it happens only at start-up: inside `compiling()` (the worker's warm-up)
+every new call signature is compiled; afterwards a call of a signature compiled then runs the
+compiled code and anything else runs eager, so no job waits a minute for a size it brought.
+
+Only calls without hooks inside the UNet are compiled. Dynamo does not guard on module hooks
+(`torch._dynamo.config.skip_nnmodule_hook_guards`), so code compiled without hooks would
+silently ignore hooks added later: a tuned stage (its upsamplers are block hooks) always runs
+eager here, and `selfcascade/cuda_graphs.py` enforces that before calling in.
+
+A signature whose compilation failed stays eager for good, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dynamo keeps at most this many compiled variants of one function (its default is 8): every
+# stage size of every resident model is one.
+RECOMPILE_LIMIT = 64
+
+
+class CompiledUNet:
+    """The compiled forward of one resident UNet and the call signatures it serves."""
+
+    def __init__(self, unet: torch.nn.Module, *, backend: str = "inductor") -> None:
+        self.unet = unet
+        self.backend = backend
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        # One graph per call shape: dynamic shapes would make the kernels slower for all.
+        self._compiled = torch.compile(self._forward, backend=backend, dynamic=False)
+        self._signatures: set[Hashable] = set()
+        self._refused: set[Hashable] = set()
+        self._learning = False
+        self.compile_seconds = 0.0  # for the benchmark and logs: spent compiling so far
+        self.calls = 0  # calls served compiled
+
+    @property
+    def compiled_signatures(self) -> int:
+        return len(self._signatures)
+
+    @property
+    def active(self) -> bool:
+        """Whether any call may run compiled now."""
+        return self._learning or bool(self._signatures)
+
+    @contextmanager
+    def compiling(self) -> Iterator[None]:
+        """Inside, calls of new signatures are compiled (start-up); outside they run eager."""
+        self._learning = True
+        try:
+            yield
+        finally:
+            self._learning = False
+
+    def serves(self, signature: Hashable | None) -> bool:
+        """Whether a call of `signature` runs compiled (or is compiled now, inside
+        `compiling()`)."""
+        if signature is None or signature in self._refused:
+            return False
+        return signature in self._signatures or self._learning
+
+    def __call__(
+        self, signature: Hashable, eager: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """The compiled forward on `args`; `eager` runs them when compiling this signature
+        fails. Errors of an already compiled call (out of memory...) propagate as eager ones."""
+        if signature in self._signatures:
+            self.calls += 1
+            return self._compiled(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            output = self._compiled(*args, **kwargs)
+        except Exception as exc:  # a compiler error: this shape runs eager
+            log.warning("torch.compile of the UNet failed, this call signature stays eager: %s",
+                        exc)
+            self._refused.add(signature)
+            return eager(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        self.compile_seconds += seconds
+        self._signatures.add(signature)
+        self.calls += 1
+        log.info("compiled the UNet for a new call signature in %.1fs (%d compiled)", seconds,
+                 len(self._signatures))
+        return output
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.unet).forward(self.unet, *args, **kwargs)

@@ -1,0 +1,126 @@
+"""torch.compile of the UNet (selfcascade/compiled_unet.py) through the engine.
+
+Dynamo's "eager" backend traces exactly what inductor would compile and runs the traced graph
+with the original kernels: the routing (which calls run compiled) is tested here on any machine
+in seconds, with images that must equal the uncompiled engine's bit for bit. The speed of
+inductor's kernels is measured by bench/gpu_kernels.py and bench/gpu.py on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from selfcascade.pipeline import SelfCascadePipeline
+from selfcascade.request import GenerationRequest
+from selfcascade.tiny_models import build_tiny_sd_pipeline
+from selfcascade.tuned import TunedStageHook
+from selfcascade.upsamplers import FeatureUpsamplerSet
+from selfcascade.warmup import warm_up
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[SelfCascadePipeline, SelfCascadePipeline]:
+    """(plain, compiled) engines over one tiny SD pipeline; the compiled one warmed up."""
+    torch._dynamo.reset()
+    pipe = build_tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    compiled = SelfCascadePipeline(pipe, compile_backend="eager")
+    warm_up(compiled)  # 64 -> 128 px: the two stage sizes it compiles
+    return SelfCascadePipeline(pipe), compiled
+
+
+def image(engine: SelfCascadePipeline, width: int, **kwargs: Any) -> np.ndarray:
+    request = GenerationRequest("a red square", width, width, steps=4, seed=3)
+    return np.asarray(engine.generate(request, **kwargs).images[0])
+
+
+def test_the_warm_up_compiles_its_stages_and_jobs_of_those_sizes_run_compiled(
+    engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
+) -> None:
+    plain, engine = engines
+    compiled = engine.unet_graphs.compiled
+    assert compiled is not None
+    assert compiled.compiled_signatures == 2  # the 64 px and the 128 px stage
+    before = compiled.calls
+    np.testing.assert_array_equal(image(engine, 128), image(plain, 128))
+    assert compiled.calls - before == 4 + 2  # every UNet call of both stages
+    assert "forward" not in vars(engine.pipe.unet)  # the UNet is left as it was
+
+
+def test_a_size_the_warm_up_did_not_compile_runs_eager_instead_of_compiling_in_a_job(
+    engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
+) -> None:
+    plain, engine = engines
+    compiled = engine.unet_graphs.compiled
+    assert compiled is not None
+    before = compiled.calls
+    np.testing.assert_array_equal(image(engine, 192), image(plain, 192))
+    # 64 -> 112 -> 192: the first stage runs compiled, the two new sizes eager.
+    assert compiled.calls - before == 4
+    assert compiled.compiled_signatures == 2
+
+
+def test_tuned_stages_run_eager_with_their_hooks(
+    engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
+) -> None:
+    # Compiled code would not run hooks added after it was traced: a tuned stage must not run
+    # it, or its upsamplers would silently be skipped.
+    plain, engine = engines
+    compiled = engine.unet_graphs.compiled
+    assert compiled is not None
+    ups = FeatureUpsamplerSet.random_for_unet(engine.pipe.unet.config, std=0.5)
+    before = compiled.calls
+    tuned = image(engine, 128, stage_hooks=[TunedStageHook(ups, "per_step")])
+    assert compiled.calls - before == 4  # the first stage only
+    np.testing.assert_array_equal(
+        tuned, image(plain, 128, stage_hooks=[TunedStageHook(ups, "per_step")])
+    )
+    assert not np.array_equal(tuned, image(plain, 128))  # the upsamplers did act
+
+
+def test_a_signature_that_fails_to_compile_stays_eager(
+    engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, engine = engines
+    compiled = engine.unet_graphs.compiled
+    assert compiled is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("inductor: no kernel for this shape")
+
+    eager_calls: list[int] = []
+
+    def eager(*args: Any, **kwargs: Any) -> str:
+        eager_calls.append(1)
+        return "eager output"
+
+    original, compiled._compiled = compiled._compiled, broken
+    try:
+        with compiled.compiling():
+            assert compiled.serves("new signature")
+            assert compiled("new signature", eager) == "eager output"
+        assert not compiled.serves("new signature")
+    finally:
+        compiled._compiled = original
+    assert eager_calls == [1]
+    assert "stays eager" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inductor_kernels_replay_in_graphs_and_give_the_graphed_image() -> None:
+    pipe = build_tiny_sd_pipeline().to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    plain, engine = SelfCascadePipeline(pipe), SelfCascadePipeline(pipe, compile_backend="inductor")
+    warm_up(engine)
+    graphs = engine.unet_graphs
+    assert graphs.compiled is not None and graphs.compiled.compiled_signatures == 2
+    replays = graphs.replays
+    compiled_image, plain_image = image(engine, 128), image(plain, 128)
+    assert graphs.replays - replays == 4 + 2  # both stages replayed graphs of compiled code
+    # Fused kernels round differently in fp16: close, not equal.
+    assert np.abs(compiled_image.astype(int) - plain_image.astype(int)).max() <= 8
