@@ -23,7 +23,8 @@ def engine_for(
 
     `engine.produces_video` tells the caller whether results carry `frames` or `images`.
     Image stages up to `cuda_graph_max_pixels` replay CUDA graphs on a GPU (None: never);
-    with `compile_backend`, image stages of the sizes the warm-up ran run `torch.compile`d.
+    with `compile_backend`, image stages of the sizes the warm-up ran run `torch.compile`d
+    (video engines run uncompiled).
     """
     if isinstance(pipe, TextToVideoSDPipeline | AnimateDiffPipeline):
         return VideoSelfCascadePipeline(pipe)

@@ -83,18 +83,19 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         _check_sizes(spec, engine)
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
         if settings.warm_up_on_load:
-            _warm_up(spec, engine)
+            _warm_up(spec, engine, settings.torch_compile_scale or 2)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
 
 
-def _warm_up(spec: ModelSpec, engine: Any) -> None:
-    """One short job at 2x native; a model that cannot even run that here (out of memory, a
-    broken kernel) would fail every real job, so the worker refuses to start, in one line."""
+def _warm_up(spec: ModelSpec, engine: Any, scale: int) -> None:
+    """One short job at `scale` x native (compiling the UNet, when the engine does); a model
+    that cannot even run that here (out of memory, a broken kernel) would fail every real job,
+    so the worker refuses to start, in one line."""
     from selfcascade.warmup import warm_up
 
     try:
-        warm_up(engine)
+        warm_up(engine, scale=scale)
     except Exception as exc:
         raise ModelRefused(
             f"model {spec.name}: its warm-up generation failed ({type(exc).__name__}: {exc}); "
@@ -102,11 +103,18 @@ def _warm_up(spec: ModelSpec, engine: Any) -> None:
         ) from exc
 
 
+# Dynamo's default compiler; tests trace with "eager" (same routing, seconds instead of minutes).
+COMPILE_BACKEND = "inductor"
+
+
 def _engine_options(settings: Settings) -> dict[str, Any]:
     """The engine's keyword arguments that settings override (unset: the engine's default)."""
-    if settings.cuda_graph_max_pixels is None:
-        return {}
-    return {"cuda_graph_max_pixels": settings.cuda_graph_max_pixels or None}
+    options: dict[str, Any] = {}
+    if settings.cuda_graph_max_pixels is not None:
+        options["cuda_graph_max_pixels"] = settings.cuda_graph_max_pixels or None
+    if settings.torch_compile_scale:
+        options["compile_backend"] = COMPILE_BACKEND
+    return options
 
 
 def _check_frame_limit(spec: ModelSpec, engine_limit: int | None) -> None:

@@ -134,6 +134,11 @@ def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
     _find(docs, "Deployment", "selfcascade-webhooks")
     settings = _find(docs, "ConfigMap", "selfcascade-settings")["data"]
     assert settings["SELFCASCADE_AUTH_MODE"] == "keys"
+    # The UNet compiles at load: a valid setting, and the start-up probe waits for it.
+    compile_scale = Settings(torch_compile_scale=settings["SELFCASCADE_TORCH_COMPILE_SCALE"])
+    assert compile_scale.torch_compile_scale == 4
+    probe = worker["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 15 * 60
 
 
 def test_cpu_overlay_drops_the_gpu_and_the_models_file() -> None:

@@ -39,7 +39,7 @@ def test_a_failed_warm_up_refuses_the_model_in_one_line(
     settings_for: SettingsFactory, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a card too small for the model's 2x stage does at start-up (the job would fail too).
-    def out_of_memory(engine: object) -> None:
+    def out_of_memory(engine: object, **options: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
     monkeypatch.setattr(warmup, "warm_up", out_of_memory)
@@ -59,3 +59,38 @@ def test_the_cuda_graph_setting_reaches_the_engine(
     settings = settings_for(warm_up_on_load=False, cuda_graph_max_pixels=setting)
     [model] = resident.load_models([spec(tiny_model_dir)], settings).values()
     assert model.engine.unet_graphs.max_pixels == engine_limit
+
+
+def test_the_compile_setting_compiles_every_stage_of_the_warm_up_at_its_scale(
+    settings_for: SettingsFactory, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(resident, "COMPILE_BACKEND", "eager")  # inductor: minutes on a CPU
+    caplog.set_level(logging.INFO, logger="selfcascade.warmup")
+    torch._dynamo.reset()
+    [model] = resident.load_models(
+        [spec(tiny_model_dir)], settings_for(warm_up_on_load=True, torch_compile_scale=4)
+    ).values()
+    compiled = model.engine.unet_graphs.compiled
+    assert compiled is not None and compiled.backend == "eager"
+    assert compiled.compiled_signatures == 3  # 64 -> 128 -> 256 px
+    assert "(256x256, 2 steps)" in caplog.text
+    # Off by default.
+    [plain] = resident.load_models(
+        [spec(tiny_model_dir)], settings_for(warm_up_on_load=False)
+    ).values()
+    assert plain.engine.unet_graphs.compiled is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"torch_compile_scale": 1}, r"must be 0 \(off\) or at least 2"),
+        ({"torch_compile_scale": 2, "warm_up_on_load": False}, "needs warm_up_on_load"),
+    ],
+)
+def test_compile_settings_that_would_compile_nothing_are_refused(
+    settings_for: SettingsFactory, options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings_for(**options)
