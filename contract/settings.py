@@ -156,9 +156,10 @@ class Settings(BaseSettings):
     # torch.compile of the UNet (image models): at load, the warm-up runs at this many times
     # the native size per side and compiles the UNet for every stage it passes through (native,
     # 2x, ... this scale; ~1 minute each on an H200); jobs' stages of those sizes then run
-    # compiled: SD2.1 2048^2 tuning-free 8.7 s instead of 10.5 s (bench/GPU_NOTES.md). Other
-    # sizes and tuned stages run as without it. 0: off (the default: minutes of start-up, and
-    # on a CPU it compiles for minutes more). Needs warm_up_on_load.
+    # compiled: SD2.1 2048^2 tuning-free 8.7 s instead of 10.5 s (bench/GPU_NOTES.md). A model
+    # with upsamplers warms up tuned too, compiling its tuned stages; other sizes run as without
+    # it. 0: off (the default: minutes of start-up, and on a CPU it compiles for minutes more).
+    # Needs warm_up_on_load.
     torch_compile_scale: int = Field(default=0, ge=0)
     sse_keepalive_s: float = 15.0
     # How often each API process says which models it accepts jobs for, and one of them fails

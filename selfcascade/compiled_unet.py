@@ -7,10 +7,14 @@ per call shape, so it happens only at start-up: inside `compiling()` (the worker
 every new call signature is compiled; afterwards a call of a signature compiled then runs the
 compiled code and anything else runs eager, so no job waits a minute for a size it brought.
 
-Only calls without hooks inside the UNet are compiled. Dynamo does not guard on module hooks
-(`torch._dynamo.config.skip_nnmodule_hook_guards`), so code compiled without hooks would
-silently ignore hooks added later: a tuned stage (its upsamplers are block hooks) always runs
-eager here, and `selfcascade/cuda_graphs.py` enforces that before calling in.
+Hooks inside the UNet are traced into the compiled code: the tuned upsamplers' per-step block
+hooks (selfcascade/tuned.py) compile into one graph with the UNet, LR branch included. By
+default dynamo does not guard on module hooks (`skip_nnmodule_hook_guards`), so code compiled
+without hooks would run when hooks were added later, silently skipping them; this module turns
+those guards on, so a call with other hooks never reuses code compiled without them. The
+caller keys signatures by the hooks present as well (`selfcascade/cuda_graphs.py` adds their
+`graph_key`s and never calls in with a hook that has none): a tuned stage runs compiled only
+when the warm-up ran a tuned job of its size.
 
 A signature whose compilation failed stays eager for good, with a warning.
 """
@@ -41,6 +45,8 @@ class CompiledUNet:
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+        # Process-wide: guard compiled code on the hooks it was traced with (see above).
+        config.skip_nnmodule_hook_guards = False
         # One graph per call shape: dynamic shapes would make the kernels slower for all.
         self._compiled = torch.compile(self._forward, backend=backend, dynamic=False)
         self._signatures: set[Hashable] = set()

@@ -30,8 +30,8 @@ also after a transient failure such as running out of memory).
 
 With a `CompiledUNet` (selfcascade/compiled_unet.py), what runs "eager" above runs its compiled
 forward instead, graphs capture the compiled kernels, and stages too large for graphs run it
-directly, for every call without hooks inside the UNet whose signature was compiled at
-start-up.
+directly, for every call whose signature (with the `graph_key`s of the hooks inside the UNet)
+was compiled at start-up. A hook without a key keeps the stage uncompiled too.
 """
 
 from __future__ import annotations
@@ -148,8 +148,9 @@ class UNetGraphs:
         """Around one stage of `pixels` output pixels: graphs on when worthwhile and safe."""
         reason, hook_keys = self._eligibility(pixels)
         if reason is not None:
-            if self._may_compile():
-                return self._installed((), graphing=False)
+            compile_keys = self._compile_hook_keys()
+            if compile_keys is not None:
+                return self._installed(compile_keys, graphing=False)
             log.debug("stage of %d pixels runs eager: %s", pixels, reason)
             return nullcontext()
         weights = tuple(p.data_ptr() for p in self.unet.parameters())
@@ -186,15 +187,13 @@ class UNetGraphs:
             return "not on a CUDA device", ()
         return None, hook_keys
 
-    def _may_compile(self) -> bool:
-        """Whether a stage that replays no graphs may still run the compiled forward: only
-        without any hook inside the UNet (compiled code would not run them)."""
-        return (
-            self.compiled is not None
-            and self.compiled.active
-            and "forward" not in vars(self.unet)
-            and inner_hook_keys(self.unet) == ()
-        )
+    def _compile_hook_keys(self) -> tuple[Hashable, ...] | None:
+        """For a stage that replays no graphs: the hook keys its compiled calls are known by,
+        or None if it cannot run compiled (no compiled forward, the forward already wrapped, a
+        hook inside the UNet without a `graph_key`)."""
+        if self.compiled is None or not self.compiled.active or "forward" in vars(self.unet):
+            return None
+        return inner_hook_keys(self.unet)
 
     @contextmanager
     def _installed(self, hook_keys: tuple[Hashable, ...], *, graphing: bool) -> Iterator[None]:
@@ -214,14 +213,14 @@ class UNetGraphs:
     def _eager(self, *args: Any, **kwargs: Any) -> Any:
         return type(self.unet).forward(self.unet, *args, **kwargs)
 
-    def _direct(self, signature: Hashable | None, args: tuple[Any, ...],
+    def _direct(self, key: Hashable | None, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-        """One call without a graph: compiled when it may be (no hooks inside the UNet, a
-        signature compiled at start-up), else eager."""
+        """One call without a graph: compiled when its key (signature and hook keys) was
+        compiled at start-up, else eager."""
         compiled = self.compiled
-        if compiled is None or self._hook_keys or not compiled.serves(signature):
+        if compiled is None or not compiled.serves(key):
             return self._eager(*args, **kwargs)
-        return compiled(signature, self._eager, *args, **kwargs)
+        return compiled(key, self._eager, *args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         # Training records autograd history a replay would not; a model output object (the
@@ -232,12 +231,12 @@ class UNetGraphs:
         signature = _signature(args, kwargs, leaves, spec)
         key = None if signature is None else (signature, self._hook_keys)
         if not self._graphing or key is None or key in self._refused:
-            return self._direct(signature, args, kwargs)
+            return self._direct(key, args, kwargs)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(key, signature, leaves, spec)
+            graph = self._capture(key, leaves, spec)
             if graph is None:
-                return self._direct(signature, args, kwargs)
+                return self._direct(key, args, kwargs)
         self._graphs.move_to_end(key)
         for static, leaf in zip(graph.static_inputs, leaves, strict=True):
             if isinstance(static, torch.Tensor):
@@ -247,9 +246,7 @@ class UNetGraphs:
         # The static output is overwritten by the next replay: the caller gets its own copy.
         return _map_tensors(graph.static_output, torch.Tensor.clone)
 
-    def _capture(
-        self, key: Hashable, signature: Hashable, leaves: list[Any], spec: TreeSpec
-    ) -> _Graph | None:
+    def _capture(self, key: Hashable, leaves: list[Any], spec: TreeSpec) -> _Graph | None:
         static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         static_args, static_kwargs = _rebuild(static_inputs, spec)
         device = self._device()
@@ -258,11 +255,11 @@ class UNetGraphs:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(CAPTURE_WARM_UP_CALLS):  # the first compiles, if it may
-                    self._direct(signature, static_args, static_kwargs)
+                    self._direct(key, static_args, static_kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                static_output = self._direct(signature, static_args, static_kwargs)
+                static_output = self._direct(key, static_args, static_kwargs)
         except Exception as exc:  # any capture failure (an op that syncs, memory): eager
             log.warning("CUDA graph capture failed, this UNet call signature stays eager: %s",
                         exc)

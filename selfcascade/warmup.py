@@ -6,13 +6,15 @@ diffusers. A two-stage job at twice the native size touches every path a real jo
 (text encoder, txt2img, upsample + img2img re-noise, VAE decode) for a few UNet evaluations.
 
 An engine that compiles its UNet (selfcascade/compiled_unet.py) compiles during the warm-up,
-and only then: every stage of a square job `scale` times the native size per side.
+and only then: every stage of a square job `scale` times the native size per side, with the
+`stage_hooks` given (a tuned warm-up compiles the tuned stages).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,9 +25,11 @@ log = logging.getLogger(__name__)
 WARM_UP_PROMPT = "warm-up"
 
 
-def warm_up(engine: Any, *, steps: int = 2, scale: int = 2) -> float:
-    """Run one short self-cascade job `scale` times the native size per side through `engine`;
-    return its wall time in seconds."""
+def warm_up(
+    engine: Any, *, steps: int = 2, scale: int = 2, stage_hooks: Sequence[Any] = ()
+) -> float:
+    """Run one short self-cascade job `scale` times the native size per side through `engine`
+    (with `stage_hooks`); return its wall time in seconds."""
     native = engine.native_size
     request = GenerationRequest(
         prompt=WARM_UP_PROMPT,
@@ -40,8 +44,8 @@ def warm_up(engine: Any, *, steps: int = 2, scale: int = 2) -> float:
     compiled = getattr(getattr(engine, "unet_graphs", None), "compiled", None)
     started = time.perf_counter()
     with compiled.compiling() if compiled is not None else nullcontext():
-        engine.generate(request)
+        engine.generate(request, stage_hooks=stage_hooks)
     seconds = time.perf_counter() - started
-    log.info("warm-up job (%dx%d, %d steps) took %.2fs", request.width, request.height, steps,
-             seconds)
+    log.info("warm-up job (%dx%d, %d steps%s) took %.2fs", request.width, request.height, steps,
+             ", with stage hooks" if stage_hooks else "", seconds)
     return seconds

@@ -83,19 +83,23 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         _check_sizes(spec, engine)
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
         if settings.warm_up_on_load:
-            _warm_up(spec, engine, settings.torch_compile_scale or 2)
+            _warm_up(loaded[spec.name], settings.torch_compile_scale)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
 
 
-def _warm_up(spec: ModelSpec, engine: Any, scale: int) -> None:
-    """One short job at `scale` x native (compiling the UNet, when the engine does); a model
-    that cannot even run that here (out of memory, a broken kernel) would fail every real job,
-    so the worker refuses to start, in one line."""
+def _warm_up(model: ResidentModel, compile_scale: int) -> None:
+    """One short job at 2x native, or at `compile_scale` x native compiling the UNet for its
+    stages, and then tuned as well when the model has upsamplers; a model that cannot even run
+    that here (out of memory, a broken kernel) would fail every real job, so the worker refuses
+    to start, in one line."""
     from selfcascade.warmup import warm_up
 
+    spec, engine = model.spec, model.engine
     try:
-        warm_up(engine, scale=scale)
+        warm_up(engine, scale=compile_scale or 2)
+        if compile_scale and model.tuned_hook is not None:
+            warm_up(engine, scale=compile_scale, stage_hooks=[model.tuned_hook])
     except Exception as exc:
         raise ModelRefused(
             f"model {spec.name}: its warm-up generation failed ({type(exc).__name__}: {exc}); "

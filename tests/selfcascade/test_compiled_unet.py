@@ -64,22 +64,41 @@ def test_a_size_the_warm_up_did_not_compile_runs_eager_instead_of_compiling_in_a
     assert compiled.compiled_signatures == 2
 
 
-def test_tuned_stages_run_eager_with_their_hooks(
-    engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
-) -> None:
-    # Compiled code would not run hooks added after it was traced: a tuned stage must not run
-    # it, or its upsamplers would silently be skipped.
-    plain, engine = engines
+def test_a_tuned_stage_runs_compiled_only_after_a_tuned_warm_up() -> None:
+    # Hooks are traced into the compiled code, guarded: the tuned stage of a size compiled
+    # without hooks must not reuse that code (its upsamplers would be skipped), nor compile in
+    # the middle of a job. A tuned warm-up compiles it.
+    pipe = build_tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    plain, engine = SelfCascadePipeline(pipe), SelfCascadePipeline(pipe, compile_backend="eager")
     compiled = engine.unet_graphs.compiled
     assert compiled is not None
-    ups = FeatureUpsamplerSet.random_for_unet(engine.pipe.unet.config, std=0.5)
+    hook = TunedStageHook(FeatureUpsamplerSet.random_for_unet(pipe.unet.config, std=0.5))
+    warm_up(engine)
+    expected = image(plain, 128, stage_hooks=[hook])
+    assert not np.array_equal(expected, image(plain, 128))  # the upsamplers do act
+
     before = compiled.calls
-    tuned = image(engine, 128, stage_hooks=[TunedStageHook(ups, "per_step")])
-    assert compiled.calls - before == 4  # the first stage only
+    np.testing.assert_array_equal(image(engine, 128, stage_hooks=[hook]), expected)
+    assert compiled.calls - before == 4  # the untuned first stage only
+    assert compiled.compiled_signatures == 2
+
+    warm_up(engine, stage_hooks=[hook])
+    assert compiled.compiled_signatures == 3  # + the tuned 128 px stage
+    before = compiled.calls
+    np.testing.assert_array_equal(image(engine, 128, stage_hooks=[hook]), expected)
+    assert compiled.calls - before == 4 + 2  # the tuned stage too
+    # The tuning-free stage of that size still runs its own code, hooks gone.
+    np.testing.assert_array_equal(image(engine, 128), image(plain, 128))
+
+    # Per-stage LR features decide per call: their hooks have no key and stay uncompiled.
+    per_stage = TunedStageHook(hook.sets[0].upsamplers, "per_stage")
+    warm_up(engine, stage_hooks=[per_stage])
+    assert compiled.compiled_signatures == 3
     np.testing.assert_array_equal(
-        tuned, image(plain, 128, stage_hooks=[TunedStageHook(ups, "per_step")])
+        image(engine, 128, stage_hooks=[per_stage]),
+        image(plain, 128, stage_hooks=[per_stage]),
     )
-    assert not np.array_equal(tuned, image(plain, 128))  # the upsamplers did act
 
 
 def test_a_signature_that_fails_to_compile_stays_eager(

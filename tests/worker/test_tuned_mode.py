@@ -60,3 +60,27 @@ def test_a_tuned_job_can_cache_the_pivot_features_per_stage(
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.SUCCEEDED, record
     assert record.params.lr_features == "per_stage" and record.metrics.tuned
+
+
+def test_a_compiling_worker_compiles_its_tuned_stages_at_load(
+    runtime_for: Any, models_with_upsamplers: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from worker import resident
+
+    monkeypatch.setattr(resident, "COMPILE_BACKEND", "eager")  # inductor: minutes on a CPU
+    torch._dynamo.reset()
+    rt: WorkerRuntime = runtime_for(
+        models_file=models_with_upsamplers, warm_up_on_load=True, torch_compile_scale=2
+    )
+    compiled = rt.models["tiny"].engine.unet_graphs.compiled
+    # 64 px, 128 px tuning-free, and 128 px tuned (the first stage is never tuned).
+    assert compiled.compiled_signatures == 3
+    before = compiled.calls
+    job_id = submit(rt, width=128, height=128, steps=4, tuned=True)
+    work_burst(rt)
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED, record
+    assert record.metrics.tuned is True
+    assert compiled.calls - before == 4 + 2  # every UNet call of the job ran compiled
