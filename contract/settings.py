@@ -157,9 +157,10 @@ class Settings(BaseSettings):
     # the native size per side and compiles the UNet for every stage it passes through (native,
     # 2x, ... this scale; ~1 minute each on an H200); jobs' stages of those sizes then run
     # compiled: SD2.1 2048^2 tuning-free 8.7 s instead of 10.5 s (bench/GPU_NOTES.md). A model
-    # with upsamplers warms up tuned too, compiling its tuned stages; other sizes run as without
-    # it. 0: off (the default: minutes of start-up, and on a CPU it compiles for minutes more).
-    # Needs warm_up_on_load.
+    # with upsamplers warms up tuned too, compiling its tuned stages; other sizes, schedulers
+    # other than the model's own and jobs without guidance run as without it. Capped by
+    # max_pixels; video models ignore it. 0: off (the default: minutes of start-up, and on a CPU
+    # it compiles for minutes more). Needs warm_up_on_load.
     torch_compile_scale: int = Field(default=0, ge=0)
     sse_keepalive_s: float = 15.0
     # How often each API process says which models it accepts jobs for, and one of them fails
@@ -229,10 +230,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _compile_needs_the_warm_up(self) -> Settings:
-        if self.torch_compile_scale == 1:
+        scale = self.torch_compile_scale
+        if scale and (scale < 2 or scale & (scale - 1)):
             raise ValueError(
-                "torch_compile_scale must be 0 (off) or at least 2 (the warm-up's size, "
-                "in multiples of the native size per side)"
+                "torch_compile_scale must be 0 (off) or a power of two from 2 (the warm-up's "
+                f"size in multiples of the native size per side: its stages), got {scale}"
             )
         if self.torch_compile_scale and not self.warm_up_on_load:
             # The UNet compiles during the warm-up only: without it nothing would run compiled.

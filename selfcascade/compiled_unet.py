@@ -14,7 +14,13 @@ without hooks would run when hooks were added later, silently skipping them; thi
 those guards on, so a call with other hooks never reuses code compiled without them. The
 caller keys signatures by the hooks present as well (`selfcascade/cuda_graphs.py` adds their
 `graph_key`s and never calls in with a hook that has none): a tuned stage runs compiled only
-when the warm-up ran a tuned job of its size.
+when the warm-up ran a tuned job of its size (and pivot buffer: `LRInputs.pin_all`).
+
+A signature is the shapes, dtypes and Python values of a call: jobs with another scheduler
+whose timesteps have another dtype (Euler's are floats, DDIM's integers) or without guidance
+(batch 1) run eager. The warm-up uses the model's scheduler (DDIM here) and guidance.
+
+The dynamo settings changed here (hook guards, the recompile limit) hold for the process.
 
 A signature whose compilation failed stays eager for good, with a warning.
 """
@@ -87,10 +93,15 @@ class CompiledUNet:
         fails. Errors of an already compiled call (out of memory...) propagate as eager ones."""
         if signature in self._signatures:
             self.calls += 1
-            return self._compiled(*args, **kwargs)
+            # A guard the signature does not cover (a swapped attention processor...) must not
+            # make a job wait a minute for a recompile: that call runs eager instead.
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return self._compiled(*args, **kwargs)
         started = time.perf_counter()
         try:
             output = self._compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the warm-up's size does not fit: not a compiler problem
         except Exception as exc:  # a compiler error: this shape runs eager
             log.warning("torch.compile of the UNet failed, this call signature stays eager: %s",
                         exc)

@@ -89,11 +89,18 @@ class PivotBuffer:
 class LRInputs:
     """Pivot buffers kept across the stages and jobs of one `TunedStageHook`, one per shape,
     dtype and device, so that a graph captured in one job is replayed in the next. At most
-    `max_buffers`, the least recently used dropped (a graph still holding one keeps it)."""
+    `max_buffers` besides the pinned ones, the least recently used dropped (a graph still
+    holding one keeps it). `pin_all` keeps those held now for good: the stages compiled at
+    start-up are known by their buffers, and a new buffer of the same shape would run eager."""
 
     def __init__(self, max_buffers: int = 8) -> None:
         self.max_buffers = max_buffers
         self._buffers: OrderedDict[tuple[Any, ...], PivotBuffer] = OrderedDict()
+        self._pinned: set[tuple[Any, ...]] = set()
+
+    def pin_all(self) -> None:
+        """Never drop the buffers held now (a few MB each: pivot latents)."""
+        self._pinned.update(self._buffers)
 
     def holding(self, value: torch.Tensor) -> PivotBuffer:
         """The buffer for `value`'s shape, dtype and device, now holding a copy of `value`."""
@@ -101,8 +108,9 @@ class LRInputs:
         held = self._buffers.get(key)
         if held is None:
             held = self._buffers[key] = PivotBuffer(torch.empty_like(value))
-            while len(self._buffers) > self.max_buffers:
-                self._buffers.popitem(last=False)
+            unpinned = [k for k in self._buffers if k not in self._pinned]  # oldest first
+            for old in unpinned[: max(0, len(unpinned) - self.max_buffers)]:
+                del self._buffers[old]
         self._buffers.move_to_end(key)
         held.tensor.copy_(value)
         return held

@@ -83,27 +83,38 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
         _check_sizes(spec, engine)
         loaded[spec.name] = ResidentModel(spec, engine, _tuned_hook(spec, pipe))
         if settings.warm_up_on_load:
-            _warm_up(loaded[spec.name], settings.torch_compile_scale)
+            _warm_up(loaded[spec.name], settings)
         log.info("model %s resident (%s)", spec.name, spec.path)
     return loaded
 
 
-def _warm_up(model: ResidentModel, compile_scale: int) -> None:
-    """One short job at 2x native, or at `compile_scale` x native compiling the UNet for its
-    stages, and then tuned as well when the model has upsamplers; a model that cannot even run
-    that here (out of memory, a broken kernel) would fail every real job, so the worker refuses
-    to start, in one line."""
+def _warm_up(model: ResidentModel, settings: Settings) -> None:
+    """One short job at 2x native; an engine that compiles its UNet (image models with
+    `torch_compile_scale`) runs it at that scale, capped by max_pixels, compiling every stage,
+    and then tuned as well when the model has upsamplers. A model that cannot even run that
+    here (out of memory, a broken kernel) would fail every real job, so the worker refuses to
+    start, in one line."""
     from selfcascade.warmup import warm_up
 
     spec, engine = model.spec, model.engine
+    compiling = getattr(engine.unet_graphs, "compiled", None) is not None
+    scale = settings.torch_compile_scale if compiling else 2
+    native = engine.native_size
+    # The API admits nothing above max_pixels: compiling such a stage would be wasted.
+    while scale > 2 and native.pixels * scale * scale > settings.max_pixels:
+        scale //= 2
     try:
-        warm_up(engine, scale=compile_scale or 2)
-        if compile_scale and model.tuned_hook is not None:
-            warm_up(engine, scale=compile_scale, stage_hooks=[model.tuned_hook])
+        warm_up(engine, scale=scale)
+        if compiling and model.tuned_hook is not None:
+            warm_up(engine, scale=scale, stage_hooks=[model.tuned_hook])
+            model.tuned_hook.lr_inputs.pin_all()  # the compiled tuned stages read these
     except Exception as exc:
+        advice = "SELFCASCADE_WARM_UP_ON_LOAD=false starts without it" + (
+            " (with SELFCASCADE_TORCH_COMPILE_SCALE=0, or a smaller scale)" if compiling else ""
+        )
         raise ModelRefused(
             f"model {spec.name}: its warm-up generation failed ({type(exc).__name__}: {exc}); "
-            "SELFCASCADE_WARM_UP_ON_LOAD=false starts without it"
+            + advice
         ) from exc
 
 

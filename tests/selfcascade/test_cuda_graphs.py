@@ -138,6 +138,19 @@ def test_pivot_buffers_are_bounded_and_reused() -> None:
     assert inputs.holding(torch.zeros(1, 4, 8, 8)) is not a
 
 
+def test_pinned_pivot_buffers_are_never_dropped() -> None:
+    # What a compiling worker pins after its tuned warm-up: its compiled stages read them.
+    inputs = LRInputs(max_buffers=1)
+    warm = inputs.holding(torch.zeros(1, 4, 8, 8))
+    inputs.pin_all()
+    for side in (2, 3, 4):
+        inputs.holding(torch.zeros(1, 4, side, side))
+    assert inputs.holding(torch.zeros(1, 4, 8, 8)) is warm
+    other = inputs.holding(torch.zeros(1, 4, 5, 5))
+    inputs.holding(torch.zeros(1, 4, 6, 6))  # unpinned ones still rotate
+    assert inputs.holding(torch.zeros(1, 4, 5, 5)) is not other
+
+
 def test_why_a_stage_runs_eager() -> None:
     unet = build_tiny_sd_pipeline().unet
     graphs = UNetGraphs(unet, max_pixels=64 * 64)

@@ -85,7 +85,8 @@ def test_the_compile_setting_compiles_every_stage_of_the_warm_up_at_its_scale(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"torch_compile_scale": 1}, r"must be 0 \(off\) or at least 2"),
+        ({"torch_compile_scale": 1}, r"must be 0 \(off\) or a power of two from 2"),
+        ({"torch_compile_scale": 3}, r"a power of two from 2 .*got 3"),
         ({"torch_compile_scale": 2, "warm_up_on_load": False}, "needs warm_up_on_load"),
     ],
 )
@@ -94,3 +95,17 @@ def test_compile_settings_that_would_compile_nothing_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         settings_for(**options)
+
+
+def test_the_compiling_warm_up_stays_within_max_pixels(
+    settings_for: SettingsFactory, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stage the API never admits would be compiled for nothing (and might not fit).
+    monkeypatch.setattr(resident, "COMPILE_BACKEND", "eager")
+    caplog.set_level(logging.INFO, logger="selfcascade.warmup")
+    torch._dynamo.reset()
+    settings = settings_for(warm_up_on_load=True, torch_compile_scale=8, max_pixels=256 * 256)
+    resident.load_models([spec(tiny_model_dir)], settings)
+    assert "(256x256, 2 steps)" in caplog.text
+    assert "(512x512" not in caplog.text
