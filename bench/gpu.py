@@ -43,6 +43,9 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+# A sibling script (bench/ is the script's folder): its SDPA backends and preference.
+from gpu_kernels import BACKENDS, preferring
+
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import build_public_pipeline
 from selfcascade.request import GenerationRequest
@@ -202,12 +205,9 @@ def finite_output_check(pipe: Any) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-ATTENTION_BACKENDS = ("cudnn", "efficient", "flash")
-
-
 def attention_suffix(variant: str) -> str:
     """`_<backend>_attention` when `variant` prefers one of SDPA's backends, else ""."""
-    return next((f"_{name}_attention" for name in ATTENTION_BACKENDS
+    return next((f"_{name}_attention" for name in BACKENDS
                  if variant.endswith(f"_{name}_attention")), "")
 
 
@@ -219,13 +219,7 @@ def attention_backend(variant: str) -> Iterator[None]:
     if not suffix:
         yield
         return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "flash": SDPBackend.FLASH_ATTENTION}[suffix.split("_")[1]]
-    rest = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
-    with sdpa_kernel([first, *rest], set_priority=True):
+    with preferring(BACKENDS[suffix.split("_")[1]]):
         yield
 
 
@@ -499,7 +493,7 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--only", nargs="+", help="architectures to run (default: all)")
     parser.add_argument("--experiment", choices=sorted([*EXPERIMENTS, "attention-graphs"]),
                         help="run one optimisation experiment instead of the standard cases")
-    parser.add_argument("--attention-backend", default="cudnn", choices=ATTENTION_BACKENDS,
+    parser.add_argument("--attention-backend", default="cudnn", choices=sorted(BACKENDS),
                         help="the backend `--experiment attention-graphs` prefers")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="after this, only the first rep of each variant still runs")

@@ -25,7 +25,8 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,14 @@ TINY_UNET = {
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
 }
 TINY_UNET_CASES = (("tiny-sd", TINY_UNET, (128,)),)
+
+
+@contextmanager
+def preferring(backend: SDPBackend) -> Iterator[None]:
+    """SDPA tries `backend` first, then the others (also bench/gpu.py's `*_attention`)."""
+    rest = [b for b in (*BACKENDS.values(), SDPBackend.MATH) if b != backend]
+    with sdpa_kernel([backend, *rest], set_priority=True):
+        yield
 
 
 @dataclass
@@ -206,10 +215,9 @@ def bench_unet_size(unet: Any, compiled: Any, architecture: str,
 
     record("eager", lambda: unet(*call_args, **kwargs))
     for name, backend in BACKENDS.items():
-        others = [b for b in (*BACKENDS.values(), SDPBackend.MATH) if b != backend]
 
-        def preferred(backend: SDPBackend = backend, others: list[Any] = others) -> Any:
-            with sdpa_kernel([backend, *others], set_priority=True):
+        def preferred(backend: SDPBackend = backend) -> Any:
+            with preferring(backend):
                 return unet(*call_args, **kwargs)
 
         record(f"eager, {name} preferred", preferred)

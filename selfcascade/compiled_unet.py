@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,7 +58,6 @@ class CompiledUNet:
         self._signatures: set[Hashable] = set()
         self._refused: set[Hashable] = set()
         self._learning = False
-        self.compile_seconds = 0.0  # for the benchmark and logs: spent compiling so far
         self.calls = 0  # calls served compiled
 
     @property
@@ -86,10 +85,8 @@ class CompiledUNet:
             return False
         return signature in self._signatures or self._learning
 
-    def __call__(
-        self, signature: Hashable, eager: Callable[..., Any], *args: Any, **kwargs: Any
-    ) -> Any:
-        """The compiled forward on `args`; `eager` runs them when compiling this signature
+    def __call__(self, signature: Hashable, *args: Any, **kwargs: Any) -> Any:
+        """The compiled forward on `args`, or the uncompiled one when compiling this signature
         fails. Errors of an already compiled call (out of memory...) propagate as eager ones."""
         if signature in self._signatures:
             self.calls += 1
@@ -106,9 +103,8 @@ class CompiledUNet:
             log.warning("torch.compile of the UNet failed, this call signature stays eager: %s",
                         exc)
             self._refused.add(signature)
-            return eager(*args, **kwargs)
+            return self._forward(*args, **kwargs)
         seconds = time.perf_counter() - started
-        self.compile_seconds += seconds
         self._signatures.add(signature)
         self.calls += 1
         log.info("compiled the UNet for a new call signature in %.1fs (%d compiled)", seconds,
@@ -116,4 +112,5 @@ class CompiledUNet:
         return output
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The UNet's own forward (what is compiled; the eager fallback)."""
         return type(self.unet).forward(self.unet, *args, **kwargs)

@@ -220,7 +220,7 @@ class UNetGraphs:
         compiled = self.compiled
         if compiled is None or not compiled.serves(key):
             return self._eager(*args, **kwargs)
-        return compiled(key, self._eager, *args, **kwargs)
+        return compiled(key, *args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         # Training records autograd history a replay would not; a model output object (the

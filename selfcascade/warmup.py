@@ -41,7 +41,7 @@ def warm_up(
         # A video engine warms up on a short clip: the kernels are the same, the cost is not.
         num_frames=2 if getattr(engine, "produces_video", False) else None,
     )
-    compiled = getattr(getattr(engine, "unet_graphs", None), "compiled", None)
+    compiled = engine.unet_graphs.compiled  # a CompiledUNet when the engine compiles
     started = time.perf_counter()
     with compiled.compiling() if compiled is not None else nullcontext():
         engine.generate(request, stage_hooks=stage_hooks)

@@ -97,7 +97,7 @@ def _warm_up(model: ResidentModel, settings: Settings) -> None:
     from selfcascade.warmup import warm_up
 
     spec, engine = model.spec, model.engine
-    compiling = getattr(engine.unet_graphs, "compiled", None) is not None
+    compiling = engine.unet_graphs.compiled is not None
     scale = settings.torch_compile_scale if compiling else 2
     native = engine.native_size
     # The API admits nothing above max_pixels: compiling such a stage would be wasted.

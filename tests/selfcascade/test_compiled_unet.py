@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from selfcascade.compiled_unet import CompiledUNet
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
 from selfcascade.tiny_models import build_tiny_sd_pipeline
@@ -33,6 +34,12 @@ def engines() -> tuple[SelfCascadePipeline, SelfCascadePipeline]:
     return SelfCascadePipeline(pipe), compiled
 
 
+def compiled_of(engine: SelfCascadePipeline) -> CompiledUNet:
+    compiled = engine.unet_graphs.compiled
+    assert compiled is not None
+    return compiled
+
+
 def image(engine: SelfCascadePipeline, width: int, **kwargs: Any) -> np.ndarray:
     request = GenerationRequest("a red square", width, width, steps=4, seed=3)
     return np.asarray(engine.generate(request, **kwargs).images[0])
@@ -42,8 +49,7 @@ def test_the_warm_up_compiles_its_stages_and_jobs_of_those_sizes_run_compiled(
     engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
 ) -> None:
     plain, engine = engines
-    compiled = engine.unet_graphs.compiled
-    assert compiled is not None
+    compiled = compiled_of(engine)
     assert compiled.compiled_signatures == 2  # the 64 px and the 128 px stage
     before = compiled.calls
     np.testing.assert_array_equal(image(engine, 128), image(plain, 128))
@@ -55,8 +61,7 @@ def test_a_size_the_warm_up_did_not_compile_runs_eager_instead_of_compiling_in_a
     engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
 ) -> None:
     plain, engine = engines
-    compiled = engine.unet_graphs.compiled
-    assert compiled is not None
+    compiled = compiled_of(engine)
     before = compiled.calls
     np.testing.assert_array_equal(image(engine, 192), image(plain, 192))
     # 64 -> 112 -> 192: the first stage runs compiled, the two new sizes eager.
@@ -71,8 +76,7 @@ def test_a_tuned_stage_runs_compiled_only_after_a_tuned_warm_up() -> None:
     pipe = build_tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)
     plain, engine = SelfCascadePipeline(pipe), SelfCascadePipeline(pipe, compile_backend="eager")
-    compiled = engine.unet_graphs.compiled
-    assert compiled is not None
+    compiled = compiled_of(engine)
     hook = TunedStageHook(FeatureUpsamplerSet.random_for_unet(pipe.unet.config, std=0.5))
     warm_up(engine)
     expected = image(plain, 128, stage_hooks=[hook])
@@ -104,10 +108,9 @@ def test_a_tuned_stage_runs_compiled_only_after_a_tuned_warm_up() -> None:
 def test_a_signature_that_fails_to_compile_stays_eager(
     engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, engine = engines
-    compiled = engine.unet_graphs.compiled
-    assert compiled is not None
+    compiled = compiled_of(engines[1])
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("inductor: no kernel for this shape")
@@ -118,14 +121,12 @@ def test_a_signature_that_fails_to_compile_stays_eager(
         eager_calls.append(1)
         return "eager output"
 
-    original, compiled._compiled = compiled._compiled, broken
-    try:
-        with compiled.compiling():
-            assert compiled.serves("new signature")
-            assert compiled("new signature", eager) == "eager output"
-        assert not compiled.serves("new signature")
-    finally:
-        compiled._compiled = original
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    monkeypatch.setattr(compiled, "_forward", eager)  # the uncompiled forward it falls back to
+    with compiled.compiling():
+        assert compiled.serves("new signature")
+        assert compiled("new signature") == "eager output"
+    assert not compiled.serves("new signature")
     assert eager_calls == [1]
     assert "stays eager" in caplog.text
 
