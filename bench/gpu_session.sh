@@ -10,6 +10,9 @@
 #              the graphs experiment again), ~2-3 minutes;
 #   compile    bench/gpu.py --experiment compile: SD2.1 2048^2 with the UNet torch.compile'd at
 #              warm-up (~3 minutes of compiling) against the default engine and stock, ~5 minutes;
+#   restart    after compile: bench/gpu.py --experiment compile-restart in a new process, so
+#              compiling reads inductor's on-disk cache (a restarted worker), and its first job;
+#              with the seconds left of GPU_SESSION_S (default 585) from the script's start;
 #   bench      bench/gpu.py's standard cases (SD2.1 1024/2048, SDXL 2048/4096), ~6 minutes;
 #   demo       the demo model (issue #5) retrained on the GPU with a time budget, ~3 minutes.
 # Run from the repository root with the wheels the GPU image lacks in .whl/ (diffusers,
@@ -30,6 +33,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__,
 'cudnn', torch.backends.cudnn.version())"
 wants() { [[ "$PARTS" == *" $1 "* ]]; }
+session_end=$(( ${GPU_SESSION_S:-585} ))
 started=$SECONDS
 elapsed() { echo "$1: exit $2 after $((SECONDS - started)) s"; started=$SECONDS; }
 
@@ -77,6 +81,16 @@ if wants compile; then
     timeout "${GPU_COMPILE_TIMEOUT_S:-380}" python3 bench/gpu.py --out "$OUT/gpu_compile.json" \
         --budget-s "${GPU_COMPILE_BUDGET_S:-230}" --no-sync-check --experiment compile
     elapsed compile $?
+fi
+
+if wants restart; then
+    left=$(( session_end - SECONDS ))
+    echo "== restart: bench/gpu.py --experiment compile-restart, ${left} s left"
+    if (( left > 60 )); then
+        timeout "$left" python3 bench/gpu.py --out "$OUT/gpu_compile_restart.json" \
+            --budget-s 0 --no-sync-check --experiment compile-restart
+        elapsed restart $?
+    fi
 fi
 
 if wants bench; then

@@ -28,7 +28,7 @@ from rq.worker import WorkerStatus
 from contract.exit_codes import EXIT_WEDGED
 from contract.jobs import Priority
 from contract.keys import RedisKeys
-from contract.queueing import PRIORITIES, queue_name
+from contract.queueing import PRIORITIES, generation_queues, models_with_queues, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
 from worker.resident import WorkerRuntime
@@ -55,6 +55,7 @@ class GenerationWorker(SimpleWorker):
         self.on_stall = on_stall or _exit_for_restart
         # The reaper hands back abandoned jobs of every model, not only this worker's: a pool
         # whose last worker died (and scaled to zero) would otherwise keep its jobs "running".
+        # Models with a queue in Redis are added on every pass (queues_to_reap).
         self.reap_queues = list(reap_queues if reap_queues is not None else queues)
         self._priority_by_queue: dict[str, Priority] = {
             queue_name(runtime.settings, model, priority): priority
@@ -153,6 +154,18 @@ class GenerationWorker(SimpleWorker):
 
     # -- reaper ----------------------------------------------------------------------------
 
+    def queues_to_reap(self) -> list[Queue]:
+        """The configured queues, then those of every other model that has a queue in Redis: a
+        model removed from the models file has no worker left to hand back a running job whose
+        worker died (requeued, the API's retired-model sweep fails it as `model_unavailable`)."""
+        known = {queue.name for queue in self.reap_queues}
+        settings = self.runtime.settings
+        others = sorted(models_with_queues(self.connection, settings))
+        return self.reap_queues + [
+            queue for queue in generation_queues(self.connection, settings, others)
+            if queue.name not in known
+        ]
+
     def start_reaper(self) -> threading.Thread:
         thread = threading.Thread(target=self._reap_forever, name="reaper", daemon=True)
         thread.start()
@@ -167,7 +180,8 @@ class GenerationWorker(SimpleWorker):
         while not self._stop_reaper.wait(interval):
             try:
                 reap_abandoned_jobs(
-                    self.connection, self.reap_queues, self.keys, interval, self._exc_handlers
+                    self.connection, self.queues_to_reap(), self.keys, interval,
+                    self._exc_handlers,
                 )
                 # One sweep per interval across all workers: concurrent sweeps of a shared
                 # results directory race (a folder removed while a job writes into it).

@@ -1,5 +1,6 @@
 """One queue per model: a worker takes only jobs for models it holds, takes turns between them,
-and still reaps abandoned jobs of models it does not hold."""
+and still reaps abandoned jobs of models it does not hold, or that its models file no longer
+names."""
 
 from __future__ import annotations
 
@@ -78,6 +79,24 @@ def test_a_worker_reaps_abandoned_jobs_of_models_it_does_not_hold(
     other = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny"]}), "a", tmp_path)
     expect_worker_lost(
         settings, redis_client, doomed, other, PARAMS.model_copy(update={"model": "tiny-b"})
+    )
+
+
+def test_a_worker_reaps_abandoned_jobs_of_a_model_removed_from_its_models_file(
+    settings_for: SettingsFactory,
+    redis_client: Redis,
+    two_models: Path,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # A rollout removed tiny-b; its last old worker dies mid-job. The new workers' models file
+    # no longer names tiny-b, yet one of them hands the job back instead of leaving it running.
+    tiny_only = write_models_file(tmp_path / "tiny-only.json", tiny_model_dir, ("tiny",))
+    settings = settings_for(models_file=two_models, job_retries=0)
+    doomed = WorkerProcess(settings.model_copy(update={"worker_models": ["tiny-b"]}), "b", tmp_path)
+    new = WorkerProcess(settings.model_copy(update={"models_file": tiny_only}), "a", tmp_path)
+    expect_worker_lost(
+        settings, redis_client, doomed, new, PARAMS.model_copy(update={"model": "tiny-b"})
     )
 
 
