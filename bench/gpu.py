@@ -118,6 +118,11 @@ EXPERIMENTS = {
     "compile": (Case("sd21-base", 2048, 50, variants=(
         "tuning_free" + GRAPHS_COMPILED, "tuned" + GRAPHS_COMPILED,
     ), extras=("tuning_free_cuda_graphs", "tuned_cuda_graphs", "stock_direct")),),
+    # The same at SD2.1 1024^2: its tuned stage replays a graph of the compiled forward (fewer
+    # minutes of compiling than 2048^2: three signatures).
+    "compile-1024": (Case("sd21-base", 1024, 50, variants=(
+        "tuning_free" + GRAPHS_COMPILED, "tuned" + GRAPHS_COMPILED,
+    ), extras=("stock_direct", "tuning_free_cuda_graphs", "tuned_cuda_graphs")),),
     # Run after "compile" on the same machine, in a new process: what a restarted worker pays
     # with inductor's on-disk cache warm (the GPU overlay keeps it on the pod's volume), and
     # its first job after that warm-up.
@@ -407,6 +412,12 @@ def bench_architecture(
             startup["first_job"] = f"{case.size} {first[0].variant}"
 
     startup["graphs_held"] = graphs.held
+    compiled = engines[GRAPHS_COMPILED].unet_graphs.compiled
+    if compiled_sizes and compiled is not None:
+        # Calls of compiled signatures that failed dynamo's guards and ran uncompiled: 0 when
+        # the compiled variants' times are what compiling gives.
+        startup["compiled_fallbacks"] = compiled.fallbacks
+        startup["compiled_engine_graphs_held"] = engines[GRAPHS_COMPILED].unet_graphs.held
     del engines, graphs, pipe, ups, hooks
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -486,7 +497,9 @@ def print_table(report: Report) -> None:
         if "compile_warm_up_s" in s:
             print(f"  compiling warm-up {s['compile_warm_up_s']:.1f}s, tuned"
                   f" {s['compile_warm_up_tuned_s']:.1f}s ({s['compiled_signatures']}"
-                  f" signatures), then {s['compile_warm_up_warm_s']:.2f}s")
+                  f" signatures), then {s['compile_warm_up_warm_s']:.2f}s;"
+                  f" {s.get('compiled_fallbacks')} uncompiled fallbacks,"
+                  f" {s.get('compiled_engine_graphs_held')} graphs held")
     for h in report.host_syncs:
         print(f"host syncs {h['architecture']} {h['size']}: {h['synchronizing_calls']} in"
               f" {h['denoising_steps']} steps ({h['per_step']:.1f}/step)")

@@ -9,7 +9,8 @@
 #              at the 2048^2 attention preferred (when it beats FlashAttention-2 by 5%; else
 #              the graphs experiment again), ~2-3 minutes;
 #   compile    bench/gpu.py --experiment compile: SD2.1 2048^2 with the UNet torch.compile'd at
-#              warm-up (~3 minutes of compiling) against the default engine and stock, ~5 minutes;
+#              warm-up (~5.5 minutes of compiling, tuned included) against the default engine
+#              and stock, ~7 minutes; GPU_COMPILE_EXPERIMENT=compile-1024: SD2.1 1024^2, ~3;
 #   restart    after compile: bench/gpu.py --experiment compile-restart in a new process, so
 #              compiling reads inductor's on-disk cache (a restarted worker), and its first job;
 #              with the seconds left of GPU_SESSION_S (default 585) from the script's start;
@@ -77,9 +78,10 @@ PY
 fi
 
 if wants compile; then
-    echo "== compile: bench/gpu.py --experiment compile"
-    timeout "${GPU_COMPILE_TIMEOUT_S:-380}" python3 bench/gpu.py --out "$OUT/gpu_compile.json" \
-        --budget-s "${GPU_COMPILE_BUDGET_S:-230}" --no-sync-check --experiment compile
+    experiment=${GPU_COMPILE_EXPERIMENT:-compile}  # or compile-1024 (SD2.1 1024^2, shorter)
+    echo "== compile: bench/gpu.py --experiment $experiment"
+    timeout "${GPU_COMPILE_TIMEOUT_S:-380}" python3 bench/gpu.py --out "$OUT/gpu_$experiment.json" \
+        --budget-s "${GPU_COMPILE_BUDGET_S:-230}" --no-sync-check --experiment "$experiment"
     elapsed compile $?
 fi
 

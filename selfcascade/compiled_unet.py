@@ -22,7 +22,11 @@ whose timesteps have another dtype (Euler's are floats, DDIM's integers) or with
 
 The dynamo settings changed here (hook guards, the recompile limit) hold for the process.
 
-A signature whose compilation failed stays eager for good, with a warning.
+A signature whose compilation failed stays eager for good, with a warning. A call of a compiled
+signature whose dynamo guards fail anyway (state the key does not cover) runs eager instead of
+recompiling inside a job; it is counted in `fallbacks` and logged once per signature with
+dynamo's reasons, because such a call silently loses the compiled speed (a tuned hook that kept
+a dict across calls did: a graph capture repeats the forward without the UNet's pre-hook).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 # Dynamo keeps at most this many compiled variants of one function (its default is 8): every
 # stage size of every resident model is one.
 RECOMPILE_LIMIT = 64
+# How dynamo's RuntimeError starts under the "fail_on_recompile" stance (its eval_frame.py).
+RECOMPILE_REFUSED = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
 
 class CompiledUNet:
@@ -57,8 +63,10 @@ class CompiledUNet:
         self._compiled = torch.compile(self._forward, backend=backend, dynamic=False)
         self._signatures: set[Hashable] = set()
         self._refused: set[Hashable] = set()
+        self._fell_back: set[Hashable] = set()
         self._learning = False
         self.calls = 0  # calls served compiled
+        self.fallbacks = 0  # calls of compiled signatures that failed their guards: ran eager
 
     @property
     def compiled_signatures(self) -> int:
@@ -89,11 +97,18 @@ class CompiledUNet:
         """The compiled forward on `args`, or the uncompiled one when compiling this signature
         fails. Errors of an already compiled call (out of memory...) propagate as eager ones."""
         if signature in self._signatures:
-            self.calls += 1
             # A guard the signature does not cover (a swapped attention processor...) must not
-            # make a job wait a minute for a recompile: that call runs eager instead.
-            with torch.compiler.set_stance("eager_on_recompile"):
-                return self._compiled(*args, **kwargs)
+            # make a job wait a minute for a recompile: that call runs eager instead. Dynamo
+            # raises at the call's entry, before any of the compiled code ran.
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    output = self._compiled(*args, **kwargs)
+            except RuntimeError as exc:
+                if not str(exc).startswith(RECOMPILE_REFUSED):
+                    raise
+                return self._fall_back(signature, exc, args, kwargs)
+            self.calls += 1
+            return output
         started = time.perf_counter()
         try:
             output = self._compiled(*args, **kwargs)
@@ -110,6 +125,16 @@ class CompiledUNet:
         log.info("compiled the UNet for a new call signature in %.1fs (%d compiled)", seconds,
                  len(self._signatures))
         return output
+
+    def _fall_back(self, signature: Hashable, exc: RuntimeError, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """The uncompiled forward for a compiled signature whose guards failed."""
+        self.fallbacks += 1
+        if signature not in self._fell_back:
+            self._fell_back.add(signature)
+            log.warning("a call of a compiled UNet signature failed dynamo's guards and runs "
+                        "uncompiled (%d such calls so far): %s", self.fallbacks, exc)
+        return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The UNet's own forward (what is compiled; the eager fallback)."""

@@ -229,10 +229,16 @@ class FeatureInjection:
             if self._compute_lr:
                 if name == self._first_block:
                     self._lr_state = self._start_lr_chain()
-                self._features[name] = self._run_on_lr(module, args, kwargs)
+                lr_features = self._run_on_lr(module, args, kwargs)  # (kB, C_n, h_n, w_n)
+                # Per step, the features live for this call only: state kept across calls
+                # would be guarded by torch.compile, and a graph capture, which repeats the
+                # forward without the UNet's pre-hook, would fail the guard and run eager.
+                if self.mode == "per_stage":
+                    self._features[name] = lr_features
+            else:
+                lr_features = self._features[name]  # per_stage: from the stage's first call
             if name not in self.upsamplers:
                 return None  # a level the LR chain passes through without an upsampler
-            lr_features = self._features[name]  # (kB, C_n, h_n, w_n)
             temb = kwargs["temb"] if "temb" in kwargs else args[1]  # (kB, T)
             if isinstance(output, tuple):
                 hidden, res_samples = output[0], output[1:]  # down block: (hidden, skips)

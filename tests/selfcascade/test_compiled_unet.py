@@ -18,7 +18,7 @@ from selfcascade.compiled_unet import CompiledUNet
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
 from selfcascade.tiny_models import build_tiny_sd_pipeline
-from selfcascade.tuned import TunedStageHook
+from selfcascade.tuned import LRInputs, TunedStageHook, inject_upsamplers
 from selfcascade.upsamplers import FeatureUpsamplerSet
 from selfcascade.warmup import warm_up
 
@@ -95,6 +95,8 @@ def test_a_tuned_stage_runs_compiled_only_after_a_tuned_warm_up() -> None:
     # The tuning-free stage of that size still runs its own code, hooks gone.
     np.testing.assert_array_equal(image(engine, 128), image(plain, 128))
 
+    assert compiled.fallbacks == 0  # every compiled call ran the compiled code
+
     # Per-stage LR features decide per call: their hooks have no key and stay uncompiled.
     per_stage = TunedStageHook(hook.sets[0].upsamplers, "per_stage")
     warm_up(engine, stage_hooks=[per_stage])
@@ -103,6 +105,64 @@ def test_a_tuned_stage_runs_compiled_only_after_a_tuned_warm_up() -> None:
         image(engine, 128, stage_hooks=[per_stage]),
         image(plain, 128, stage_hooks=[per_stage]),
     )
+
+
+def unet_call(unet: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One guided UNet call's arguments at 32x32 latents."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn((2, 77, unet.config.cross_attention_dim), generator=generator)
+    sample = torch.randn((2, 4, 32, 32), generator=generator)
+    return (sample, torch.tensor(500)), {"encoder_hidden_states": text, "return_dict": False}
+
+
+def test_a_tuned_forward_repeated_without_the_unets_pre_hook_still_runs_compiled() -> None:
+    # A graph capture calls the forward three times (two warm-up calls, the capture) while the
+    # UNet's pre-hook ran once. State the tuned hooks kept across calls failed dynamo's guards
+    # there, so the tuned 1024^2 graph of an H100 run captured uncompiled kernels (1.59 s
+    # against 0.90 s for the tuning-free stage, bench/GPU_NOTES.md).
+    pipe = build_tiny_sd_pipeline()
+    unet = pipe.unet
+    compiled = CompiledUNet(unet, backend="eager")
+    upsamplers = FeatureUpsamplerSet.random_for_unet(unet.config, std=0.5)
+    args, kwargs = unet_call(unet)
+    pivot = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), inject_upsamplers(unet, upsamplers, pivot, "per_step", LRInputs()):
+        expected = unet(*args, **kwargs)[0]
+        unet.forward = lambda *a, **k: compiled("tuned", *a, **k)
+        try:
+            with compiled.compiling():
+                first = unet(*args, **kwargs)[0]  # through the pre-hook, compiling
+        finally:
+            del unet.forward
+        repeats = [compiled("tuned", *args, **kwargs)[0] for _ in range(2)]  # without it
+    assert compiled.fallbacks == 0 and compiled.calls == 3
+    for output in (first, *repeats):
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_a_compiled_signature_whose_guards_fail_runs_eager_and_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A hook the signature's key does not name (here: added behind its back) fails the guards
+    # dynamo keeps on module hooks: that call runs uncompiled, with the hook, and says so.
+    pipe = build_tiny_sd_pipeline()
+    unet = pipe.unet
+    compiled = CompiledUNet(unet, backend="eager")
+    args, kwargs = unet_call(unet)
+    with torch.no_grad():
+        with compiled.compiling():
+            compiled("plain", *args, **kwargs)
+        handle = unet.mid_block.register_forward_hook(lambda _m, _a, out: out * 2)
+        try:
+            output = compiled("plain", *args, **kwargs)[0]
+            expected = unet(*args, **kwargs)[0]
+        finally:
+            handle.remove()
+        assert compiled.fallbacks == 1 and compiled.calls == 1
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+        compiled("plain", *args, **kwargs)  # the hook gone, the compiled code serves again
+    assert compiled.fallbacks == 1 and compiled.calls == 2
+    assert "failed dynamo's guards and runs uncompiled" in caplog.text
 
 
 def test_a_signature_that_fails_to_compile_stays_eager(

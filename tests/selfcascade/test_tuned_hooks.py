@@ -116,7 +116,9 @@ def test_lr_features_are_the_frozen_encoder_on_the_clean_pivot(pipe: Any) -> Non
     finally:
         for h in handles:
             h.remove()
-    with inject_upsamplers(pipe.unet, untrained(pipe), lr) as injection:
+    # per_stage keeps the features it computed on the first call (per_step computes the same
+    # ones, test_per_stage_caches_and_per_step_recomputes, but keeps none across calls).
+    with inject_upsamplers(pipe.unet, untrained(pipe), lr, "per_stage") as injection:
         pipe.unet(**call)
     assert set(injection._features) == set(recorded)
     for name, features in recorded.items():

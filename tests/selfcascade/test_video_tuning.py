@@ -67,7 +67,8 @@ def test_lr_features_are_the_unets_own_features_of_the_pivot(pipe: Any) -> None:
     upsamplers = FeatureUpsamplerSet.for_unet(unet.config)
 
     with torch.no_grad():
-        with inject_upsamplers(unet, upsamplers, pivot) as injection:
+        # per_stage keeps the features of its first call; per_step computes the same ones.
+        with inject_upsamplers(unet, upsamplers, pivot, "per_stage") as injection:
             unet(sample, t, encoder_hidden_states=text_states(pipe, 2, 3))
             injected = dict(injection._features)
 
