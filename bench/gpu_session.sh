@@ -80,8 +80,8 @@ fi
 if wants compile; then
     experiment=${GPU_COMPILE_EXPERIMENT:-compile}  # or compile-1024 (SD2.1 1024^2, shorter)
     echo "== compile: bench/gpu.py --experiment $experiment"
-    timeout "${GPU_COMPILE_TIMEOUT_S:-380}" python3 bench/gpu.py --out "$OUT/gpu_$experiment.json" \
-        --budget-s "${GPU_COMPILE_BUDGET_S:-230}" --no-sync-check --experiment "$experiment"
+    timeout "${GPU_COMPILE_TIMEOUT_S:-480}" python3 bench/gpu.py --out "$OUT/gpu_$experiment.json" \
+        --budget-s "${GPU_COMPILE_BUDGET_S:-430}" --no-sync-check --experiment "$experiment"
     elapsed compile $?
 fi
 
