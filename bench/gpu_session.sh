@@ -92,6 +92,8 @@ if wants restart; then
         timeout "$left" python3 bench/gpu.py --out "$OUT/gpu_compile_restart.json" \
             --budget-s 0 --no-sync-check --experiment compile-restart
         elapsed restart $?
+    else
+        echo "restart: skipped, too little time left"
     fi
 fi
 

@@ -99,7 +99,9 @@ class CompiledUNet:
         if signature in self._signatures:
             # A guard the signature does not cover (a swapped attention processor...) must not
             # make a job wait a minute for a recompile: that call runs eager instead. Dynamo
-            # raises at the call's entry, before any of the compiled code ran.
+            # raises at the call's entry, before any compiled code ran, because the UNet
+            # (tuned hooks included) traces into one graph without breaks; after a graph break
+            # it could raise at a resumed frame, and the eager rerun would repeat the prefix.
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     output = self._compiled(*args, **kwargs)

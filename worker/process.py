@@ -180,7 +180,7 @@ class GenerationWorker(SimpleWorker):
         while not self._stop_reaper.wait(interval):
             try:
                 reap_abandoned_jobs(
-                    self.connection, self.queues_to_reap(), self.keys, interval,
+                    self.connection, self.queues_to_reap, self.keys, interval,
                     self._exc_handlers,
                 )
                 # One sweep per interval across all workers: concurrent sweeps of a shared
@@ -207,10 +207,15 @@ def _exit_for_restart() -> None:
 
 
 def reap_abandoned_jobs(
-    redis: Redis, queues: list[Queue], keys: RedisKeys, interval: float, handlers: list[Any]
+    redis: Redis,
+    queues: Callable[[], list[Queue]],
+    keys: RedisKeys,
+    interval: float,
+    handlers: list[Any],
 ) -> None:
-    """Let RQ retry or fail jobs whose lease lapsed; one worker at a time does it."""
+    """Let RQ retry or fail jobs whose lease lapsed; one worker at a time does it (`queues` is
+    asked only by the worker that holds the lock)."""
     if not redis.set(keys.reaper_lock(), "1", nx=True, px=max(100, int(interval * 900))):
         return
-    for queue in queues:
+    for queue in queues():
         StartedJobRegistry(queue=queue).cleanup(exception_handlers=handlers)

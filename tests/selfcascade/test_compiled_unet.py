@@ -165,6 +165,26 @@ def test_a_compiled_signature_whose_guards_fail_runs_eager_and_is_counted(
     assert "failed dynamo's guards and runs uncompiled" in caplog.text
 
 
+def test_an_error_inside_a_compiled_call_propagates_instead_of_running_eager(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only dynamo's own recompile refusal means "run eager"; any other RuntimeError of a
+    # compiled call (a bad input, a kernel failure) is the job's error.
+    pipe = build_tiny_sd_pipeline()
+    compiled = CompiledUNet(pipe.unet, backend="eager")
+    args, kwargs = unet_call(pipe.unet)
+    with torch.no_grad(), compiled.compiling():
+        compiled("plain", *args, **kwargs)
+
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(compiled, "_compiled", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        compiled("plain", *args, **kwargs)
+    assert compiled.fallbacks == 0 and compiled.calls == 1
+
+
 def test_a_signature_that_fails_to_compile_stays_eager(
     engines: tuple[SelfCascadePipeline, SelfCascadePipeline],
     caplog: pytest.LogCaptureFixture,
