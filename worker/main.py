@@ -63,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
         # Only the queues of the models held here, priority-major (RQ dequeues from the first
         # non-empty queue), then the shared queues of older releases.
         worker_queues(redis, settings, runtime.models),
-        # Every model's queues: abandoned jobs come back even when their own pool is gone.
-        reap_queues=worker_queues(redis, settings, [spec.name for spec in specs]),
         runtime=runtime,
         connection=redis,
         name=name,

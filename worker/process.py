@@ -46,17 +46,12 @@ class GenerationWorker(SimpleWorker):
         queues: list[Queue],
         *,
         runtime: WorkerRuntime,
-        reap_queues: list[Queue] | None = None,
         on_stall: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         self.runtime = runtime
         # What a wedged job does to this process; tests observe it instead of exiting.
         self.on_stall = on_stall or _exit_for_restart
-        # The reaper hands back abandoned jobs of every model, not only this worker's: a pool
-        # whose last worker died (and scaled to zero) would otherwise keep its jobs "running".
-        # Models with a queue in Redis are added on every pass (queues_to_reap).
-        self.reap_queues = list(reap_queues if reap_queues is not None else queues)
         self._priority_by_queue: dict[str, Priority] = {
             queue_name(runtime.settings, model, priority): priority
             for model in runtime.models
@@ -155,13 +150,15 @@ class GenerationWorker(SimpleWorker):
     # -- reaper ----------------------------------------------------------------------------
 
     def queues_to_reap(self) -> list[Queue]:
-        """The configured queues, then those of every other model that has a queue in Redis: a
-        model removed from the models file has no worker left to hand back a running job whose
-        worker died (requeued, the API's retired-model sweep fails it as `model_unavailable`)."""
-        known = {queue.name for queue in self.reap_queues}
+        """This worker's queues, then those of every other model that has a queue in Redis,
+        read on every pass. The reaper hands back abandoned jobs of every model, not only this
+        worker's: a pool whose last worker died (and scaled to zero), or a model removed from
+        the models file, has no worker of its own left to do it (a requeued job of a removed
+        model is then failed `model_unavailable` by the API's retired-model sweep)."""
+        known = {queue.name for queue in self.queues}
         settings = self.runtime.settings
         others = sorted(models_with_queues(self.connection, settings))
-        return self.reap_queues + [
+        return self.queues + [
             queue for queue in generation_queues(self.connection, settings, others)
             if queue.name not in known
         ]
