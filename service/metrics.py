@@ -14,7 +14,6 @@ import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from rq.registry import StartedJobRegistry
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +23,7 @@ from contract.queueing import PRIORITIES
 from contract.webhook_queue import read_outcomes
 from service.live_workers import live_worker_info
 from service.services import ApiServices
+from service.worker_demand import running_jobs
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ class JobCollector(Collector):
                 (m.name, p): len(s.queue_for(m.name, p)) for p in PRIORITIES for m in s.models
             }
             queued = sum(waiting.values())
-            # Counted without RQ's cleanup(), which `.count` runs: with no exception handlers it
-            # would fail a dead worker's job behind worker/abandoned.py's back, record left running.
-            running = sum(
-                StartedJobRegistry(queue=q).get_job_count(cleanup=False) for q in s.queues
-            )
+            running = running_jobs(s.queues)
             finished = histograms.read_counts(s.redis, s.keys, histograms.JOBS_FINISHED)
             waits = histograms.read_histogram(s.redis, s.keys, histograms.QUEUE_WAIT)
             infer = histograms.read_histogram(s.redis, s.keys, histograms.INFERENCE)

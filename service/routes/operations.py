@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import redis.exceptions
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,6 +17,7 @@ from service.errors import error_response
 from service.live_workers import live_worker_models
 from service.metrics import metrics_request_registry
 from service.schemas import ModelView
+from service.worker_demand import worker_demand
 
 router = APIRouter()
 
@@ -44,6 +47,33 @@ def readyz(services: Services) -> JSONResponse | dict[str, object]:
             "model",
         )
     return {"status": "ready", "workers": len(workers)}
+
+
+@router.get("/autoscaling/demand", tags=["operations"], response_model=None)
+def autoscaling_demand(
+    services: Services,
+    model: Annotated[list[str] | None, Query(description="a model the worker pool holds")] = None,
+) -> JSONResponse | dict[str, object]:
+    """The jobs a worker pool has in flight, for KEDA's metrics-api trigger (`in_flight`):
+    waiting in, or running from, every queue a worker holding `model` (repeatable; default
+    every model in the models file) listens to."""
+    known = [m.name for m in services.models]
+    models = model or known
+    unknown = [name for name in models if name not in known]
+    if unknown:
+        return error_response(
+            422,
+            ErrorCode.INVALID_REQUEST,
+            f"unknown model(s): {', '.join(unknown)}; the models file names: {', '.join(known)}",
+            "model",
+        )
+    demand = worker_demand(services, models)  # Redis down: the app's 503, Retry-After and all
+    return {
+        "models": demand.models,
+        "waiting": demand.waiting,
+        "running": demand.running,
+        "in_flight": demand.in_flight,
+    }
 
 
 @router.get("/v1/models", tags=["models"])

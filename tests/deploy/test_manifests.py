@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
@@ -14,6 +15,8 @@ from redis import Redis
 
 from contract.queueing import worker_queues
 from contract.settings import TINY_MODEL_NAME, Settings
+from service.routes import operations
+from service.worker_demand import WorkerDemand
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 1800
@@ -112,6 +115,25 @@ def test_workers_scale_on_the_queues_of_the_models_they_serve(overlay: str) -> N
     settings = Settings(redis_prefix="selfcascade", queue_name="generations")
     expected = {queue.key for queue in worker_queues(Redis(), settings, _served_models(docs))}
     assert lists == expected
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-dev"])
+def test_workers_scale_on_the_jobs_in_flight_the_api_counts(overlay: str) -> None:
+    """The metrics-api trigger reaches the API's Service from KEDA's namespace, at a route the
+    app serves, and reads a field that route answers with, one worker per job in flight."""
+    docs = _kustomize(overlay)
+    scaled = _find(docs, "ScaledObject", "selfcascade-worker")
+    [trigger] = [t for t in scaled["spec"]["triggers"] if t["type"] == "metrics-api"]
+    meta = trigger["metadata"]
+    url = urlsplit(meta["url"])
+    service = _find(docs, "Service", "selfcascade-api")
+    namespace = service["metadata"]["namespace"]
+    assert url.hostname == f"{service['metadata']['name']}.{namespace}.svc.cluster.local"
+    assert (url.port or 80) in {port["port"] for port in service["spec"]["ports"]}
+    assert not parse_qs(url.query)  # every model the API's models file lists: the pool's
+    assert url.path in {getattr(route, "path", None) for route in operations.router.routes}
+    assert meta["valueLocation"] in {"in_flight"} & set(dir(WorkerDemand))
+    assert (meta["targetValue"], meta["activationTargetValue"]) == ("1", "0")
 
 
 def _served_models(docs: list[dict[str, Any]]) -> list[str]:

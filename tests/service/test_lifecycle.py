@@ -268,3 +268,33 @@ def test_an_idempotency_key_orphaned_by_a_dead_request_is_taken_over(stack: Stac
     assert again.json()["id"] == replay.json()["id"]  # the new claim holds
     redis.close()
     wait_status(stack.client, replay.json()["id"], {"succeeded"}, 120)
+
+
+def test_autoscaling_demand_counts_running_and_waiting_jobs_of_every_priority(
+    stack: Stack,
+) -> None:
+    """KEDA's metrics-api trigger scales the pool on this: a busy worker with an empty queue
+    still counts, and both priorities add up into one number."""
+
+    def demand(**params: object) -> httpx.Response:
+        return stack.client.get("/autoscaling/demand", params=params)
+
+    running = post(stack, SLOW)
+    waiting = post(stack, {**SLOW, "priority": "batch"})
+    wait_for(
+        lambda: stack.client.get(f"/v1/generations/{running['id']}").json()["progress"],
+        120, "the first job to make progress",
+    )
+    expected = {"models": ["tiny"], "waiting": 1, "running": 1, "in_flight": 2}
+    assert demand().json() == expected  # default: every model in the models file
+    assert demand(model="tiny").json() == expected
+
+    unknown = demand(model=["tiny", "sdxl"])
+    assert unknown.status_code == 422
+    assert unknown.json()["error"]["param"] == "model"
+    assert "sdxl" in unknown.json()["error"]["message"]
+
+    for job in (waiting, running):
+        assert stack.client.post(f"/v1/generations/{job['id']}/cancel").status_code == 202
+    wait_status(stack.client, running["id"], {"canceled", "failed", "succeeded"}, 60)
+    wait_for(lambda: demand().json()["in_flight"] == 0, 30, "the pool to have nothing in flight")

@@ -82,6 +82,7 @@ def test_redis_down_is_503_and_recovers_without_restart(
             client.get(f"/v1/generations/{job_id}"),
             client.post(f"/v1/generations/{job_id}/cancel"),
             client.get("/v1/models"),
+            client.get("/autoscaling/demand"),
         ):
             assert answer.status_code == 503, answer.text
             error = answer.json()["error"]
