@@ -17,6 +17,11 @@ MAX_GUIDANCE = 30.0
 # Video bounds the API enforces for every model; a model's own frame limit is in its ModelSpec.
 MAX_FRAMES = 64  # = selfcascade.request.MAX_FRAMES, the engine's bound (not imported: no torch)
 MAX_FPS = 60
+# The caller's own key-value pairs on a job (an order id, a user id), echoed in every view and
+# webhook: OpenAI's limits, so a client written for theirs fits here.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 # GIF stores delays in hundredths of a second, and browsers play 10 ms or less as 100 ms: 20 ms
 # frames (worker.video_encoding.gif_delays_ms never goes below that up to 50 fps) are the fastest.
 GIF_MAX_FPS = 50
@@ -171,6 +176,7 @@ class JobOrigin(BaseModel):
     # the key of the per-receiver send limit. None: the URL's host:port is used instead.
     webhook_receiver: str | None = None
     webhook_events_filter: list[WebhookEvent] = Field(default_factory=_completed_only)
+    metadata: dict[str, str] = Field(default_factory=dict)  # the caller's, as given
 
 
 class JobRecord(BaseModel):

@@ -49,6 +49,11 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         choices=OUTPUT_FORMATS,
         help="default: --out's extension, else png for image models and mp4 for video models",
     )
+    g.add_argument(
+        "--metadata", action="append", type=_metadata_pair, metavar="KEY=VALUE", default=[],
+        help="your own string kept with the job and echoed in its views and webhooks "
+        "(repeatable)",
+    )
     g.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     g.add_argument(
         "--out", type=Path,
@@ -95,6 +100,13 @@ def _client(args: argparse.Namespace) -> ServiceClient:
     )
 
 
+def _metadata_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _request_body(args: argparse.Namespace) -> dict[str, Any]:
     optional = {
         "negative_prompt": args.negative_prompt,
@@ -108,6 +120,7 @@ def _request_body(args: argparse.Namespace) -> dict[str, Any]:
         "fps": args.fps,
         "output_format": _output_format(args),
         "tuned": {"true": True, "false": False, "auto": "auto"}.get(args.tuned or ""),
+        "metadata": dict(args.metadata) or None,
     }
     return {"prompt": args.prompt, **{k: v for k, v in optional.items() if v is not None}}
 
@@ -248,6 +261,8 @@ def _status_lines(job: dict[str, Any]) -> Sequence[str]:
         f"  {params['width']}x{params['height']}{clip} {params['method']}, seed {params['seed']}, "
         f"{params['steps']} steps, prompt {params['prompt']!r}",
     ]
+    if metadata := job.get("metadata"):
+        lines.append("  metadata " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
     if job.get("queue_position") is not None:
         lines.append(f"  queue position {job['queue_position']}")
     if (progress := job.get("progress")) and job["status"] == "running":

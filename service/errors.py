@@ -97,8 +97,12 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         # loc is ("body", "width") for body fields; the param is the path below the section.
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        detail = str(first.get("msg"))
+        if loc[-1:] == ["[key]"]:  # a mapping's key, as pydantic places it: name the mapping
+            *loc, key, _ = loc
+            detail = f"key {key!r}: {detail}"
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        message = f"{param}: {detail}" if param else detail
         return _respond(request, 422, ErrorCode.INVALID_REQUEST, message, param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from contract.jobs import (
     MAX_FPS,
     MAX_FRAMES,
     MAX_GUIDANCE,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_STEPS,
@@ -23,6 +26,9 @@ from contract.jobs import (
     ProgressRecord,
     WebhookEvent,
 )
+
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
+MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 
 
 class GenerationCreate(BaseModel):
@@ -58,6 +64,11 @@ class GenerationCreate(BaseModel):
     webhook_events_filter: list[WebhookEvent] = Field(
         default_factory=lambda: list[WebhookEvent](["completed"]), max_length=3
     )
+    # The caller's own strings (an order id, a user id), echoed in every view and webhook;
+    # strict: a number is refused, not turned into a string that no longer compares equal.
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        default=None, max_length=MAX_METADATA_PAIRS, strict=True
+    )
 
 
 class OutputView(BaseModel):
@@ -92,6 +103,7 @@ class GenerationView(BaseModel):
     priority: Priority = "interactive"
     webhook: str | None = None
     webhook_events_filter: list[WebhookEvent] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
 
 
 class ModelView(BaseModel):

@@ -32,6 +32,7 @@ def origin_for(
     webhook_receiver: str | None = None,
     webhook_events_filter: list[WebhookEvent] | None = None,
     user: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> JobOrigin:
     state = request.scope.get("state", {})
     return JobOrigin.model_validate(
@@ -44,6 +45,7 @@ def origin_for(
             webhook=webhook,
             webhook_receiver=webhook_receiver,
             webhook_events_filter=sorted(set(webhook_events_filter or ["completed"])),
+            metadata=metadata or {},
         )
     )
 

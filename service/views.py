@@ -53,4 +53,5 @@ def generation_view(record: JobRecord, base_url: str, position: int | None) -> G
         priority=record.origin.priority,
         webhook=record.origin.webhook,
         webhook_events_filter=record.origin.webhook_events_filter if record.origin.webhook else [],
+        metadata=record.origin.metadata,
     )

@@ -81,6 +81,7 @@ def _create(
         webhook=body.webhook,
         webhook_receiver=target.receiver if target is not None else None,
         webhook_events_filter=body.webhook_events_filter,
+        metadata=body.metadata,
     )
     job_id = uuid.uuid4().hex
     idem = None

@@ -45,6 +45,7 @@ def test_generate_waits_and_downloads_the_image(
     out = tmp_path / "fox.png"
     argv = ["client", "generate", "--server", stack.url, "--prompt", "a red fox"]
     argv += ["--width", "128", "--height", "96", "--steps", "4", "--seed", "5", "--out", str(out)]
+    argv += ["--metadata", "order=A-7", "--metadata", "note=x=y"]
     assert main(argv) == 0
 
     captured = capsys.readouterr()
@@ -58,6 +59,17 @@ def test_generate_waits_and_downloads_the_image(
     assert main(["client", "status", job_id, "--server", stack.url]) == 0
     status = capsys.readouterr().out
     assert f"{job_id}: succeeded" in status and "128x96" in status and "output http" in status
+    assert "  metadata order=A-7, note=x=y\n" in status
+
+
+def test_a_metadata_argument_without_a_key_is_refused_before_submitting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["client", "generate", "--server", "http://127.0.0.1:9", "--prompt", "x"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--metadata", "=7"])
+    assert exited.value.code == 2
+    assert "--metadata: expected KEY=VALUE, got '=7'" in capsys.readouterr().err
 
 
 @pytest.mark.integration

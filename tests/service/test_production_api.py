@@ -139,6 +139,10 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
                 "/v1/generations", json={**BODY, "prompt": "other"}, headers=headers
             )
             assert assert_error(changed, 409, "conflict")["param"] == "Idempotency-Key"
+            tagged = client.post(
+                "/v1/generations", json={**BODY, "metadata": {"order": "42"}}, headers=headers
+            )
+            assert assert_error(tagged, 409, "conflict")["param"] == "Idempotency-Key"
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,12 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"lr_features": "per_epoch"}, "lr_features"),
         ({"tuned": True}, "tuned"),  # the tiny model has no upsampler checkpoint
         ({"unexpected": 1}, "unexpected"),
+        ({"metadata": ["order-7"]}, "metadata"),
+        ({"metadata": {"order": 7}}, "metadata.order"),  # strings only, never coerced
+        ({"metadata": {"order": "x" * 513}}, "metadata.order"),
+        ({"metadata": {"": "x"}}, "metadata"),
+        ({"metadata": {"k" * 65: "x"}}, "metadata"),
+        ({"metadata": {f"k{i}": "x" for i in range(17)}}, "metadata"),
     ],
 )
 def test_each_rule_answers_422_naming_the_param(
@@ -73,6 +79,12 @@ def test_each_rule_answers_422_naming_the_param(
     if change.get("prompt", "") is None:
         del body["prompt"]
     assert_error(client.post("/v1/generations", json=body), 422, "invalid_request", param)
+
+
+def test_a_bad_metadata_key_is_named_in_the_message(client: httpx.Client) -> None:
+    answer = client.post("/v1/generations", json={**VALID, "metadata": {"k" * 65: "x"}})
+    message = answer.json()["error"]["message"]
+    assert message == f"metadata: key {'k' * 65!r}: String should have at most 64 characters"
 
 
 def test_malformed_json_is_422(client: httpx.Client) -> None:

@@ -145,6 +145,7 @@ def test_filtered_events_arrive_signed_with_the_get_body_and_trace(
         **JOB,
         "webhook": f"{receiver.url}/filtered",
         "webhook_events_filter": ["start", "completed"],
+        "metadata": {"order": "A-1234", "customer": "ada"},
     }
     headers = {"X-Request-ID": "hook-req-1", "traceparent": TRACEPARENT}
     job = stack.client.post("/v1/generations", json=body, headers=headers).json()
@@ -167,6 +168,7 @@ def test_filtered_events_arrive_signed_with_the_get_body_and_trace(
     # Each body is the job as of its event, even when sent later.
     [start] = [h for h in hooks if h.headers["x-selfcascade-event"] == "start"]
     assert json.loads(start.body)["status"] == "running"
+    assert json.loads(start.body)["metadata"] == body["metadata"]
     final = stack.client.get(f"/v1/generations/{job['id']}").json()
     assert json.loads(done.body) == final
     assert final["status"] == "succeeded"
