@@ -58,20 +58,31 @@ def enqueue_webhook(
     redis: Redis, keys: RedisKeys, record: JobRecord, event: WebhookEvent, due: float | None = None
 ) -> bool:
     """Queue `event` for the job's webhook if it has one and its filter wants the event."""
-    origin = record.origin
-    if not origin.webhook or event not in origin.webhook_events_filter:
+    if not wants_webhook(record, event):
         return False
     snapshot = decode_record(record.id, redis.hgetall(keys.job(record.id)))  # type: ignore[arg-type]
-    delivery = WebhookDelivery(
+    delivery = webhook_delivery(record, event, snapshot)
+    schedule(redis, keys, delivery, due if due is not None else time.time())
+    return True
+
+
+def wants_webhook(record: JobRecord, event: WebhookEvent) -> bool:
+    origin = record.origin
+    return bool(origin.webhook) and event in origin.webhook_events_filter
+
+
+def webhook_delivery(
+    record: JobRecord, event: WebhookEvent, snapshot: JobRecord | None
+) -> WebhookDelivery:
+    """`event` for `record`'s webhook, with `snapshot` (the job as of the event) as its body."""
+    return WebhookDelivery(
         id=f"msg_{uuid.uuid4().hex}",
         job_id=record.id,
         event=event,
-        url=origin.webhook,
-        receiver=origin.webhook_receiver,
+        url=record.origin.webhook or "",
+        receiver=record.origin.webhook_receiver,
         record=snapshot,
     )
-    schedule(redis, keys, delivery, due if due is not None else time.time())
-    return True
 
 
 def signing_key(secret: str) -> bytes:

@@ -57,12 +57,12 @@ class Admission:
         self._bucket = services.redis.register_script(_TOKEN_BUCKET)
         self._active = services.redis.register_script(_ACTIVE_JOBS)
 
-    def check_queue_depth(self, model: str) -> None:
-        """429 when `model`'s queues are full. Per model: a model whose workers are gone (or
-        not started yet) fills only its own queue, never the others'."""
+    def check_queue_depth(self, model: str, adding: int = 1) -> None:
+        """429 when `model`'s queues have no room for `adding` more jobs. Per model: a model
+        whose workers are gone (or not started yet) fills only its own queue, never others'."""
         s = self.services
         waiting = sum(len(s.queue_for(model, p)) for p in PRIORITIES)
-        if waiting >= s.settings.max_queue_length:
+        if waiting + adding > s.settings.max_queue_length:
             raise ApiError(
                 429, ErrorCode.QUEUE_FULL, f"the queue for model {model} is full; retry later",
                 None, {"Retry-After": "5"},
@@ -89,6 +89,12 @@ class Admission:
         limit = self.services.settings.max_active_jobs_per_key
         if limit <= 0:
             return
+        if len(job_ids) > limit:  # never fits, however long the client waits: not a 429
+            raise ApiError(
+                422, ErrorCode.INVALID_REQUEST,
+                f"n: {len(job_ids)} images at once exceed this key's {limit} active generations",
+                "n",
+            )
         keys = self.services.keys
         ok = self._active(
             keys=[keys.active_jobs(bucket)],

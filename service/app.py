@@ -53,9 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(operations.router)
     mount_playground(app)  # the web page at /, static files under /static
-    # Outermost first: the body limit runs before metrics so a 413 is still counted.
-    app.add_middleware(RequestMetrics, registry=registry)
+    # The last added runs outermost: metrics wrap the body limit, so a 413 is still counted.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, registry=registry)
     # API keys, admission limits, webhook policy, OpenAI route, request ids (issue 6).
     install_production_api(app, services)
     return app

@@ -32,10 +32,13 @@ class Principal:
     def bucket(self) -> str:
         return self.key_id or OPEN_PRINCIPAL
 
-    def require(self, scope: str) -> None:
+    def require(self, scope: str, why: str = "") -> None:
+        """403 unless the key holds `scope`; `why` says what needs it, when not the route."""
         if scope not in self.scopes:
             raise ApiError(
-                403, ErrorCode.FORBIDDEN, f"this API key lacks the {scope!r} scope", "Authorization"
+                403, ErrorCode.FORBIDDEN,
+                f"this API key lacks the {scope!r} scope{f' ({why})' if why else ''}",
+                "Authorization",
             )
 
 

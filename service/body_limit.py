@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.jobs import ErrorCode
-from service.errors import error_response
+from service.errors import error_response_at
 
 
 class BodySizeLimit:
@@ -52,7 +52,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
+        response = error_response_at(
+            scope["path"],
             413, ErrorCode.BODY_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes", None
         )
         await response(scope, receive, send)

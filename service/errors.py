@@ -74,6 +74,20 @@ def openai_error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_response_at(
+    path: str,
+    status: int,
+    code: ErrorCode | str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error in the shape the route at `path` speaks: OpenAI's under its prefix."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error_response(status, code, message, param, headers)
+    return error_response(status, code, message, param, headers)
+
+
 def _respond(
     request: Request,
     status: int,
@@ -82,9 +96,7 @@ def _respond(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    if request.url.path.startswith(OPENAI_PREFIX):
-        return openai_error_response(status, code, message, param, headers)
-    return error_response(status, code, message, param, headers)
+    return error_response_at(request.url.path, status, code, message, param, headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -96,7 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         # loc is ("body", "width") for body fields; the param is the path below the section.
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        section, *rest = first.get("loc", ()) or ("",)
+        loc = [str(p) for p in rest] if section in ("body", "query", "path", "header") else []
+        if section == "header":  # as clients spell it: Idempotency-Key, not idempotency-key
+            loc = ["-".join(word.capitalize() for word in name.split("-")) for name in loc]
         detail = str(first.get("msg"))
         if loc[-1:] == ["[key]"]:  # a mapping's key, as pydantic places it: name the mapping
             *loc, key, _ = loc
@@ -130,4 +145,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return _respond(request, 500, ErrorCode.INTERNAL, "internal error")
+        # This handler answers from Starlette's outermost middleware, outside RequestContext,
+        # which adds the id to every other response: the one answer worth quoting needs it too.
+        request_id = request.scope.get("state", {}).get("request_id")
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return _respond(request, 500, ErrorCode.INTERNAL, "internal error", None, headers)

@@ -58,13 +58,22 @@ class RequestMetrics:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 route = _route_template(scope)
-                self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+                self.latency.labels(_method(scope), route).observe(time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.requests.labels(scope["method"], _route_template(scope), str(status)).inc()
+            self.requests.labels(_method(scope), _route_template(scope), str(status)).inc()
+
+
+# Label values come from a fixed set: a client inventing methods must not invent time series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method(scope: Scope) -> str:
+    method: str = scope["method"]
+    return method if method in _METHODS else "other"
 
 
 def _route_template(scope: Scope) -> str:

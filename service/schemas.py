@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 from contract.jobs import (
     MAX_FPS,
@@ -27,6 +34,26 @@ from contract.jobs import (
     WebhookEvent,
 )
 
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+# What a caller types: a blank prompt conditions on nothing, so it is refused rather than run.
+Prompt = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)
+]
+def _not_a_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not true or false")
+    return value
+
+
+# Counts are integers (768.0 too), never booleans: pydantic would take `true` as 1.
+Count = Annotated[int, BeforeValidator(_not_a_boolean)]
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 
@@ -36,13 +63,13 @@ class GenerationCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    model: str | None = None  # default: the first configured model
-    width: int | None = Field(default=None, gt=0)  # default: the model's native size
-    height: int | None = Field(default=None, gt=0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # random when absent, echoed
-    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    model: str | None = Field(default=None, min_length=1)  # default: the first configured one
+    width: Count | None = Field(default=None, gt=0)  # default: the model's native size
+    height: Count | None = Field(default=None, gt=0)
+    seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)  # random when absent, echoed
+    steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
     tuned: bool | Literal["auto"] = "auto"
@@ -56,8 +83,8 @@ class GenerationCreate(BaseModel):
     # default: png for an image model, mp4 for a video model
     output_format: OutputFormat | None = None
     # Video models only (default: the model's own); an image model refuses them.
-    num_frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
-    fps: int | None = Field(default=None, ge=1, le=MAX_FPS)
+    num_frames: Count | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    fps: Count | None = Field(default=None, ge=1, le=MAX_FPS)
     # Not engine parameters: how the job is scheduled and reported (contract.jobs.JobOrigin).
     priority: Priority = "interactive"
     webhook: str | None = Field(default=None, max_length=2000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections import Counter
 
 import redis.exceptions
 from starlette.requests import Request
@@ -60,8 +61,8 @@ def submit(
 ) -> list[JobRecord]:
     """Create and enqueue one job per params entry; 429 (nothing created) when refused."""
     ids = job_ids or [uuid.uuid4().hex for _ in params]
-    for model in dict.fromkeys(p.model for p in params):
-        admission.check_queue_depth(model)
+    for model, count in Counter(p.model for p in params).items():
+        admission.check_queue_depth(model, adding=count)
     admission.take_rate_tokens(caller.bucket, cost=len(params))
     now = time.time()
     # Slots first: the slot script drops ids whose record does not exist yet only when another
@@ -79,10 +80,34 @@ def submit(
                 queue = services.queue_for(p.model, origin.priority)
                 enqueue_generation(queue, job_id, services.settings, pipeline=transaction)
             transaction.execute()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # The connection broke around EXEC: Redis may have run the transaction all the same.
+        committed = _committed(services, ids[0])
+        if committed:
+            return records
+        if committed is None:
+            raise OutcomeUnknown(str(exc)) from exc  # slots kept: see _release_quietly
+        _release_quietly(admission, caller.bucket, ids)
+        raise
     except BaseException:
         _release_quietly(admission, caller.bucket, ids)
         raise
     return records
+
+
+class OutcomeUnknown(redis.exceptions.ConnectionError):
+    """Redis went away during the create transaction and did not come back to say whether it
+    ran: callers keep what they reserved for it (an Idempotency-Key claim) rather than free it
+    for a retry that could make a second job. Answered like any lost Redis: 503."""
+
+
+def _committed(services: ApiServices, job_id: str) -> bool | None:
+    """Whether the create transaction ran (it is all or nothing, so one record tells); None
+    when Redis still does not answer."""
+    try:
+        return bool(services.redis.exists(services.keys.job(job_id)))
+    except redis.exceptions.RedisError:
+        return None
 
 
 def _release_quietly(admission: Admission, bucket: str, ids: list[str]) -> None:

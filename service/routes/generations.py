@@ -8,13 +8,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import redis.exceptions
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
 from contract.state import decode_events, decode_record
@@ -24,9 +24,10 @@ from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
 from service.idempotency import IdempotencyClaim
+from service.output_file import OutputFileResponse
 from service.schemas import GenerationCreate, GenerationView
 from service.services import ApiServices
-from service.submission import origin_for, submit
+from service.submission import OutcomeUnknown, origin_for, submit
 from service.validation import normalise
 from service.views import client_base_url, generation_view
 from service.webhook_targets import WebhookPolicy, WebhookTarget, WebhookTargetRefused
@@ -36,7 +37,9 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"])
 _JOB_ID = re.compile(r"^[a-f0-9]{32}$")
 # A Redis stream id, as the SSE stream sends it: milliseconds[-sequence], each below 2**64.
 _STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_DECIMAL = re.compile(r"[0-9]{1,10}")
 MAX_PREFER_WAIT_S = 60
+REDIS_RETRY_S = 0.5  # a wait's pause before it asks a Redis that just failed again
 
 
 @router.post("", status_code=202, response_model=GenerationView)
@@ -51,16 +54,24 @@ async def create_generation(
 ) -> GenerationView:
     # Async so that `Prefer: wait` holds a wait slot, not a thread: the short blocking parts
     # take the shared pool, the wait itself is on the asyncio Redis client (wait_for_terminal).
-    record, replayed = await run_in_threadpool(
-        _create, body, services, caller, request, idempotency_key
-    )
+    wait_s = _preferred_wait(prefer)  # before the job exists: a bad header costs nothing
+    record = await run_in_threadpool(_create, body, services, caller, request, idempotency_key)
     response.headers["Location"] = f"/v1/generations/{record.id}"
-    wait_s = 0 if replayed else _preferred_wait(prefer)
-    if wait_s and await _waited(request, services, record.id, wait_s):
+    try:
+        finished = wait_s > 0 and await _waited(request, services, record.id, wait_s)
+        if finished:
+            # No scope check: the caller made this job (a key may generate without `read`).
+            reloaded: JobRecord | None = await run_in_threadpool(services.store.get, record.id)
+            record = reloaded or record
+        view = await run_in_threadpool(_view, services, request, record)
+    except redis.exceptions.RedisError:
+        # The job exists: a Redis blip after its creation still answers 202 with its Location,
+        # never a 503 that a client would retry into a second job.
+        return generation_view(record, client_base_url(services.settings, request), None)
+    if finished:
         response.status_code = 200
         response.headers["Preference-Applied"] = f"wait={wait_s}"
-        record = await run_in_threadpool(_load, services, record.id, caller)
-    return await run_in_threadpool(_view, services, request, record)
+    return view
 
 
 def _create(
@@ -69,8 +80,8 @@ def _create(
     caller: Principal,
     request: Request,
     idempotency_key: str | None,
-) -> tuple[JobRecord, bool]:
-    """The new generation's record, or (True) the one an earlier request with this key made."""
+) -> JobRecord:
+    """The new generation's record, or the one an earlier request with this key made."""
     caller.require("generate")
     params = normalise(body, services.models, services.settings)
     target = check_webhook_url(request, body.webhook) if body.webhook is not None else None
@@ -89,14 +100,16 @@ def _create(
         idem = IdempotencyClaim(services, caller.bucket, idempotency_key, body)
         existing = idem.claim(job_id)
         if existing is not None:
-            return existing, True
+            return existing
     try:
         [record] = submit(services, request.app.state.admission, caller, [params], origin, [job_id])
+    except OutcomeUnknown:
+        raise  # the job may exist: the claim stays, and a retry finds the job or waits it out
     except Exception:
         if idem is not None:
             idem.release()  # a refused request must not pin the key to a job never made
         raise
-    return record, False
+    return record
 
 
 @router.get("/{job_id}", response_model=GenerationView)
@@ -131,8 +144,8 @@ def cancel_generation(
         raise ApiError(
             409, ErrorCode.CONFLICT, f"generation already {record.status.value}", "job_id"
         )
+    cancel(services, record)  # also when canceled already: it finishes what a lost reply cut
     if record.status is not JobStatus.CANCELED:
-        cancel(services, record)
         response.status_code = 202
     return _view(services, request, _load(services, job_id, caller))
 
@@ -153,13 +166,22 @@ async def generation_events(
     stream_key = services.keys.events(job_id)
     keepalive_ms = int(services.settings.sse_keepalive_s * 1000)
 
+    async def read(after: str, block_ms: int | None) -> Any:
+        return await services.async_redis.xread({stream_key: after}, block=block_ms, count=100)
+
     async def stream() -> AsyncIterator[str]:
         after = resume_after
+        block_ms = None  # the first read returns at once: a resumed stream may be past the end
         while not await request.is_disconnected():
             try:
-                reply = await services.async_redis.xread(
-                    {stream_key: after}, block=keepalive_ms, count=100
-                )
+                reply = await read(after, block_ms)
+                block_ms = keepalive_ms
+                if not reply and await _ended(services, job_id):
+                    # Resumed after the terminal event: nothing more will come. The status and
+                    # its event are written together, so this last read finds one written since.
+                    reply = await read(after, None)
+                    if not reply:
+                        return
             # Only a lost or silent Redis is "unavailable"; any other error is a bug to surface.
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 yield 'event: error\ndata: {"code": "redis_unavailable"}\n\n'
@@ -204,7 +226,9 @@ def download_output(
             stat = os.stat(path)
         except FileNotFoundError:
             raise expired from None
-        return FileResponse(path, stat_result=stat, media_type=media_type, headers={"ETag": etag})
+        return OutputFileResponse(
+            path, stat_result=stat, media_type=media_type, headers={"ETag": etag}
+        )
     try:
         chunks = services.storage.open(output.key)
     except FileNotFoundError:
@@ -253,10 +277,12 @@ def check_webhook_url(request: Request, url: str) -> WebhookTarget:
 
 
 def _preferred_wait(prefer: str | None) -> int:
-    """Seconds from `Prefer: wait=N` (RFC 7240), capped so a request never holds a thread long."""
+    """Seconds from `Prefer: wait=N` (RFC 7240), capped so a request never holds a thread long.
+    Anything else is ignored, as the RFC asks of a preference a server does not understand."""
     for part in (prefer or "").split(","):
         name, _, value = part.strip().partition("=")
-        if name.strip().lower() == "wait" and value.strip().isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if name.strip().lower() == "wait" and _DECIMAL.fullmatch(value.strip()):
             return min(int(value), MAX_PREFER_WAIT_S)
     return 0
 
@@ -293,9 +319,15 @@ async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float)
     after = "0"
     while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
         # Short blocks, well inside the client's read timeout, however quiet the job.
-        reply = await services.async_redis.xread(
-            {stream_key: after}, block=min(left_ms, 1000), count=100
-        )
+        try:
+            reply = await services.async_redis.xread(
+                {stream_key: after}, block=min(left_ms, 1000), count=100
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            # The job exists whatever Redis does now: wait out a blip instead of answering a
+            # 503 that a client (OpenAI's retries 5xx itself) would retry into more jobs.
+            await anyio.sleep(min(REDIS_RETRY_S, max(left_ms / 1000, 0)))
+            continue
         for entry_id, event in decode_events(reply):
             after = entry_id
             if event.status.is_terminal:
@@ -317,6 +349,16 @@ def _visible(record: JobRecord | None, caller: Principal) -> JobRecord | None:
     if record is None or (caller.key_id is not None and record.origin.owner != caller.key_id):
         return None
     return record
+
+
+async def _ended(services: Services, job_id: str) -> bool:
+    """Whether the job has ended (or its record expired): its stream will grow no more."""
+    status = await services.async_redis.hget(services.keys.job(job_id), "status")
+    return status is None or JobStatus(_text(status)).is_terminal
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _owned_events(services: Services, job_id: str, caller: Principal) -> bool:

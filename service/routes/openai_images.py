@@ -36,7 +36,7 @@ from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
 from service.routes.generations import wait_for_terminal, wait_slot
-from service.schemas import GenerationCreate
+from service.schemas import Count, GenerationCreate, Prompt
 from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
@@ -51,18 +51,18 @@ MAX_IMAGES = 4
 class OpenAIImageRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = None
-    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    prompt: Prompt
+    model: str | None = Field(default=None, min_length=1)
+    n: Count = Field(default=1, ge=1, le=MAX_IMAGES)
     size: str | None = None  # "WxH"; "auto" or absent: the model's native size
     response_format: Literal["url", "b64_json"] = "url"
     output_format: ImageFormat = "png"
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
     # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    steps: int = Field(default=50, ge=1, le=MAX_STEPS)
+    steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
 
@@ -86,6 +86,8 @@ async def create_images(
 ) -> OpenAIImagesResponse:
     # Async: the wait holds a wait slot and the asyncio Redis client, never a worker thread.
     caller.require("generate")
+    if body.response_format == "url":  # refused before any job exists, not at the download
+        caller.require("read", "response_format url hands back download links; b64_json does not")
     params = _generation_params(body, services)
     async with wait_slot(request) as granted:
         if not granted:

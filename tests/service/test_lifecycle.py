@@ -225,6 +225,12 @@ def test_local_downloads_answer_ranges_heads_and_conditional_requests(stack: Sta
     assert part.headers["content-range"] == f"bytes 8-15/{output['bytes']}"
     unsatisfiable = stack.client.get(url, headers={"Range": f"bytes={output['bytes'] + 10}-"})
     assert unsatisfiable.status_code == 416
+    assert unsatisfiable.headers["content-range"] == f"bytes */{output['bytes']}"
+    assert unsatisfiable.json()["error"]["param"] == "Range"  # the API's error shape
+    # A Range it cannot use (another unit, a reversed span) is ignored: the whole file.
+    for ignored in ("items=0-1", "bytes=15-8"):
+        answer = stack.client.get(url, headers={"Range": ignored})
+        assert answer.status_code == 200 and answer.content == whole.content, ignored
 
     head = stack.client.head(url)
     assert head.status_code == 200 and head.content == b""

@@ -116,3 +116,30 @@ def test_a_malformed_last_event_id_is_422_before_streaming(settings_for: Setting
         with client.stream("GET", events, headers={"Last-Event-ID": "0-0"}) as stream:
             assert stream.status_code == 200
             assert next(stream.iter_lines()).startswith("id: ")
+
+
+def test_a_prefer_header_it_cannot_read_is_ignored_not_a_500(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for()
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        # Latin-1 0xB2 is "2" superscript: a digit to str.isdigit(), not to int().
+        answer = client.post("/v1/generations", json=BODY, headers=[("Prefer", b"wait=\xb2")])
+    assert answer.status_code == 202, answer.text
+    assert "preference-applied" not in answer.headers
+    jobs = [k for k in redis_client.scan_iter(match=f"{settings.redis_prefix}:job:*")]
+    assert len([k for k in jobs if k.count(b":") == 2]) == 1
+
+
+def test_a_stream_resumed_after_its_last_event_ends_at_once(
+    settings_for: SettingsFactory,
+) -> None:
+    with ApiServer(create_app(settings_for()), free_port()) as server, server.client() as client:
+        job_id = client.post("/v1/generations", json=BODY).json()["id"]
+        client.post(f"/v1/generations/{job_id}/cancel")  # queued: ends at once
+        events = f"/v1/generations/{job_id}/events"
+        whole = client.get(events).text
+        last_id = [line[4:] for line in whole.splitlines() if line.startswith("id: ")][-1]
+        # An EventSource reconnects when a stream ends: resumed past the end, nothing is left.
+        resumed = client.get(events, headers={"Last-Event-ID": last_id}, timeout=5)
+    assert resumed.status_code == 200 and resumed.text == ""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,13 +16,14 @@ import httpx
 import pytest
 from redis import Redis
 
+from contract.jobs import JobEvent, JobStatus
 from contract.keys import RedisKeys
 from contract.queueing import generation_queue, generation_queues
 from contract.state import JobStore
 from service.app import create_app
 from service.webhook_targets import WebhookTarget
 from tests.conftest import free_port
-from tests.live_stack import ApiServer, write_models_file
+from tests.live_stack import ApiServer, wait_for, write_models_file
 from tests.service.conftest import SettingsFactory
 
 pytestmark = pytest.mark.integration
@@ -300,6 +303,66 @@ def test_each_model_has_its_own_queue(
         assert client.post(f"/v1/generations/{other['id']}/cancel").json()["status"] == "canceled"
         assert len(generation_queue(redis_client, settings, "tiny-b")) == 0
         assert client.get(f"/v1/generations/{later['id']}").json()["queue_position"] == 0
+
+
+def test_a_key_that_may_only_generate_gets_its_waited_job_and_no_links_it_cannot_open(
+    settings_for: SettingsFactory, tmp_path: Path, redis_client: Redis
+) -> None:
+    keys_file = tmp_path / "keys.json"
+    token = "erin-token-3333333333333333"
+    keys_file.write_text(json.dumps([{"id": "erin", "token": token, "scopes": ["generate"]}]))
+    settings = settings_for(auth_mode="keys", api_keys_file=keys_file)
+    erin = {"Authorization": f"Bearer {token}"}
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), 60)
+
+    def finish_the_job_as_a_worker_would() -> None:
+        [job_id] = wait_for(lambda: generation_queue(redis_client, settings, "tiny").get_job_ids(),
+                            10, "the job to be queued")
+        store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None)
+        store.transition(job_id, [JobStatus.RUNNING], JobStatus.SUCCEEDED,
+                         JobEvent(type="succeeded", status=JobStatus.SUCCEEDED, at=time.time()))
+
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        worker = threading.Thread(target=finish_the_job_as_a_worker_would)
+        worker.start()
+        waited = client.post("/v1/generations", json=BODY, headers={**erin, "Prefer": "wait=10"})
+        worker.join()
+        assert waited.status_code == 200, waited.text  # its own job, though it may not `read`
+        assert waited.json()["status"] == "succeeded"
+        # OpenAI's default answer is download links this key could not open: refused up front.
+        links = client.post("/v1/images/generations", json={"prompt": "x"}, headers=erin)
+        assert links.status_code == 403 and "b64_json" in links.json()["error"]["message"]
+    assert len(job_ids(redis_client, settings.redis_prefix)) == 1
+
+
+def job_ids(redis: Redis, prefix: str) -> list[bytes]:
+    return [k for k in redis.scan_iter(match=f"{prefix}:job:*") if k.count(b":") == 2]
+
+
+def test_an_openai_request_for_more_images_than_fit_is_refused_whole(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    body = {"prompt": "x", "size": "64x64", "n": 3}
+    settings = settings_for(max_queue_length=4)
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        for _ in range(2):
+            assert client.post("/v1/generations", json=BODY).status_code == 202
+        # Two wait of four: three more would overfill the queue.
+        full = client.post("/v1/images/generations", json=body)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert len(job_ids(redis_client, settings.redis_prefix)) == 2
+
+
+def test_more_images_than_a_key_may_ever_have_active_is_a_400_not_a_429(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for(max_active_jobs_per_key=2)
+    with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
+        answer = client.post("/v1/images/generations", json={"prompt": "x", "n": 3})
+        # No wait makes room for it, so no Retry-After to loop on.
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == "n"
+    assert job_ids(redis_client, settings.redis_prefix) == []
 
 
 def test_keys_file_holds_digests_and_scopes(settings_for: SettingsFactory, tmp_path: Path) -> None:

@@ -64,6 +64,9 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"lr_features": "per_epoch"}, "lr_features"),
         ({"tuned": True}, "tuned"),  # the tiny model has no upsampler checkpoint
         ({"unexpected": 1}, "unexpected"),
+        ({"prompt": " \n\t "}, "prompt"),  # blank: conditions on nothing
+        ({"steps": True}, "steps"),  # not taken as 1
+        ({"model": ""}, "model"),  # not the default model
         ({"metadata": ["order-7"]}, "metadata"),
         ({"metadata": {"order": 7}}, "metadata.order"),  # strings only, never coerced
         ({"metadata": {"order": "x" * 513}}, "metadata.order"),
@@ -109,6 +112,35 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
         "/v1/generations", content=chunks(), headers={"content-type": "application/json"}
     )
     assert_error(answer, 413, "body_too_large", None)
+    # The OpenAI route answers in OpenAI's shape, a 413 included.
+    openai = client.post("/v1/images/generations", json={"prompt": "x" * 5000})
+    assert openai.status_code == 413
+    assert openai.json()["error"]["type"] == "invalid_request_error"
+    # And every 413 is counted.
+    metrics = client.get("/metrics").text
+    assert 'selfcascade_http_requests_total{method="POST",route="unmatched",status="413"} 3.0' in (
+        metrics
+    )
+
+
+def test_a_bad_header_is_named_as_clients_spell_it(client: httpx.Client) -> None:
+    answer = client.post("/v1/generations", json=VALID, headers={"Idempotency-Key": "k" * 201})
+    assert_error(answer, 422, "invalid_request", "Idempotency-Key")
+
+
+def test_an_unexpected_error_is_500_in_the_error_shape_with_the_request_id(
+    settings_for: SettingsFactory,
+) -> None:
+    app = create_app(settings_for())
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/broken", broken)
+    with ApiServer(app, free_port()) as api, api.client() as client:
+        answer = client.get("/broken", headers={"X-Request-ID": "req-500"})
+    assert_error(answer, 500, "internal_error", None)
+    assert answer.headers["x-request-id"] == "req-500"  # the one id worth quoting in a report
 
 
 def test_defaults_fill_in_from_the_model(client: httpx.Client) -> None:
