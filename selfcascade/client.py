@@ -167,7 +167,8 @@ def same_origin(a: httpx.URL, b: httpx.URL) -> bool:
 def _retry_after_s(response: httpx.Response) -> float | None:
     """Retry-After in seconds; the HTTP-date form (which this API never sends) is ignored."""
     value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
+    # ASCII digits only: "²" is a digit to str.isdigit(), not to float().
+    return float(value) if value.isascii() and value.isdigit() else None
 
 
 def _key_still_in_flight(response: httpx.Response) -> bool:

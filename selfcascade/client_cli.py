@@ -147,29 +147,49 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"selfcascade client: error: {exc}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
+    job_id: str | None = None
     try:
         with _client(args) as client:
-            job = client.create(body)
-            params = job["params"]
-            print(
-                f"generation {job['id']} {job['status']}: {params['width']}x{params['height']}, "
-                f"seed {params['seed']}, {params['steps']} steps, {params['method']}"
-            )
-            if not (args.wait or args.out):
-                return 0
-            return _follow_and_download(client, job["id"], args.out)
+            try:
+                job = client.create(body)
+                job_id = job["id"]
+                params = job["params"]
+                print(
+                    f"generation {job_id} {job['status']}: {params['width']}x{params['height']}, "
+                    f"seed {params['seed']}, {params['steps']} steps, {params['method']}"
+                )
+                if not (args.wait or args.out):
+                    return 0
+                return _follow_and_download(client, job_id, args.out)
+            except KeyboardInterrupt:  # while creating, following or downloading
+                _cancel_on_interrupt(client, job_id)
+                return EXIT_INTERRUPTED
     except ClientError as exc:
         print(f"selfcascade client: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 
-def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -> int:
+def _cancel_on_interrupt(client: ServiceClient, job_id: str | None) -> None:
+    """Ctrl-C: cancel the job (one try, the user is leaving), saying in one line what came of
+    it."""
+    from selfcascade.client import ClientError
+
+    if job_id is None:
+        print("interrupted before the server answered with a job", file=sys.stderr)
+        return
     try:
-        _follow(client, job_id)
-    except KeyboardInterrupt:
         client.cancel(job_id)
-        print(f"interrupted: canceled {job_id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except ClientError as exc:
+        if exc.status == 409:  # it had ended: nothing left to cancel
+            print(f"interrupted: {job_id} had already ended", file=sys.stderr)
+        else:
+            print(f"interrupted: could not cancel {job_id}: {exc}", file=sys.stderr)
+        return
+    print(f"interrupted: canceled {job_id}", file=sys.stderr)
+
+
+def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -> int:
+    _follow(client, job_id)
     job = client.get(job_id)
     if job["status"] != "succeeded":
         error = job.get("error") or {}

@@ -43,7 +43,12 @@ from contract.webhook_queue import (
     signing_key,
 )
 from service.views import generation_view
-from service.webhook_targets import WebhookPolicy, WebhookTarget, WebhookTargetRefused
+from service.webhook_targets import (
+    WebhookPolicy,
+    WebhookTarget,
+    WebhookTargetRefused,
+    WebhookTargetUnresolved,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +151,10 @@ def webhook_client(timeout_s: float) -> httpx.Client:
     transport._pool = httpcore.ConnectionPool(
         ssl_context=ssl_context,
         max_connections=None,  # the sender's threads bound them
-        keepalive_expiry=5.0,
+        # No reuse: requests go to the checked IP, so the pool would key a kept connection by
+        # IP alone, and the next delivery to another name on that IP (a CDN, a shared ingress)
+        # would ride it without its own TLS handshake: no certificate check for its name.
+        max_keepalive_connections=0,
         network_backend=_DeadlineBackend(),
     )
     return httpx.Client(
@@ -193,6 +201,8 @@ class WebhookSender:
             delivery.body = view.model_dump_json()
         try:
             target = self.policy.resolve(delivery.url)
+        except WebhookTargetUnresolved as exc:
+            return self.retry_or_fail(delivery, str(exc))
         except WebhookTargetRefused as exc:
             return self._outcome(delivery, "refused", str(exc))
         timestamp = str(int(time.time()))
@@ -210,13 +220,14 @@ class WebhookSender:
             with _until(deadline):
                 response = self._post(target, headers, delivery.body)
         except httpx.TransportError as exc:  # timeouts, refused connections, TLS errors
-            return self._retry_or_fail(delivery, f"{type(exc).__name__}: {exc}")
+            return self.retry_or_fail(delivery, f"{type(exc).__name__}: {exc}")
         if 200 <= response.status_code < 300:
             return self._outcome(delivery, "delivered", str(response.status_code))
         if response.status_code in RETRYABLE or response.status_code >= 500:
             asked = response.headers.get("Retry-After", "")
-            wait_s = float(asked) if asked.isdigit() else 0.0
-            return self._retry_or_fail(delivery, f"HTTP {response.status_code}", wait_s)
+            # Seconds in ASCII digits only ("²" is a digit to isdigit(), not to float()).
+            wait_s = float(asked) if asked.isascii() and asked.isdigit() else 0.0
+            return self.retry_or_fail(delivery, f"HTTP {response.status_code}", wait_s)
         return self._outcome(delivery, "failed", f"HTTP {response.status_code} (not retried)")
 
     def _post(self, target: WebhookTarget, headers: dict[str, str], body: str) -> httpx.Response:
@@ -226,7 +237,8 @@ class WebhookSender:
         ip = f"[{target.address}]" if ":" in target.address else target.address
         pinned = urlunsplit((parts.scheme, f"{ip}:{target.port}", parts.path, parts.query, ""))
         default_port = 443 if target.scheme == "https" else 80
-        host = target.host if target.port == default_port else f"{target.host}:{target.port}"
+        name = f"[{target.host}]" if ":" in target.host else target.host  # an IPv6 literal
+        host = name if target.port == default_port else f"{name}:{target.port}"
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         with self.client.stream(
             "POST", pinned, content=body.encode(), headers={**headers, "Host": host},
@@ -235,9 +247,11 @@ class WebhookSender:
             _read_capped(response)
         return response
 
-    def _retry_or_fail(
+    def retry_or_fail(
         self, delivery: WebhookDelivery, reason: str, retry_after_s: float = 0.0
     ) -> Outcome:
+        """Count this attempt as failed: re-schedule the delivery, or give it up when it was
+        the last one (a dead letter)."""
         failures = delivery.attempt + 1
         if failures >= self.settings.webhook_max_attempts:
             return self._outcome(delivery, "failed", f"{reason}; no attempts left")

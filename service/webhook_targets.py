@@ -23,6 +23,11 @@ class WebhookTargetRefused(ValueError):
     """The URL is malformed, uses a refused scheme, or reaches a non-public address."""
 
 
+class WebhookTargetUnresolved(WebhookTargetRefused):
+    """The host name did not resolve: refused when a job is created, retried at delivery (a
+    resolver's hiccup or a receiver's DNS outage passes like any other)."""
+
+
 @dataclass(frozen=True)
 class WebhookTarget:
     url: str
@@ -49,6 +54,8 @@ class WebhookTarget:
 # every IPv4-only receiver is reached inside one of these /64s, so the IPv4 address it carries
 # is the machine.
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+# The deprecated IPv4-compatible form (RFC 4291): still routed to the IPv4 address by some stacks.
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -61,6 +68,8 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]  # (server, client): the client is the receiver
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # ::a.b.c.d, not :: or ::1
+        return ipaddress.IPv4Address(int(address))
     return None
 
 
@@ -98,8 +107,10 @@ class WebhookPolicy:
         port = explicit_port or (443 if parts.scheme == "https" else 80)
         try:
             infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise WebhookTargetRefused(f"cannot resolve {parts.hostname}") from exc
+        except UnicodeError as exc:  # not a valid international name: it never will be
+            raise WebhookTargetRefused(f"cannot resolve {parts.hostname}: {exc}") from exc
+        except socket.gaierror as exc:
+            raise WebhookTargetUnresolved(f"cannot resolve {parts.hostname}") from exc
         addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
         for address in addresses:
             if not self.permits(address):
@@ -109,8 +120,10 @@ class WebhookPolicy:
         return WebhookTarget(url, parts.scheme, parts.hostname, port, str(addresses[0]))
 
     def permits(self, address: IpAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        # An IPv6 address that carries an IPv4 one reaches that machine (through NAT64 on an
+        # IPv6-only cluster, a 6to4 or Teredo relay): it is judged as that IPv4 address.
+        if isinstance(address, ipaddress.IPv6Address):
+            address = _embedded_ipv4(address) or address
         if any(address in network for network in self.allowed_networks):
             return True
         # is_global is False for loopback, RFC 1918, link-local (169.254.169.254, the cloud

@@ -8,6 +8,7 @@ deadline (webhook_timeout_s), and its claim is made to outlive that deadline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
@@ -15,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from types import FrameType
+
+import redis.exceptions
 
 from contract.keys import RedisKeys
 from contract.log_format import configure_logging
@@ -89,9 +92,16 @@ class WebhookDispatcher:
         try:
             sender.deliver(claimed.delivery, deadline)
             finish_claim(self.redis, self.keys, claimed)
-        except Exception:
+        except redis.exceptions.RedisError:
             # Left in flight on purpose: the claim lapses and the entry is tried again.
+            log.exception("webhook for generation %s: Redis failed", claimed.delivery.job_id)
+        except Exception as exc:
+            # A bug met by this delivery: counted as a failed attempt, so it ends among the dead
+            # letters after the usual attempts instead of coming back every claim for ever.
             log.exception("webhook for generation %s crashed", claimed.delivery.job_id)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                sender.retry_or_fail(claimed.delivery, f"sender error: {type(exc).__name__}")
+                finish_claim(self.redis, self.keys, claimed)
         finally:
             self._free.release()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -261,3 +263,40 @@ def test_client_needs_no_torch() -> None:
         [sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def client_process(*argv: str) -> subprocess.Popen[str]:
+    """`selfcascade client ...` in its own process, its stdout unbuffered (read line by line)."""
+    program = "import sys; from selfcascade.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", program, "client", *argv], cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
+    )
+
+
+@pytest.mark.integration
+def test_ctrl_c_while_following_cancels_the_job_and_exits_130(stack: RunningStack) -> None:
+    slow = ["--steps", "150", "--method", "direct", "--width", "256", "--height", "256"]
+    process = client_process("generate", "--server", stack.url, "--prompt", "slow", *slow, "--wait")
+    assert process.stdout is not None
+    job_id = process.stdout.readline().split()[1]  # "generation <id> queued: ..."
+    api = stack.api.client()
+    wait_status(api, job_id, {"running"}, 60)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == f"interrupted: canceled {job_id}"
+    assert wait_status(api, job_id, {"canceled"}, 60)["status"] == "canceled"
+
+
+def test_ctrl_c_while_the_server_is_retried_exits_130_in_one_line() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    process = client_process("generate", "--server", dead, "--prompt", "x", "--retry-budget", "60")
+    time.sleep(2)  # inside the create's retries of a refused connection
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    *retries, last = err.strip().splitlines()
+    assert all("retrying in" in line for line in retries)  # the retry warnings, no traceback
+    assert last == "interrupted before the server answered with a job"

@@ -200,3 +200,19 @@ def test_origins_compare_scheme_host_and_port() -> None:
     assert not same_origin(httpx.URL("http://api.test/x"), httpx.URL("https://api.test/x"))
     assert not same_origin(httpx.URL("https://api.test/"), httpx.URL("https://api.test:8443/"))
     assert not same_origin(httpx.URL("https://api.test/"), httpx.URL("https://s3.test/"))
+
+
+def test_a_retry_after_that_is_not_seconds_is_ignored_not_a_traceback() -> None:
+    """A proxy in front of the API may send anything: "²" is a digit to str.isdigit()."""
+
+    async def busy(request: Request) -> Response:
+        return Response(status_code=503, headers={"Retry-After": "\xb2"})
+
+    app = Starlette(routes=[Route("/v1/generations", busy, methods=["POST"])])
+    port = free_port()
+    with (
+        ApiServer(app, port),
+        ServiceClient(f"http://127.0.0.1:{port}", retry_budget_s=1) as client,
+        pytest.raises(ClientError, match=r"^503"),
+    ):
+        client.create(BODY)

@@ -159,6 +159,11 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
         "https://localhost/hook",
         "https://[::1]/hook",
         "https://[::ffff:10.0.0.1]/hook",
+        # IPv6 addresses that carry a private or metadata IPv4 one: NAT64, 6to4, IPv4-compatible
+        "https://[64:ff9b::a9fe:a9fe]/latest/meta-data",
+        "https://[64:ff9b:1::a00:5]/hook",
+        "https://[2002:a00:5::1]/hook",
+        "https://[::7f00:1]/hook",
         "ftp://example.com/hook",
     ],
 )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -318,3 +319,112 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def answer_503_retry_after_superscript(conn: socket.socket) -> None:
+    # Latin-1 0xB2 ("2" superscript): a digit to str.isdigit(), not to float().
+    conn.sendall(b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_a_retry_after_that_is_not_seconds_is_ignored_not_a_crash(
+    redis_client: Redis, redis_url: str, key_prefix: str
+) -> None:
+    config = settings(redis_url, key_prefix)
+    with raw_server(answer_503_retry_after_superscript) as server, closing(
+        WebhookSender(config, redis_client)
+    ) as sender:
+        assert sender.deliver(delivery(server.url)) == "retried"
+    [retry] = claim_due(redis_client, RedisKeys(key_prefix), time.time() + 5, 10, 30)
+    assert retry.delivery.attempt == 1
+
+
+def test_a_name_that_does_not_resolve_at_delivery_is_retried_not_given_up(
+    redis_client: Redis, redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolve = socket.getaddrinfo
+
+    def resolver_down_for_hooks(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.com":  # no DNS server here to take down: its answer, faked
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver_down_for_hooks)
+    keys = RedisKeys(key_prefix)
+    with closing(WebhookSender(settings(redis_url, key_prefix), redis_client)) as sender:
+        assert sender.deliver(delivery("https://hooks.example.com/hook")) == "retried"
+    assert read_dead(redis_client, keys) == []
+    [retry] = claim_due(redis_client, keys, time.time() + 5, 10, 30)
+    assert retry.delivery.attempt == 1
+
+
+def test_each_delivery_opens_its_own_connection(
+    redis_client: Redis, redis_url: str, key_prefix: str
+) -> None:
+    """Requests go to the checked IP: a kept connection would carry the next delivery to any
+    other name on that IP without its own TLS handshake (no certificate check for that name)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        while len(accepted) < 2:
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            while conn.recv(65536).count(b"\r\n\r\n") == 0:
+                pass
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: keep-alive\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    config = settings(redis_url, key_prefix)
+    with closing(listener), closing(WebhookSender(config, redis_client)) as sender:
+        assert sender.deliver(delivery(url)) == "delivered"
+        assert sender.deliver(delivery(url)) == "delivered"
+        wait_until(lambda: len(accepted) == 2, 5, "a second connection")
+    for conn in accepted:
+        conn.close()
+
+
+def test_an_ipv6_literal_receiver_gets_a_bracketed_host_header(
+    redis_client: Redis, redis_url: str, key_prefix: str
+) -> None:
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            seen.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    config = settings(redis_url, key_prefix, webhook_allowed_networks="::1/128")
+    with closing(listener), closing(WebhookSender(config, redis_client)) as sender:
+        assert sender.deliver(delivery(f"http://[::1]:{port}/hook")) == "delivered"
+    assert f"Host: [::1]:{port}\r\n".encode() in seen[0]
+
+
+def test_a_delivery_that_crashes_the_sender_counts_as_an_attempt(
+    redis_client: Redis, redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met by one delivery must not bring it back on every claim for ever."""
+
+    def broken(self: WebhookSender, *args: object) -> None:
+        raise RuntimeError("a bug in the sender")
+
+    monkeypatch.setattr(WebhookSender, "deliver", broken)
+    keys = RedisKeys(key_prefix)
+    config = settings(redis_url, key_prefix, webhook_max_attempts=1)
+    schedule(redis_client, keys, delivery("http://127.0.0.1:9/hook"), time.time() - 1)
+    dispatcher = WebhookDispatcher(config, threads=1)
+    dispatcher.start_thread()
+    try:
+        wait_until(lambda: bool(read_dead(redis_client, keys)), 10, "the dead letter")
+    finally:
+        dispatcher.stop.set()
+    [dead] = read_dead(redis_client, keys)
+    assert (dead.attempts, dead.error) == (1, "sender error: RuntimeError; no attempts left")
+    assert claim_due(redis_client, keys, time.time() + 3600, 10, 30) == []
