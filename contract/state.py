@@ -151,7 +151,7 @@ def decode_events(reply: object) -> list[tuple[str, JobEvent]]:
     for _stream, entries in reply or []:  # type: ignore[attr-defined]
         for entry_id, data in entries:
             payload = data.get(b"event") or data.get("event")
-            out.append((_text(entry_id), JobEvent.model_validate_json(payload)))
+            out.append((as_text(entry_id), JobEvent.model_validate_json(payload)))
     return out
 
 
@@ -174,7 +174,7 @@ def decode_record(job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobRec
     """
     if not raw:
         return None
-    return _decode(job_id, {_text(k): _text(v) for k, v in raw.items()})
+    return _decode(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
 
 
 def _decode(job_id: str, f: dict[str, str]) -> JobRecord:
@@ -198,5 +198,5 @@ def _decode(job_id: str, f: dict[str, str]) -> JobRecord:
     )
 
 
-def _text(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -57,6 +57,20 @@ class Admission:
         self._bucket = services.redis.register_script(_TOKEN_BUCKET)
         self._active = services.redis.register_script(_ACTIVE_JOBS)
 
+    def refuse_what_never_fits(self, count: int) -> None:
+        """422 for `count` jobs at once that no wait makes room for (a 429's Retry-After would
+        have the client retry for ever): more than a queue holds or a key may have active."""
+        settings = self.services.settings
+        limits = [("a model's queue holds", settings.max_queue_length)]
+        if settings.max_active_jobs_per_key > 0:
+            limits.append(("this key may have active", settings.max_active_jobs_per_key))
+        for what, limit in limits:
+            if count > limit:
+                raise ApiError(
+                    422, ErrorCode.INVALID_REQUEST,
+                    f"n: {count} images at once are more than {what} ({limit})", "n",
+                )
+
     def check_queue_depth(self, model: str, adding: int = 1) -> None:
         """429 when `model`'s queues have no room for `adding` more jobs. Per model: a model
         whose workers are gone (or not started yet) fills only its own queue, never others'."""
@@ -89,12 +103,6 @@ class Admission:
         limit = self.services.settings.max_active_jobs_per_key
         if limit <= 0:
             return
-        if len(job_ids) > limit:  # never fits, however long the client waits: not a 429
-            raise ApiError(
-                422, ErrorCode.INVALID_REQUEST,
-                f"n: {len(job_ids)} images at once exceed this key's {limit} active generations",
-                "n",
-            )
         keys = self.services.keys
         ok = self._active(
             keys=[keys.active_jobs(bucket)],

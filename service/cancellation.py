@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 
+from redis.exceptions import WatchError
 from rq.job import Job
 
 from contract import histograms
 from contract.jobs import ErrorInfo, EventType, JobEvent, JobRecord, JobStatus
-from contract.webhook_queue import wants_webhook, webhook_delivery
+from contract.state import decode_record
+from contract.webhook_queue import schedule, wants_webhook, webhook_delivery
 from service.services import ApiServices
 
 # The statuses a queued job can be ended with here, and the event each one records.
@@ -23,17 +25,6 @@ _ENDINGS: dict[JobStatus, EventType] = {JobStatus.CANCELED: "canceled", JobStatu
 # A job ended here from `queued` carries this field until its follow-ups (its RQ entry dropped,
 # the finished count, the `completed` webhook) are done: set with the status, cleared with them.
 _TIDY_PENDING = "tidy_pending"
-# KEYS: job hash, queue list, RQ job hash, finished counts (contract.histograms), webhooks
-# (contract.webhook_queue.schedule). ARGV: pending field, job id, status, delivery JSON ('' for
-# none), its due time. Once only: whoever clears the field does the rest, in the same step.
-_TIDY = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('LREM', KEYS[2], 0, ARGV[2])
-redis.call('DEL', KEYS[3])
-redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4]) end
-return 1
-"""
 
 
 def cancel(services: ApiServices, record: JobRecord) -> bool:
@@ -66,18 +57,27 @@ def end_queued(
 
 def _tidy(services: ApiServices, record: JobRecord) -> None:
     """The follow-ups of a queued job ended here, if still pending: drop its RQ entry, count
-    it, queue its `completed` webhook with the job as it ended."""
+    it, queue its `completed` webhook with the job as it ended. One transaction, once only: it
+    clears the pending field, and runs only if the job's hash did not change since it looked."""
     job_key = services.keys.job(record.id)
-    if not services.redis.hexists(job_key, _TIDY_PENDING):
-        return  # done already, or ended by a worker (which does its own)
-    snapshot = services.store.get(record.id) or record
-    delivery = ""
-    if wants_webhook(snapshot, "completed"):
-        delivery = webhook_delivery(snapshot, "completed", snapshot).model_dump_json()
     queue = services.queue_for(record.params.model, record.origin.priority)
-    keys = [
-        job_key, queue.key, Job.key_for(record.id),
-        services.keys.histogram(histograms.JOBS_FINISHED), services.keys.webhooks(),
-    ]
-    args = [_TIDY_PENDING, record.id, snapshot.status.value, delivery, time.time()]
-    services.redis.register_script(_TIDY)(keys=keys, args=args)
+    with services.redis.pipeline() as pipe:
+        for _ in range(3):
+            try:
+                pipe.watch(job_key)
+                if not pipe.hexists(job_key, _TIDY_PENDING):
+                    return  # done already, or ended by a worker (which does its own)
+                raw = pipe.hgetall(job_key)
+                snapshot = decode_record(record.id, raw) or record  # type: ignore[arg-type]
+                pipe.multi()
+                pipe.hdel(job_key, _TIDY_PENDING)
+                queue.remove(record.id, pipeline=pipe)
+                pipe.delete(Job.key_for(record.id))
+                histograms.count_finished(pipe, services.keys, snapshot.status.value)
+                if wants_webhook(snapshot, "completed"):
+                    delivery = webhook_delivery(snapshot, "completed", snapshot)
+                    schedule(pipe, services.keys, delivery, time.time())
+                pipe.execute()
+                return
+            except WatchError:
+                continue  # another caller tidied it meanwhile (the next look says so)

@@ -8,6 +8,7 @@ scoped to the API key, so two callers can never collide on (or probe) each other
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 from contract.jobs import ErrorCode, JobRecord
@@ -41,7 +42,7 @@ class IdempotencyClaim:
         self, services: ApiServices, bucket: str, key: str, body: GenerationCreate
     ) -> None:
         self.services = services
-        self.fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+        self.fingerprint = fingerprint(body)
         scoped = hashlib.sha256(f"{bucket}\n{key}".encode()).hexdigest()
         self.redis_key = services.keys.idempotency(scoped)
         # Never longer than the job record lives (result_ttl_s after the job ends, so at least
@@ -84,6 +85,16 @@ class IdempotencyClaim:
 
     def release(self) -> None:
         self.services.redis.eval(_RELEASE, 1, self.redis_key, self.value)
+
+
+def fingerprint(body: GenerationCreate) -> str:
+    """What makes two bodies the same request. A body without metadata hashes as it did before
+    the field existed (a retry across that upgrade is still a replay, not a 409); metadata
+    adds its pairs in key order, so neither their order nor an empty object counts."""
+    canonical = body.model_dump_json(exclude={"metadata"})
+    if body.metadata:
+        canonical += "\n" + json.dumps(body.metadata, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _parse(stored: str) -> tuple[str, str, float]:

@@ -61,6 +61,7 @@ def submit(
 ) -> list[JobRecord]:
     """Create and enqueue one job per params entry; 429 (nothing created) when refused."""
     ids = job_ids or [uuid.uuid4().hex for _ in params]
+    admission.refuse_what_never_fits(len(params))  # before any tokens are taken for it
     for model, count in Counter(p.model for p in params).items():
         admission.check_queue_depth(model, adding=count)
     admission.take_rate_tokens(caller.bucket, cost=len(params))
@@ -82,7 +83,9 @@ def submit(
             transaction.execute()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         # The connection broke around EXEC: Redis may have run the transaction all the same.
-        committed = _committed(services, ids[0])
+        # After a timeout it may yet run it (still queued on a busy server): not asked then.
+        timed_out = isinstance(exc, redis.exceptions.TimeoutError)
+        committed = None if timed_out else _committed(services, ids[0])
         if committed:
             return records
         if committed is None:

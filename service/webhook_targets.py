@@ -53,15 +53,19 @@ class WebhookTarget:
 # NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): on an IPv6-only cluster with DNS64
 # every IPv4-only receiver is reached inside one of these /64s, so the IPv4 address it carries
 # is the machine.
-_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_LOCAL_USE_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), _LOCAL_USE_NAT64)
 # The deprecated IPv4-compatible form (RFC 4291): still routed to the IPv4 address by some stacks.
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 machine behind an IPv4-mapped, NAT64, 6to4 or Teredo IPv6 address."""
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
+    if address in _IPV4_TRANSLATED:  # SIIT (RFC 6145): ::ffff:0:a.b.c.d
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if any(address in network for network in _NAT64):
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if address.sixtofour is not None:
@@ -121,11 +125,14 @@ class WebhookPolicy:
 
     def permits(self, address: IpAddress) -> bool:
         # An IPv6 address that carries an IPv4 one reaches that machine (through NAT64 on an
-        # IPv6-only cluster, a 6to4 or Teredo relay): it is judged as that IPv4 address.
-        if isinstance(address, ipaddress.IPv6Address):
-            address = _embedded_ipv4(address) or address
-        if any(address in network for network in self.allowed_networks):
+        # IPv6-only cluster, a 6to4 or Teredo relay): it is judged as that IPv4 address. The
+        # allow-list may name either form (an operator may allow a NAT64 prefix as such).
+        embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+        if any(a in n for a in (address, embedded) if a for n in self.allowed_networks):
             return True
+        if address in _LOCAL_USE_NAT64:
+            return False  # a site's own translation, with layouts that hide the IPv4 anywhere
+        address = embedded or address
         # is_global is False for loopback, RFC 1918, link-local (169.254.169.254, the cloud
         # metadata address), CGNAT, unique-local IPv6 and the reserved ranges.
         return address.is_global and not address.is_multicast

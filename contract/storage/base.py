@@ -41,6 +41,9 @@ def object_key(job_id: str, index: int, fmt: str) -> str:
 class ResultStorage(ABC):
     """Write-once result objects with metadata, readable by key, expiring after a TTL."""
 
+    # Whether presigned_url gives links that need no API key (else downloads go through the API).
+    presigns: bool = False
+
     @abstractmethod
     def put(
         self, key: str, data: bytes, content_type: str, metadata: dict[str, str]

@@ -16,6 +16,8 @@ CHUNK = 256 * 1024
 
 
 class S3ResultStorage(ResultStorage):
+    presigns = True
+
     def __init__(
         self,
         *,

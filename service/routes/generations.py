@@ -6,9 +6,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import redis.exceptions
@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
-from contract.state import decode_events, decode_record
+from contract.state import as_text, decode_events, decode_record
 from contract.storage.base import CONTENT_TYPES
 from service.auth import Caller, Principal
 from service.cancellation import cancel
@@ -40,6 +40,8 @@ _STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
 _DECIMAL = re.compile(r"[0-9]{1,10}")
 MAX_PREFER_WAIT_S = 60
 REDIS_RETRY_S = 0.5  # a wait's pause before it asks a Redis that just failed again
+REDIS_RETRY_WITHIN_S = 10.0
+T = TypeVar("T")
 
 
 @router.post("", status_code=202, response_model=GenerationView)
@@ -157,7 +159,7 @@ async def generation_events(
     caller: Caller,
     request: Request,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     """Server-sent events: every status change and progress step, ending at a terminal one."""
     caller.require("read")
     resume_after = _resume_after(last_event_id)
@@ -165,6 +167,12 @@ async def generation_events(
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
     stream_key = services.keys.events(job_id)
     keepalive_ms = int(services.settings.sse_keepalive_s * 1000)
+    if resume_after != "0" and await _ended(services, job_id):
+        left = await services.async_redis.xread({stream_key: resume_after}, count=1)
+        if not left:
+            # Resumed after the last event: 204 is what tells an EventSource to stop
+            # reconnecting (an empty 200 would have it come back every few seconds).
+            return Response(status_code=204)
 
     async def read(after: str, block_ms: int | None) -> Any:
         return await services.async_redis.xread({stream_key: after}, block=block_ms, count=100)
@@ -335,6 +343,19 @@ async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float)
     return False
 
 
+async def redis_retried(call: Callable[[], T], within_s: float = REDIS_RETRY_WITHIN_S) -> T:
+    """`call` (blocking, so in the thread pool), asked again while Redis is briefly away: for
+    what a request still owes a job it made (its cancel, its final read), up to `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await run_in_threadpool(call)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            await anyio.sleep(REDIS_RETRY_S)
+
+
 def _load(services: Services, job_id: str, caller: Principal) -> JobRecord:
     caller.require("read")
     record = services.store.get(job_id) if _JOB_ID.match(job_id) else None
@@ -354,11 +375,7 @@ def _visible(record: JobRecord | None, caller: Principal) -> JobRecord | None:
 async def _ended(services: Services, job_id: str) -> bool:
     """Whether the job has ended (or its record expired): its stream will grow no more."""
     status = await services.async_redis.hget(services.keys.job(job_id), "status")
-    return status is None or JobStatus(_text(status)).is_terminal
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return status is None or JobStatus(as_text(status)).is_terminal
 
 
 async def _owned_events(services: Services, job_id: str, caller: Principal) -> bool:

@@ -35,7 +35,7 @@ from service.auth import Caller
 from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
-from service.routes.generations import wait_for_terminal, wait_slot
+from service.routes.generations import redis_retried, wait_for_terminal, wait_slot
 from service.schemas import Count, GenerationCreate, Prompt
 from service.services import ApiServices
 from service.submission import origin_for, submit
@@ -86,7 +86,8 @@ async def create_images(
 ) -> OpenAIImagesResponse:
     # Async: the wait holds a wait slot and the asyncio Redis client, never a worker thread.
     caller.require("generate")
-    if body.response_format == "url":  # refused before any job exists, not at the download
+    if body.response_format == "url" and not services.storage.presigns:
+        # Links to this API need `read`: refused before any job exists, not at the download.
         caller.require("read", "response_format url hands back download links; b64_json does not")
     params = _generation_params(body, services)
     async with wait_slot(request) as granted:
@@ -170,12 +171,14 @@ async def _wait_all(
     deadline = time.monotonic() + timeout_s
     for job_id in job_ids:
         if not await wait_for_terminal(services, job_id, deadline):
-            await run_in_threadpool(_cancel_all, services, job_ids)
+            # Through a Redis blip too: jobs left queued would run for a client that has gone
+            # (and OpenAI's client retries an error into more of them).
+            await redis_retried(lambda: _cancel_all(services, job_ids))
             raise ApiError(
                 504, ErrorCode.TIMEOUT,
                 f"the images were not ready within {timeout_s:g}s; the jobs were canceled",
             )
-    return await run_in_threadpool(_final_records, services, job_ids)
+    return await redis_retried(lambda: _final_records(services, job_ids))
 
 
 def _cancel_all(services: ApiServices, job_ids: list[str]) -> None:

@@ -58,7 +58,7 @@ def autoscaling_demand(
     waiting in, or running from, every queue a worker holding `model` (repeatable; default
     every model in the models file) listens to."""
     known = [m.name for m in services.models]
-    models = model or known
+    models = list(dict.fromkeys(model or known))  # a name given twice counts once
     unknown = [name for name in models if name not in known]
     if unknown:
         return error_response(

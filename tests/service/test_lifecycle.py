@@ -294,6 +294,7 @@ def test_autoscaling_demand_counts_running_and_waiting_jobs_of_every_priority(
     expected = {"models": ["tiny"], "waiting": 1, "running": 1, "in_flight": 2}
     assert demand().json() == expected  # default: every model in the models file
     assert demand(model="tiny").json() == expected
+    assert demand(model=["tiny", "tiny"]).json() == expected
 
     unknown = demand(model=["tiny", "sdxl"])
     assert unknown.status_code == 422

@@ -140,6 +140,7 @@ def test_a_stream_resumed_after_its_last_event_ends_at_once(
         events = f"/v1/generations/{job_id}/events"
         whole = client.get(events).text
         last_id = [line[4:] for line in whole.splitlines() if line.startswith("id: ")][-1]
-        # An EventSource reconnects when a stream ends: resumed past the end, nothing is left.
+        # An EventSource reconnects when a stream ends: resumed past the end, nothing is left,
+        # and 204 is what tells it to stop.
         resumed = client.get(events, headers={"Last-Event-ID": last_id}, timeout=5)
-    assert resumed.status_code == 200 and resumed.text == ""
+    assert resumed.status_code == 204 and resumed.text == ""

@@ -4,6 +4,7 @@ against a real uvicorn and a real Redis. No worker runs here: jobs stay queued o
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import threading
 import time
@@ -21,7 +22,9 @@ from contract.keys import RedisKeys
 from contract.queueing import generation_queue, generation_queues
 from contract.state import JobStore
 from service.app import create_app
-from service.webhook_targets import WebhookTarget
+from service.idempotency import fingerprint
+from service.schemas import GenerationCreate
+from service.webhook_targets import WebhookPolicy, WebhookTarget
 from tests.conftest import free_port
 from tests.live_stack import ApiServer, wait_for, write_models_file
 from tests.service.conftest import SettingsFactory
@@ -148,6 +151,31 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
             assert assert_error(tagged, 409, "conflict")["param"] == "Idempotency-Key"
 
 
+def test_a_body_without_metadata_keeps_the_idempotency_fingerprint_it_had_before_metadata() -> None:
+    """A retry that spans the upgrade which added `metadata` is still a replay, not a 409: the
+    hash below is what releases before that field computed for this body."""
+    body = GenerationCreate(prompt="a fox", width=128, height=128, steps=4, seed=3)
+    before = "781415687868c66b901cb0c2b1a13b5c9cf3d2738dd74207e14d43afc5e4e01f"
+    assert fingerprint(body) == before
+    assert fingerprint(body.model_copy(update={"metadata": {}})) == before
+
+
+def test_metadata_in_another_order_is_the_same_request(settings_for: SettingsFactory) -> None:
+    headers = {"Idempotency-Key": "order-99"}
+    with api(settings_for) as client:
+        first = client.post(
+            "/v1/generations", json={**BODY, "metadata": {"a": "1", "b": "2"}}, headers=headers
+        )
+        again = client.post(
+            "/v1/generations", json={**BODY, "metadata": {"b": "2", "a": "1"}}, headers=headers
+        )
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+        other = {"Idempotency-Key": "order-98"}
+        bare = client.post("/v1/generations", json=BODY, headers=other)
+        empty = client.post("/v1/generations", json={**BODY, "metadata": {}}, headers=other)
+        assert empty.json()["id"] == bare.json()["id"]
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -164,6 +192,8 @@ def test_twenty_concurrent_duplicates_create_exactly_one_job(
         "https://[64:ff9b:1::a00:5]/hook",
         "https://[2002:a00:5::1]/hook",
         "https://[::7f00:1]/hook",
+        "https://[::ffff:0:a00:5]/hook",  # SIIT's IPv4-translated form
+        "https://[64:ff9b:1::808:808]/hook",  # local-use NAT64: layouts hide the IPv4 anywhere
         "ftp://example.com/hook",
     ],
 )
@@ -240,6 +270,14 @@ def test_a_webhook_is_limited_per_machine_not_per_name(
 def test_the_receiver_of_a_webhook_target_is_its_machine(address: str, receiver: str) -> None:
     target = WebhookTarget("https://x.test/", "https", "x.test", 443, address)
     assert target.receiver == receiver
+
+
+def test_an_allow_list_may_name_either_form_of_a_translated_address() -> None:
+    nat64_allowed = WebhookPolicy([ipaddress.ip_network("64:ff9b::/96")], allow_http=False)
+    assert nat64_allowed.permits(ipaddress.ip_address("64:ff9b::a00:5"))  # 10.0.0.5, via NAT64
+    ipv4_allowed = WebhookPolicy([ipaddress.ip_network("10.0.0.0/8")], allow_http=False)
+    assert ipv4_allowed.permits(ipaddress.ip_address("64:ff9b::a00:5"))
+    assert not WebhookPolicy([], allow_http=False).permits(ipaddress.ip_address("64:ff9b::a00:5"))
 
 
 def test_request_id_and_traceparent_are_echoed_and_stored(
@@ -361,13 +399,19 @@ def test_an_openai_request_for_more_images_than_fit_is_refused_whole(
 def test_more_images_than_a_key_may_ever_have_active_is_a_400_not_a_429(
     settings_for: SettingsFactory, redis_client: Redis
 ) -> None:
-    settings = settings_for(max_active_jobs_per_key=2)
+    settings = settings_for(
+        max_active_jobs_per_key=2, max_queue_length=4, rate_limit_per_minute=1, rate_limit_burst=4
+    )
     with ApiServer(create_app(settings), free_port()) as server, server.client() as client:
-        answer = client.post("/v1/images/generations", json={"prompt": "x", "n": 3})
-        # No wait makes room for it, so no Retry-After to loop on.
-        assert answer.status_code == 400, answer.text
-        assert answer.json()["error"]["param"] == "n"
-    assert job_ids(redis_client, settings.redis_prefix) == []
+        for n in (3, 5):  # more than the key may have active; more than the queue holds
+            answer = client.post("/v1/images/generations", json={"prompt": "x", "n": n})
+            # No wait makes room for it, so no Retry-After to loop on.
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["param"] == "n"
+        # And they cost no rate-limit tokens (one a minute, a burst of 4): two more jobs pass.
+        for _ in range(2):
+            assert client.post("/v1/generations", json=BODY).status_code == 202
+    assert len(job_ids(redis_client, settings.redis_prefix)) == 2
 
 
 def test_keys_file_holds_digests_and_scopes(settings_for: SettingsFactory, tmp_path: Path) -> None:

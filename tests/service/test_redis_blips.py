@@ -120,3 +120,16 @@ def test_a_cancel_whose_reply_was_lost_is_finished_by_its_retry(
     assert not redis_client.exists(Job.key_for(job_id))
     assert redis_client.zcard(keys.webhooks()) == 1
     assert histograms.read_counts(redis_client, keys, histograms.JOBS_FINISHED) == {"canceled": 1}
+
+
+def test_the_openai_deadline_cancels_its_jobs_even_while_redis_is_away(
+    proxy: FlakyRedisProxy, settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for(redis_url=proxy.url, openai_wait_s=2)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        blip(proxy, 0.5, 4.0)  # still away at the deadline, back 2.5 s later
+        answer = client.post("/v1/images/generations", json={"prompt": "x", "n": 2}, timeout=30)
+    assert answer.status_code == 504, answer.text
+    made = job_ids(redis_client, settings)
+    statuses = {redis_client.hget(f"{settings.redis_prefix}:job:{j}", "status") for j in made}
+    assert len(made) == 2 and statuses == {b"canceled"}

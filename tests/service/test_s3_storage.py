@@ -111,3 +111,22 @@ def test_s3_expiry_deletes_old_results(s3_endpoint: str) -> None:
     assert storage.delete_older_than(time.time() + 5) == 1
     with pytest.raises(FileNotFoundError):
         list(storage.open("a" * 32 + "/0.png"))
+
+
+def test_a_generate_only_key_may_ask_openai_for_urls_when_storage_presigns_them(
+    s3_endpoint: str, redis_url: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Presigned links need no API key, so no `read` scope: only this API's own links do."""
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text('[{"id": "gen", "token": "gen-token-0123456789", "scopes": ["generate"]}]')
+    settings = make_settings(
+        redis_url, f"t{uuid.uuid4().hex[:10]}", tmp_path, tiny_model_dir,
+        storage_backend="s3", s3_endpoint_url=s3_endpoint, s3_bucket=make_bucket(s3_endpoint),
+        s3_access_key_id="testing", s3_secret_access_key="testing",
+        auth_mode="keys", api_keys_file=keys_file, openai_wait_s=0.5,
+    )
+    headers = {"Authorization": "Bearer gen-token-0123456789"}
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        answer = client.post("/v1/images/generations", json={"prompt": "x"}, headers=headers)
+    # Accepted and queued (no worker runs here, so the wait ends in its timeout), not a 403.
+    assert answer.status_code == 504, answer.text
