@@ -7,6 +7,7 @@ This keeps Prometheus scraping a single endpoint (the API) without a push gatewa
 from __future__ import annotations
 
 from redis import Redis
+from redis.client import Pipeline
 
 from contract.keys import RedisKeys
 
@@ -18,12 +19,16 @@ BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 
 
 
 def observe(redis: Redis, keys: RedisKeys, name: str, value: float) -> None:
-    fields = [f"le_{b:g}" for b in BUCKETS if value <= b] + ["le_+Inf", "count"]
     with redis.pipeline() as pipe:
-        for field in fields:
-            pipe.hincrby(keys.histogram(name), field, 1)
-        pipe.hincrbyfloat(keys.histogram(name), "sum", value)
+        add_observation(pipe, keys, name, value)
         pipe.execute()
+
+
+def add_observation(pipe: Pipeline, keys: RedisKeys, name: str, value: float) -> None:
+    """Queue `value`'s increments on `pipe` (part of a larger transaction, or observe's own)."""
+    for field in [f"le_{b:g}" for b in BUCKETS if value <= b] + ["le_+Inf", "count"]:
+        pipe.hincrby(keys.histogram(name), field, 1)
+    pipe.hincrbyfloat(keys.histogram(name), "sum", value)
 
 
 def count_finished(redis: Redis, keys: RedisKeys, status: str) -> None:

@@ -58,6 +58,11 @@ class RedisKeys:
         """Sorted set: claimed deliveries, scored by when their claim lapses (sender died)."""
         return f"{self.prefix}:webhooks:inflight"
 
+    def queued_index(self) -> str:
+        """Sorted set: ids of jobs created or requeued, scored by when; the reaper makes sure
+        each one still `queued` is in its queue (worker.lost_jobs) and drops the others."""
+        return f"{self.prefix}:queued"
+
     def reaper_lock(self) -> str:
         return f"{self.prefix}:lock:reaper"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.client import Pipeline
@@ -30,7 +31,8 @@ from contract.keys import RedisKeys
 EVENTS_MAXLEN = 2000
 
 # KEYS: job hash, events stream. ARGV: allowed statuses (comma list), new status, event JSON
-# ('' for none), expiry seconds for both keys ('0' keeps them), then field/value pairs.
+# ('' for none), expiry seconds for both keys ('0' keeps them), the attempt that must hold the
+# job (worker and attempt number; '' for any), then field/value pairs.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
@@ -39,7 +41,11 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then allowed = true end
 end
 if not allowed then return 0 end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] ~= '' and (redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5]
+                      or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[6]) then
+  return 0
+end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 if ARGV[3] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_MAXLEN, '*', 'event', ARGV[3])
@@ -52,6 +58,16 @@ end
 return 1
 """.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN))
 
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One worker's run of a job, as its record names it (`worker`, `attempts`). A worker cut
+    off from Redis longer than its lease may find its job run again by another: its writes name
+    its attempt and are refused once the record names a later one."""
+
+    worker: str
+    number: int
 
 
 class JobStore:
@@ -98,6 +114,7 @@ class JobStore:
             },
         )
         pipe.xadd(self.keys.events(record.id), {"event": event.model_dump_json()})
+        pipe.zadd(self.keys.queued_index(), {record.id: record.created_at})
 
     def get(self, job_id: str) -> JobRecord | None:
         raw: Mapping[bytes | str, bytes | str] = self.redis.hgetall(self.keys.job(job_id))  # type: ignore[assignment]
@@ -110,25 +127,43 @@ class JobStore:
         new: JobStatus,
         event: JobEvent | None,
         fields: Mapping[str, object] | None = None,
+        attempt: Attempt | None = None,
     ) -> bool:
-        """Set `new` (and fields) only if the current status is in `allowed`; True if it did."""
+        """Set `new` (and fields) only if the current status is in `allowed` (and, given
+        `attempt`, the record still names it); True if it did."""
         args: list[str] = [
             ",".join(s.value for s in allowed),
             new.value,
             event.model_dump_json() if event else "",
             str(self.result_ttl_s if new.is_terminal else 0),
+            attempt.worker if attempt else "",
+            str(attempt.number) if attempt else "",
         ]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
         done = self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args)
         return bool(done)
 
-    def report_progress(self, job_id: str, progress: ProgressRecord) -> bool:
+    def report_progress(
+        self, job_id: str, progress: ProgressRecord, attempt: Attempt | None = None
+    ) -> bool:
         event = JobEvent(
             type="progress", status=JobStatus.RUNNING, at=time.time(), progress=progress
         )
         return self.transition(
-            job_id, [JobStatus.RUNNING], JobStatus.RUNNING, event, {"progress": progress}
+            job_id, [JobStatus.RUNNING], JobStatus.RUNNING, event, {"progress": progress},
+            attempt,
+        )
+
+    def holds(self, job_id: str, attempt: Attempt) -> bool:
+        """Whether the job is still `running` as `attempt`."""
+        status, worker, number = self.redis.hmget(
+            self.keys.job(job_id), ["status", "worker", "attempts"]
+        )
+        return (
+            status is not None and as_text(status) == JobStatus.RUNNING.value
+            and worker is not None and as_text(worker) == attempt.worker
+            and number is not None and as_text(number) == str(attempt.number)
         )
 
     def request_cancel(self, job_id: str) -> None:

@@ -15,10 +15,9 @@ from typing import Any
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
-from contract import histograms
+from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
 from contract.state import JobStore
-from contract.webhook_queue import enqueue_webhook
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,8 @@ def make_exception_handler(store: JobStore) -> Any:
     def on_job_exception(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
         record = store.get(job.id)
         if record is None or record.status.is_terminal:
+            if record is not None:
+                pay_what_is_owed(store, job.id)  # its ending landed, its reply was lost
             return True
         now = time.time()
         live = [JobStatus.QUEUED, JobStatus.RUNNING]
@@ -36,6 +37,7 @@ def make_exception_handler(store: JobStore) -> Any:
                 type="requeued", status=JobStatus.QUEUED, at=now, data={"worker": record.worker}
             )
             store.transition(job.id, live, JobStatus.QUEUED, event, {"progress": ""})
+            store.redis.zadd(store.keys.queued_index(), {job.id: now})  # worker.lost_jobs
             return True
         if exc_type is AbandonedJobError:
             error = ErrorInfo(
@@ -45,11 +47,7 @@ def make_exception_handler(store: JobStore) -> Any:
             error = ErrorInfo(code=ErrorCode.INTERNAL, message=f"{exc_type.__name__}: {exc_value}")
         event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
         fields = {"finished_at": now, "error": error}
-        if store.transition(job.id, live, JobStatus.FAILED, event, fields):
-            histograms.count_finished(store.redis, store.keys, JobStatus.FAILED.value)
-            latency = now - record.created_at
-            histograms.observe(store.redis, store.keys, histograms.E2E_LATENCY, latency)
-            enqueue_webhook(store.redis, store.keys, record, "completed")
+        end_job(store, job.id, live, JobStatus.FAILED, event, fields, Owed.RAN)
         return True
 
     return on_job_exception

@@ -1,8 +1,10 @@
 """The RQ job function: one generation, from queued to a terminal status.
 
 Every outcome is written to the job hash here, so the function returns normally for failures
-too; an exception escaping it would be a bug (RQ records it, and the record is marked failed).
-The only things that make RQ retry the job are a worker dying mid-job (see worker.abandoned).
+too. What escapes it is a bug, or a Redis that stays away through the final write's retries
+(RQ records it; worker.abandoned marks the record failed, or pays what a landed ending owes).
+Writes the job does not depend on (webhooks, histograms) never fail it. The only things that
+make RQ retry the job are a worker dying mid-job (see worker.abandoned).
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.timeouts import JobTimeoutException
 
 from contract import histograms
+from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.exit_codes import EXIT_ACCELERATOR_BROKEN
 from contract.jobs import (
     ErrorCode,
@@ -27,6 +34,7 @@ from contract.jobs import (
     OutputRecord,
     ProgressRecord,
 )
+from contract.state import Attempt
 from contract.storage import StorageUnavailable
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
 from contract.webhook_queue import enqueue_webhook
@@ -44,12 +52,17 @@ log = logging.getLogger(__name__)
 
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0
+FINISH_RETRY_S = 30.0
 
 
 def run_generation(job_id: str) -> str:
     rt = runtime()
     record = rt.store.get(job_id)
     if record is None or record.status.is_terminal:
+        if record is not None:
+            # Ended while it waited (or by a run whose reply was lost): it may still owe its
+            # count and webhook.
+            pay_what_is_owed(rt.store, job_id)
         return "skipped"
     # The request's ids follow the job into this process's logs (contract.log_format).
     tokens = (
@@ -84,21 +97,51 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
         "worker": rt.worker_name,
         "progress": "",
     }
-    if not rt.store.transition(job_id, _LIVE, JobStatus.RUNNING, event, fields):
+    if not _start(rt, record, event, fields):
         return "skipped"  # canceled between the read and the transition
+    attempt = Attempt(rt.worker_name, record.attempts + 1)
     log.info(
         "generation %s started (attempt %d, traceparent %s)",
         job_id, record.attempts + 1, record.origin.traceparent,
     )
-    enqueue_webhook(rt.store.redis, rt.store.keys, record, "start")
+    with _advisory(job_id, "the start webhook"):
+        enqueue_webhook(rt.store.redis, rt.store.keys, record, "start")
     if record.attempts == 0:
-        histograms.observe(
-            rt.store.redis, rt.store.keys, histograms.QUEUE_WAIT, started_at - record.created_at
+        with _advisory(job_id, "the queue-wait histogram"):
+            histograms.observe(
+                rt.store.redis, rt.store.keys, histograms.QUEUE_WAIT, started_at - record.created_at
+            )
+    return _generate(rt, record, started_at, attempt)
+
+
+def _start(rt: WorkerRuntime, record: JobRecord, event: JobEvent, fields: dict[str, Any]) -> bool:
+    """Move the job to `running` as this worker's attempt; False when it ended meanwhile. After
+    a lost reply the record says whether the move landed: ours if it names this attempt."""
+    try:
+        return rt.store.transition(record.id, _LIVE, JobStatus.RUNNING, event, fields)
+    except (RedisConnectionError, RedisTimeoutError):
+        time.sleep(0.5)
+        now = rt.store.get(record.id)  # a Redis still away raises here: RQ retries the job
+        return (
+            now is not None
+            and now.status is JobStatus.RUNNING
+            and (now.worker, now.attempts) == (fields["worker"], fields["attempts"])
         )
-    return _generate(rt, record, started_at)
 
 
-def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
+@contextmanager
+def _advisory(job_id: str, what: str) -> Iterator[None]:
+    """A write the job does not depend on (a webhook, a histogram): a Redis error is logged,
+    never allowed to throw away the generation."""
+    try:
+        yield
+    except RedisError as exc:
+        log.warning("generation %s: %s not written (%s)", job_id, what, exc)
+
+
+def _generate(
+    rt: WorkerRuntime, record: JobRecord, started_at: float, attempt: Attempt
+) -> str:
     from selfcascade.errors import GenerationCancelled, InvalidRequest
     from selfcascade.request import GenerationRequest
 
@@ -107,14 +150,14 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     if model is None:
         # Only a job from the shared queues of releases before per-model queues gets here.
         return _fail(
-            rt, record, ErrorCode.MODEL_UNAVAILABLE,
+            rt, record, attempt, ErrorCode.MODEL_UNAVAILABLE,
             f"model {params.model} is not loaded on the worker that took this job",
         )
     video = model.spec.produces_video  # load_models checked it against the engine
     if video != params.is_video:
         held, asked = ("video", "an image") if video else ("images", "a video")
         return _fail(
-            rt, record, ErrorCode.MODEL_UNAVAILABLE,
+            rt, record, attempt, ErrorCode.MODEL_UNAVAILABLE,
             f"model {params.model} produces {held} on this worker but the API accepted {asked} "
             "job for it: the API's and the worker's models files disagree",
         )
@@ -136,6 +179,7 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
     progress = ThrottledProgress(
         rt.store,
         record.id,
+        attempt,
         rt.settings.progress_interval_s,
         on_written=_progress_webhook(rt, record),
         on_step=rt.watchdog.beat,
@@ -149,26 +193,32 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
             stage_hooks=hooks,
         )
         rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
+        if not _still_ours(rt, record, attempt):
+            return "superseded"
         outputs = _store(rt, record, result, video)
     except GenerationCancelled:
-        _finish(rt, record, JobStatus.CANCELED)
+        _finish(rt, record, JobStatus.CANCELED, attempt)
         return JobStatus.CANCELED.value
     except InvalidRequest as exc:
-        return _fail(rt, record, ErrorCode.INVALID_REQUEST, str(exc))
+        return _fail(
+            rt, record, attempt, ErrorCode.INVALID_REQUEST, str(exc))
     except JobTimeoutException:
-        return _fail(rt, record, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s")
+        return _fail(
+            rt, record, attempt, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s")
     except StorageUnavailable as exc:
         log.error("storing the result of %s failed: %s", record.id, exc)
-        return _fail(rt, record, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
+        return _fail(
+            rt, record, attempt, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
     except Exception as exc:
         if is_out_of_memory(exc):
             free_accelerator_memory(exc)
             return _fail(
-                rt, record, ErrorCode.OUT_OF_MEMORY,
+            rt, record, attempt, ErrorCode.OUT_OF_MEMORY,
                 "out of memory at this size; a smaller size (or fewer frames) may fit",
             )
         log.exception("generation %s failed", record.id)
-        outcome = _fail(rt, record, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        outcome = _fail(
+            rt, record, attempt, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         if is_fatal_accelerator_error(exc):
             # The job is recorded as failed; the orchestrator restarts a clean process.
             log.critical("unrecoverable accelerator error: worker exits for a restart")
@@ -176,7 +226,8 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         return outcome
 
     inference_s = result.total_seconds
-    histograms.observe(rt.store.redis, rt.store.keys, histograms.INFERENCE, inference_s)
+    with _advisory(record.id, "the inference histogram"):
+        histograms.observe(rt.store.redis, rt.store.keys, histograms.INFERENCE, inference_s)
     metrics = JobMetrics(
         queue_s=started_at - record.created_at,
         inference_s=inference_s,
@@ -186,8 +237,20 @@ def _generate(rt: WorkerRuntime, record: JobRecord, started_at: float) -> str:
         # Upsamplers act only inside re-noise stages: a single-stage run was not tuned.
         tuned=bool(hooks) and len(result.stages) > 1,
     )
-    _finish(rt, record, JobStatus.SUCCEEDED, outputs=outputs, metrics=metrics)
+    _finish(rt, record, JobStatus.SUCCEEDED, attempt, outputs=outputs, metrics=metrics)
     return JobStatus.SUCCEEDED.value
+
+
+def _still_ours(rt: WorkerRuntime, record: JobRecord, attempt: Attempt) -> bool:
+    """Whether this run may store its result: a worker cut off from Redis past its lease finds
+    the job requeued, or run by another worker, and must not overwrite that run's files."""
+    try:
+        if rt.store.holds(record.id, attempt):
+            return True
+    except RedisError:
+        return True  # cannot tell: the ending's own check (the attempt fence) still applies
+    log.warning("generation %s: another attempt holds it; this one's result is dropped", record.id)
+    return False
 
 
 def _store(rt: WorkerRuntime, record: JobRecord, result: Any, video: bool) -> list[OutputRecord]:
@@ -207,18 +270,31 @@ def _progress_webhook(rt: WorkerRuntime, record: JobRecord) -> Callable[[Progres
         now = time.monotonic()
         if progress.step == progress.steps or now - sent_at >= PROGRESS_WEBHOOK_INTERVAL_S:
             sent_at = now
-            enqueue_webhook(rt.store.redis, rt.store.keys, record, "progress")
+            with _advisory(record.id, "a progress webhook"):
+                enqueue_webhook(rt.store.redis, rt.store.keys, record, "progress")
 
     return notify
 
 
-def _fail(rt: WorkerRuntime, record: JobRecord, code: ErrorCode, message: str) -> str:
+def _fail(
+    rt: WorkerRuntime, record: JobRecord, attempt: Attempt, code: ErrorCode, message: str
+) -> str:
     log.warning("generation %s failed: %s %s", record.id, code.value, message)
-    _finish(rt, record, JobStatus.FAILED, error=ErrorInfo(code=code, message=message))
+    _finish(rt, record, JobStatus.FAILED, attempt, error=ErrorInfo(code=code, message=message))
     return JobStatus.FAILED.value
 
 
-def _finish(rt: WorkerRuntime, record: JobRecord, status: JobStatus, **fields: object) -> None:
+def _finish(
+    rt: WorkerRuntime,
+    record: JobRecord,
+    status: JobStatus,
+    attempt: Attempt | None = None,
+    **fields: object,
+) -> None:
+    """The job's terminal status and what follows it (contract.endings), as `attempt` (None:
+    before this worker started it). A finished result is worth waiting for: a lost connection
+    is tried again for FINISH_RETRY_S before the error goes to RQ (whose handler pays what a
+    landed ending owes)."""
     now = time.time()
     error = fields.get("error")
     event = JobEvent(
@@ -227,10 +303,13 @@ def _finish(rt: WorkerRuntime, record: JobRecord, status: JobStatus, **fields: o
         at=now,
         error=error if isinstance(error, ErrorInfo) else None,
     )
-    if rt.store.transition(record.id, _LIVE, status, event, {"finished_at": now, **fields}):
-        histograms.count_finished(rt.store.redis, rt.store.keys, status.value)
-        histograms.observe(
-            rt.store.redis, rt.store.keys, histograms.E2E_LATENCY, now - record.created_at
-        )
-        enqueue_webhook(rt.store.redis, rt.store.keys, record, "completed")
+    if end_job(
+        rt.store, record.id, _LIVE, status, event, {"finished_at": now, **fields}, Owed.RAN,
+        attempt=attempt, retry_for_s=FINISH_RETRY_S,
+    ):
         log.info("generation %s %s", record.id, status.value)
+    else:
+        log.warning(
+            "generation %s: not %s by this run (it ended meanwhile, or a later attempt holds "
+            "it)", record.id, status.value,
+        )

@@ -31,6 +31,7 @@ from contract.keys import RedisKeys
 from contract.queueing import PRIORITIES, generation_queues, models_with_queues, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
+from worker.lost_jobs import recover_lost_jobs
 from worker.resident import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,16 @@ class GenerationWorker(SimpleWorker):
     def _reap_forever(self) -> None:
         interval = self.runtime.settings.reaper_interval_s
         swept_at = 0.0
+        suspects: set[str] = set()  # jobs a dequeue may have lost, seen on the last pass
         while not self._stop_reaper.wait(interval):
             try:
-                reap_abandoned_jobs(
+                if reap_abandoned_jobs(
                     self.connection, self.queues_to_reap, self.keys, interval,
                     self._exc_handlers,
-                )
+                ):
+                    suspects = recover_lost_jobs(
+                        self.connection, self.runtime.settings, self.runtime.store, suspects
+                    )
                 # One sweep per interval across all workers: concurrent sweeps of a shared
                 # results directory race (a folder removed while a job writes into it).
                 if time.time() - swept_at > RESULT_SWEEP_INTERVAL_S and self.connection.set(
@@ -209,10 +214,11 @@ def reap_abandoned_jobs(
     keys: RedisKeys,
     interval: float,
     handlers: list[Any],
-) -> None:
+) -> bool:
     """Let RQ retry or fail jobs whose lease lapsed; one worker at a time does it (`queues` is
-    asked only by the worker that holds the lock)."""
+    asked only by the worker that holds the lock). True when this worker held it."""
     if not redis.set(keys.reaper_lock(), "1", nx=True, px=max(100, int(interval * 900))):
-        return
+        return False
     for queue in queues():
         StartedJobRegistry(queue=queue).cleanup(exception_handlers=handlers)
+    return True

@@ -11,7 +11,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from contract.jobs import ProgressRecord
-from contract.state import JobStore
+from contract.state import Attempt, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ class ThrottledProgress:
         self,
         store: JobStore,
         job_id: str,
+        attempt: Attempt | None,
         min_interval_s: float,
         on_written: Callable[[ProgressRecord], None] | None = None,
         on_step: Callable[[], None] | None = None,
@@ -29,6 +30,7 @@ class ThrottledProgress:
         self.on_written = on_written
         self.on_step = on_step  # every step, before throttling: the stall watchdog's beat
         self.job_id = job_id
+        self.attempt = attempt  # writes are refused once another attempt holds the job
         self.min_interval_s = min_interval_s
         self._written_at = 0.0
         self.last: ProgressRecord | None = None
@@ -51,7 +53,7 @@ class ThrottledProgress:
         if stage_done or now - self._written_at >= self.min_interval_s:
             self._written_at = now
             try:
-                written = self.store.report_progress(self.job_id, record)
+                written = self.store.report_progress(self.job_id, record, self.attempt)
             except RedisError as exc:
                 # Progress is advisory; the generation goes on and the next write catches up.
                 log.warning("job %s: progress not written (%s)", self.job_id, exc)

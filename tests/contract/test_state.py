@@ -7,6 +7,7 @@ import time
 import pytest
 from redis import Redis
 
+from contract.endings import Owed, end_job
 from contract.jobs import (
     ErrorCode,
     ErrorInfo,
@@ -16,7 +17,7 @@ from contract.jobs import (
     ProgressRecord,
 )
 from contract.keys import RedisKeys
-from contract.state import JobStore
+from contract.state import Attempt, JobStore
 
 PARAMS = GenerationParams(prompt="p", model="tiny", width=64, height=64, seed=5)
 
@@ -78,3 +79,22 @@ def test_status_terminality() -> None:
     assert {s for s in JobStatus if s.is_terminal} == {
         JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED
     }
+
+
+def test_writes_of_an_attempt_another_one_superseded_are_refused(store: JobStore) -> None:
+    """A worker cut off from Redis past its lease: its job was requeued and started elsewhere."""
+    job = "a" * 32
+    store.create(job, PARAMS, time.time())
+    live = [JobStatus.QUEUED, JobStatus.RUNNING]
+    first, second = Attempt("w1", 1), Attempt("w2", 2)
+    for attempt in (first, second):
+        fields = {"worker": attempt.worker, "attempts": attempt.number}
+        assert store.transition(job, live, JobStatus.RUNNING, None, fields)
+    half = ProgressRecord(stage=1, stages=1, step=1, steps=2, fraction=0.5)
+    assert not store.holds(job, first) and store.holds(job, second)
+    assert not store.report_progress(job, half, first)
+    done = JobEvent(type="succeeded", status=JobStatus.SUCCEEDED, at=time.time())
+    ended = end_job(store, job, live, JobStatus.SUCCEEDED, done, {}, Owed.RAN, attempt=first)
+    assert not ended
+    assert store.report_progress(job, half, second)
+    assert end_job(store, job, live, JobStatus.SUCCEEDED, done, {}, Owed.RAN, attempt=second)

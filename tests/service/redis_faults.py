@@ -25,6 +25,7 @@ class FlakyRedisProxy:
         self.database = target.path.lstrip("/") or "0"
         self.port = free_port()
         self.refusing = False
+        self.faults = 0  # replies lost so far
         self._markers: tuple[bytes, ...] = ()
         self._then_refuse = False
         self._lock = threading.Lock()
@@ -76,9 +77,13 @@ class FlakyRedisProxy:
     def _up(self, client: socket.socket, upstream: socket.socket, lost: threading.Event) -> None:
         try:
             while data := client.recv(65536):
-                upstream.sendall(data)
-                if self._take_fault(data):
+                # Decided before forwarding: a fast reply must not slip back to the client
+                # first, leaving the fault to hit whichever command comes next.
+                faulty = self._take_fault(data)
+                if faulty:
                     lost.set()  # the reply on its way back is dropped
+                upstream.sendall(data)
+                if faulty:
                     time.sleep(0.2)  # Redis runs the command meanwhile
                     _shut(client)
                     _shut(upstream)
@@ -100,6 +105,7 @@ class FlakyRedisProxy:
             if not self._markers or not all(m in data for m in self._markers):
                 return False
             self._markers = ()
+            self.faults += 1
             if self._then_refuse:
                 self.refusing = True
             return True

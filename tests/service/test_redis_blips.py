@@ -107,10 +107,12 @@ def test_a_cancel_whose_reply_was_lost_is_finished_by_its_retry(
     with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
         body = {**BODY, "webhook": "https://127.0.0.1:9/hook"}
         job_id = client.post("/v1/generations", json=body).json()["id"]
-        # The status change runs (one script, with the job's id), its answer is lost.
-        proxy.lose_reply_to(b"EVALSHA", job_id.encode(), b"canceled")
+        # The status change runs (one script, with the job's id), its answer is lost, and Redis
+        # stays away longer than the route tries again.
+        proxy.lose_reply_to(b"EVALSHA", job_id.encode(), b"canceled", then_refuse=True)
         lost = client.post(f"/v1/generations/{job_id}/cancel")
         assert lost.status_code == 503, lost.text
+        proxy.restore()
         retried = client.post(f"/v1/generations/{job_id}/cancel")
         assert retried.status_code == 200 and retried.json()["status"] == "canceled"
         # A third time changes nothing more.
@@ -133,3 +135,18 @@ def test_the_openai_deadline_cancels_its_jobs_even_while_redis_is_away(
     made = job_ids(redis_client, settings)
     statuses = {redis_client.hget(f"{settings.redis_prefix}:job:{j}", "status") for j in made}
     assert len(made) == 2 and statuses == {b"canceled"}
+
+
+def test_a_cancel_whose_reply_was_lost_for_an_instant_ends_the_job_in_the_same_request(
+    proxy: FlakyRedisProxy, settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for(redis_url=proxy.url)
+    keys = RedisKeys(settings.redis_prefix)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        job_id = client.post("/v1/generations", json=BODY).json()["id"]
+        proxy.lose_reply_to(b"EVALSHA", job_id.encode(), b"canceled")
+        answer = client.post(f"/v1/generations/{job_id}/cancel")
+    assert answer.status_code == 202 and answer.json()["status"] == "canceled"
+    assert proxy.faults == 1
+    assert queued_ids(redis_client, settings) == []
+    assert histograms.read_counts(redis_client, keys, histograms.JOBS_FINISHED) == {"canceled": 1}

@@ -1,0 +1,102 @@
+"""The end of a job and what it owes afterwards: counted once, its `completed` webhook once.
+
+A terminal status is one script (contract.state); what follows it (the finished count, the
+end-to-end latency, the webhook and, for a job ended before any worker took it, its RQ entry)
+takes more commands. A reply lost between the two, or a process killed there, would leave a
+finished job never counted and its webhook never sent. So the status is written together with
+a field naming what is still owed, and one transaction does all of it and clears the field.
+Whoever meets the field later finishes the job off: a retried cancel, the worker that dequeues
+a job ended meanwhile, RQ's exception handler (worker/abandoned.py) after a lost reply or a
+killed worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable, Mapping
+
+import redis.exceptions
+from redis.exceptions import WatchError
+from rq import Queue
+from rq.job import Job
+
+from contract import histograms
+from contract.jobs import JobEvent, JobStatus
+from contract.state import Attempt, JobStore, as_text, decode_record
+from contract.webhook_queue import schedule, wants_webhook, webhook_delivery
+
+OWED_FIELD = "follow_ups_owed"
+
+
+class Owed(enum.StrEnum):
+    RAN = "ran"  # ended by a worker or its reaper: its count, its latency, its webhook
+    NEVER_STARTED = "never_started"  # ended in the queue: its count and webhook, no latency
+
+
+def end_job(
+    store: JobStore,
+    job_id: str,
+    allowed: Iterable[JobStatus],
+    status: JobStatus,
+    event: JobEvent,
+    fields: Mapping[str, object],
+    owed: Owed,
+    *,
+    queue: Queue | None = None,
+    attempt: Attempt | None = None,
+    retry_for_s: float = 0.0,
+) -> bool:
+    """Move the job from one of `allowed` to the terminal `status`, then pay what it owes
+    (`queue`: also drop its RQ entry there; `attempt`: only while the record names it). True
+    when this call ended it.
+
+    A lost connection is tried again for `retry_for_s`: the move is conditional, so a retry
+    after one that did land changes nothing, and its follow-ups are still paid once.
+    """
+    deadline = time.monotonic() + retry_for_s
+    while True:
+        try:
+            ended = store.transition(
+                job_id, allowed, status, event, {**fields, OWED_FIELD: owed.value}, attempt
+            )
+            break
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    pay_what_is_owed(store, job_id, queue=queue)
+    return ended
+
+
+def pay_what_is_owed(store: JobStore, job_id: str, *, queue: Queue | None = None) -> bool:
+    """The follow-ups of an ended job, if still owed: one transaction, once only (it clears the
+    field and runs only if the job's hash did not change since it looked). `queue`: the API's
+    hand, which also drops the RQ entry of a job ended before any worker took it (a worker
+    passes none: RQ still keeps its books on the job it holds). True when this call paid."""
+    job_key = store.keys.job(job_id)
+    with store.redis.pipeline() as pipe:
+        for _ in range(3):
+            try:
+                pipe.watch(job_key)
+                owed = pipe.hget(job_key, OWED_FIELD)
+                snapshot = decode_record(job_id, pipe.hgetall(job_key))  # type: ignore[arg-type]
+                if owed is None or snapshot is None:
+                    return False  # paid already, or ended before anything was owed
+                pipe.multi()
+                pipe.hdel(job_key, OWED_FIELD)
+                if queue is not None and as_text(owed) == Owed.NEVER_STARTED:
+                    queue.remove(job_id, pipeline=pipe)
+                    pipe.delete(Job.key_for(job_id))
+                histograms.count_finished(pipe, store.keys, snapshot.status.value)
+                if as_text(owed) == Owed.RAN and snapshot.finished_at is not None:
+                    latency = snapshot.finished_at - snapshot.created_at
+                    histograms.add_observation(pipe, store.keys, histograms.E2E_LATENCY, latency)
+                if wants_webhook(snapshot, "completed"):
+                    delivery = webhook_delivery(snapshot, "completed", snapshot)
+                    schedule(pipe, store.keys, delivery, time.time())
+                pipe.execute()
+                return True
+            except WatchError:
+                continue  # the job changed meanwhile (another payer): look again
+    return False

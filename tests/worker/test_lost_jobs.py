@@ -1,0 +1,59 @@
+"""A job a dequeue lost (the pop's reply lost, or its worker killed before the job started) goes
+back on its queue after two reaper passes; jobs waiting, running or ended are left alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from contract.jobs import JobStatus
+from contract.queueing import PRIORITIES, generation_queue
+from tests.worker.conftest import submit, work_burst
+from worker.lost_jobs import recover_lost_jobs
+from worker.resident import WorkerRuntime
+
+pytestmark = pytest.mark.integration
+
+
+def one_pass(rt: WorkerRuntime, suspects: set[str]) -> set[str]:
+    return recover_lost_jobs(rt.store.redis, rt.settings, rt.store, suspects, older_than_s=0)
+
+
+def indexed(rt: WorkerRuntime) -> set[str]:
+    return {m.decode() for m in rt.store.redis.zrange(rt.store.keys.queued_index(), 0, -1)}
+
+
+def test_a_job_popped_and_lost_goes_back_on_its_queue_and_runs(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    rt = runtime_for()
+    job_id = submit(rt)
+    queue = generation_queue(redis_client, rt.settings, "tiny")
+    assert redis_client.lpop(queue.key) == job_id.encode()  # a pop whose worker never came back
+
+    suspects = one_pass(rt, set())
+    assert suspects == {job_id} and queue.get_job_ids() == []  # once missing: maybe a worker
+    assert one_pass(rt, suspects) == set()  # twice: lost
+    assert queue.get_job_ids() == [job_id]
+
+    work_burst(rt)
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED
+    one_pass(rt, set())
+    assert job_id not in indexed(rt)  # it started: out of the index
+
+
+def test_jobs_that_wait_in_their_queue_are_left_alone(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    rt = runtime_for()
+    waiting = [submit(rt), submit(rt, "batch")]
+    suspects: set[str] = set()
+    for _ in range(3):
+        suspects = one_pass(rt, suspects)
+    assert suspects == set()
+    queues = [generation_queue(redis_client, rt.settings, "tiny", p) for p in PRIORITIES]
+    assert [q.get_job_ids() for q in queues] == [[waiting[0]], [waiting[1]]]  # never twice
+    assert indexed(rt) == set(waiting)

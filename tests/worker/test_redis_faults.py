@@ -1,0 +1,158 @@
+"""A reply from Redis lost mid-job (the command ran, its answer never came): the job still ends
+with its result, counted once, its `completed` webhook queued once.
+
+The in-process worker talks to Redis through a proxy that loses one reply
+(tests/service/redis_faults.py); the test reads and writes Redis directly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis import Redis
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+
+from contract import histograms
+from contract.endings import OWED_FIELD, Owed
+from contract.jobs import GenerationParams, JobEvent, JobOrigin, JobStatus
+from contract.keys import RedisKeys
+from contract.queueing import enqueue_generation, generation_queue
+from contract.settings import load_model_specs, select_worker_models
+from contract.state import JobStore
+from contract.storage import build_storage
+from tests.live_stack import wait_for
+from tests.service.conftest import SettingsFactory
+from tests.service.redis_faults import FlakyRedisProxy
+from tests.worker.conftest import submit as submit_plain
+from tests.worker.conftest import work_burst
+from worker import resident
+from worker.abandoned import make_exception_handler
+from worker.job import run_generation
+from worker.resident import WorkerRuntime
+
+pytestmark = pytest.mark.integration
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[FlakyRedisProxy]:
+    flaky = FlakyRedisProxy(redis_url)
+    yield flaky
+    flaky.close()
+
+
+@pytest.fixture
+def flaky_runtime(
+    settings_for: SettingsFactory, proxy: FlakyRedisProxy
+) -> Iterator[WorkerRuntime]:
+    settings = settings_for(
+        redis_url=proxy.url, webhook_secret="s3cret", webhook_allow_http=True,
+        webhook_allowed_networks="127.0.0.0/8",
+    )
+    store = JobStore(Redis.from_url(proxy.url), RedisKeys(settings.redis_prefix), 600)
+    rt = WorkerRuntime(
+        settings=settings, store=store, storage=build_storage(settings),
+        worker_name=f"flaky-{uuid.uuid4().hex[:6]}",
+    )
+    specs = select_worker_models(load_model_specs(settings), settings)
+    rt.models = resident.load_models(specs, settings)
+    resident.install(rt)
+    yield rt
+    resident.RESIDENT.clear()
+
+
+def submit(redis: Redis, rt: WorkerRuntime) -> str:
+    """A job whose webhook wants every event, created over a direct connection."""
+    job_id = uuid.uuid4().hex
+    params = GenerationParams(prompt="p", model="tiny", width=128, height=128, seed=1, steps=4)
+    origin = JobOrigin(webhook=HOOK, webhook_events_filter=["start", "progress", "completed"])
+    JobStore(redis, rt.store.keys, 600).create(job_id, params, time.time(), origin)
+    enqueue_generation(generation_queue(redis, rt.settings, "tiny"), job_id, rt.settings)
+    return job_id
+
+
+def webhook_events(redis: Redis, keys: RedisKeys, job_id: str) -> list[str]:
+    entries = (json.loads(raw) for raw in redis.zrange(keys.webhooks(), 0, -1))
+    return [entry["event"] for entry in entries if entry["job_id"] == job_id]
+
+
+@pytest.mark.parametrize(
+    "markers",
+    [
+        pytest.param((b"EVALSHA", b'"type":"succeeded"'), id="the final status"),
+        pytest.param((b"EVALSHA", b'"type":"started"'), id="the start"),
+        pytest.param((b"ZADD", b'"event":"progress"'), id="a progress webhook"),
+        pytest.param((b"HINCRBYFLOAT", b"inference_seconds"), id="the inference histogram"),
+    ],
+)
+def test_a_lost_reply_costs_the_job_neither_its_result_nor_its_count_nor_its_webhook(
+    flaky_runtime: WorkerRuntime, proxy: FlakyRedisProxy, redis_client: Redis,
+    markers: tuple[bytes, ...],
+) -> None:
+    rt = flaky_runtime
+    proxy.lose_reply_to(*markers)
+    job_id = submit(redis_client, rt)
+    work_burst(rt)
+    assert proxy.faults == 1  # the reply named was the one lost
+    record = JobStore(redis_client, rt.store.keys, 600).get(job_id)
+    assert record is not None
+    assert record.status is JobStatus.SUCCEEDED, record.error
+    assert len(record.outputs) == 1
+    assert webhook_events(redis_client, rt.store.keys, job_id).count("completed") == 1
+    finished = histograms.read_counts(redis_client, rt.store.keys, histograms.JOBS_FINISHED)
+    assert finished == {"succeeded": 1}
+
+
+def test_the_reaper_pays_what_an_ending_whose_reply_was_lost_still_owes(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    settings = settings_for(webhook_secret="s3cret")
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), 600)
+    job_id = uuid.uuid4().hex
+    params = GenerationParams(prompt="p", model="tiny", width=64, height=64, seed=1, steps=2)
+    store.create(job_id, params, time.time() - 5, JobOrigin(webhook=HOOK))
+    # A worker's `failed` landed and its reply was lost: the status, with what it still owes.
+    event = JobEvent(type="failed", status=JobStatus.FAILED, at=time.time())
+    fields = {"finished_at": time.time(), OWED_FIELD: Owed.RAN.value}
+    assert store.transition(job_id, [JobStatus.QUEUED], JobStatus.FAILED, event, fields)
+    handler: Any = make_exception_handler(store)
+    job = Job.create("worker.job.run_generation", id=job_id, connection=redis_client)
+    for _ in range(2):  # the next pass finds it paid
+        handler(job, AbandonedJobError, AbandonedJobError(), None)
+    assert webhook_events(redis_client, store.keys, job_id) == ["completed"]
+    assert histograms.read_counts(redis_client, store.keys, histograms.JOBS_FINISHED) == {
+        "failed": 1
+    }
+    buckets, _ = histograms.read_histogram(redis_client, store.keys, histograms.E2E_LATENCY)
+    assert dict(buckets)["+Inf"] == 1  # its latency, once
+    assert redis_client.hget(store.keys.job(job_id), OWED_FIELD) is None
+
+
+def test_a_run_whose_job_another_attempt_took_over_records_nothing(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    """Cut off past its lease, a worker finds its job requeued and started elsewhere: its
+    result must not overwrite that run's files nor its record."""
+    rt = runtime_for()
+    job_id = submit_plain(rt, steps=60)
+    outcome: list[str] = []
+    # The job function itself (RQ's worker wants the main thread for its signal handlers).
+    runner = threading.Thread(target=lambda: outcome.append(run_generation(job_id)))
+    runner.start()
+    job_key = rt.store.keys.job(job_id)
+    wait_for(lambda: redis_client.hget(job_key, "progress"), 60, "the run to make progress")
+    redis_client.hset(job_key, mapping={"worker": "elsewhere", "attempts": "2"})  # taken over
+    runner.join(120)
+    assert outcome == ["superseded"]
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.RUNNING  # the other run's to end
+    assert record.outputs == [] and record.worker == "elsewhere"
+    assert not list(rt.settings.results_dir.glob(f"**/{job_id}*"))
