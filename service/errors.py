@@ -88,21 +88,12 @@ def error_response_at(
     return error_response(status, code, message, param, headers)
 
 
-def _respond(
-    request: Request,
-    status: int,
-    code: ErrorCode | str,
-    message: str,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return error_response_at(request.url.path, status, code, message, param, headers)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _respond(request, exc.status, exc.code, exc.message, exc.param, exc.headers)
+        return error_response_at(
+            request.url.path, exc.status, exc.code, exc.message, exc.param, exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,19 +109,19 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"key {key!r}: {detail}"
         param = ".".join(loc) or None
         message = f"{param}: {detail}" if param else detail
-        return _respond(request, 422, ErrorCode.INVALID_REQUEST, message, param)
+        return error_response_at(request.url.path, 422, ErrorCode.INVALID_REQUEST, message, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-        return _respond(
-            request, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
+        return error_response_at(
+            request.url.path, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
         )
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-        return _respond(
-            request,
+        return error_response_at(
+            request.url.path,
             503,
             ErrorCode.REDIS_UNAVAILABLE,
             "the job store (Redis) is unreachable; retry shortly",
@@ -149,4 +140,6 @@ def install_error_handlers(app: FastAPI) -> None:
         # which adds the id to every other response: the one answer worth quoting needs it too.
         request_id = request.scope.get("state", {}).get("request_id")
         headers = {"X-Request-ID": request_id} if request_id else None
-        return _respond(request, 500, ErrorCode.INTERNAL, "internal error", None, headers)
+        return error_response_at(
+            request.url.path, 500, ErrorCode.INTERNAL, "internal error", None, headers
+        )
