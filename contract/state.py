@@ -30,9 +30,11 @@ from contract.keys import RedisKeys
 
 EVENTS_MAXLEN = 2000
 
-# KEYS: job hash, events stream. ARGV: allowed statuses (comma list), new status, event JSON
-# ('' for none), expiry seconds for both keys ('0' keeps them), the attempt that must hold the
-# job (worker and attempt number; '' for any), then field/value pairs.
+# KEYS: job hash, events stream, queued-jobs index. ARGV: allowed statuses (comma list), new
+# status, event JSON ('' for none), expiry seconds for both keys ('0' keeps them), the worker
+# that must hold the job ('' for any), the attempt number the record must show ('' for any),
+# the job id and the time (for the index), then field/value pairs. The index holds exactly the
+# jobs in `queued`: every move into or out of it updates the index in the same step.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
@@ -41,12 +43,17 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then allowed = true end
 end
 if not allowed then return 0 end
-if ARGV[5] ~= '' and (redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5]
-                      or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[6]) then
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5] then return 0 end
+if ARGV[6] ~= '' and (redis.call('HGET', KEYS[1], 'attempts') or '0') ~= ARGV[6] then
   return 0
 end
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if cur == 'queued' and ARGV[2] ~= 'queued' then
+  redis.call('ZREM', KEYS[3], ARGV[7])
+elseif ARGV[2] == 'queued' and cur ~= 'queued' then
+  redis.call('ZADD', KEYS[3], ARGV[8], ARGV[7])
+end
 if ARGV[3] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_MAXLEN, '*', 'event', ARGV[3])
 end
@@ -128,21 +135,26 @@ class JobStore:
         event: JobEvent | None,
         fields: Mapping[str, object] | None = None,
         attempt: Attempt | None = None,
+        if_attempts: int | None = None,
     ) -> bool:
         """Set `new` (and fields) only if the current status is in `allowed` (and, given
-        `attempt`, the record still names it); True if it did."""
+        `attempt`, the record still names it; given `if_attempts`, the record still counts that
+        many attempts: a start lands once, however often it is sent); True if it did."""
+        number = attempt.number if attempt else if_attempts
         args: list[str] = [
             ",".join(s.value for s in allowed),
             new.value,
             event.model_dump_json() if event else "",
             str(self.result_ttl_s if new.is_terminal else 0),
             attempt.worker if attempt else "",
-            str(attempt.number) if attempt else "",
+            "" if number is None else str(number),
+            job_id,
+            repr(time.time()),
         ]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
-        done = self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args)
-        return bool(done)
+        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.queued_index()]
+        return bool(self._transition(keys=keys, args=args))
 
     def report_progress(
         self, job_id: str, progress: ProgressRecord, attempt: Attempt | None = None

@@ -17,7 +17,7 @@ from rq.job import Job
 
 from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
-from contract.state import JobStore
+from contract.state import Attempt, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,24 @@ def make_exception_handler(store: JobStore) -> Any:
                 type="requeued", status=JobStatus.QUEUED, at=now, data={"worker": record.worker}
             )
             store.transition(job.id, live, JobStatus.QUEUED, event, {"progress": ""})
-            store.redis.zadd(store.keys.queued_index(), {job.id: now})  # worker.lost_jobs
             return True
+        attempt = None
         if exc_type is AbandonedJobError:
             error = ErrorInfo(
                 code=ErrorCode.WORKER_LOST, message="the worker died; no retries left"
             )
         else:
+            # The run that raised speaks only for itself: a job it never started (its start
+            # did not land), or that another attempt has taken over since, is not its to fail
+            # (RQ's retry, or the lost-jobs pass, brings a never-started job back).
+            worker = record.worker
+            if record.status is not JobStatus.RUNNING or not worker or worker != job.worker_name:
+                return True
+            attempt = Attempt(worker, record.attempts)
             error = ErrorInfo(code=ErrorCode.INTERNAL, message=f"{exc_type.__name__}: {exc_value}")
         event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
         fields = {"finished_at": now, "error": error}
-        end_job(store, job.id, live, JobStatus.FAILED, event, fields, Owed.RAN)
+        end_job(store, job.id, live, JobStatus.FAILED, event, fields, Owed.RAN, attempt=attempt)
         return True
 
     return on_job_exception

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0
 FINISH_RETRY_S = 30.0
+START_RETRY_S = 10.0
 
 
 def run_generation(job_id: str) -> str:
@@ -83,6 +84,11 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
     if rt.store.cancel_requested(job_id):
         _finish(rt, record, JobStatus.CANCELED)
         return JobStatus.CANCELED.value
+    if _held_by_a_live_worker(rt, record):
+        # A second copy of a job another worker is running (pushed back by a lost-jobs pass
+        # that raced with a slow start): that run owns it.
+        log.warning("generation %s is running on %s; this copy is dropped", job_id, record.worker)
+        return "skipped"
 
     started_at = time.time()
     event = JobEvent(
@@ -114,19 +120,39 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
     return _generate(rt, record, started_at, attempt)
 
 
+def _held_by_a_live_worker(rt: WorkerRuntime, record: JobRecord) -> bool:
+    """Whether another worker, still alive (its presence key), runs this job now. A record left
+    `running` by a worker that died is taken over (the reaper's requeue may not have landed)."""
+    if record.status is not JobStatus.RUNNING or record.worker in (None, rt.worker_name):
+        return False
+    return bool(rt.store.redis.exists(rt.store.keys.worker(str(record.worker))))
+
+
 def _start(rt: WorkerRuntime, record: JobRecord, event: JobEvent, fields: dict[str, Any]) -> bool:
-    """Move the job to `running` as this worker's attempt; False when it ended meanwhile. After
-    a lost reply the record says whether the move landed: ours if it names this attempt."""
-    try:
-        return rt.store.transition(record.id, _LIVE, JobStatus.RUNNING, event, fields)
-    except (RedisConnectionError, RedisTimeoutError):
-        time.sleep(0.5)
-        now = rt.store.get(record.id)  # a Redis still away raises here: RQ retries the job
-        return (
-            now is not None
-            and now.status is JobStatus.RUNNING
-            and (now.worker, now.attempts) == (fields["worker"], fields["attempts"])
-        )
+    """Move the job to `running` as this worker's attempt; False when it ended, or another
+    attempt started, meanwhile. The move counts the attempts it expects, so it lands once
+    however often it is sent: after a lost reply it is checked, and sent again if it did not
+    land, for up to START_RETRY_S (then the error goes to RQ, whose retry runs the job again)."""
+    deadline = time.monotonic() + START_RETRY_S
+    while True:
+        try:
+            return rt.store.transition(
+                record.id, _LIVE, JobStatus.RUNNING, event, fields, if_attempts=record.attempts
+            )
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+        try:
+            now = rt.store.get(record.id)
+        except (RedisConnectionError, RedisTimeoutError):
+            continue
+        if now is None or now.attempts != record.attempts:
+            # Ours landed (this attempt named), or another attempt or an ending came first.
+            return now is not None and now.status is JobStatus.RUNNING and (
+                now.worker, now.attempts
+            ) == (fields["worker"], fields["attempts"])
+        # Not landed: the same move again (it cannot land twice).
 
 
 @contextmanager
@@ -243,14 +269,20 @@ def _generate(
 
 def _still_ours(rt: WorkerRuntime, record: JobRecord, attempt: Attempt) -> bool:
     """Whether this run may store its result: a worker cut off from Redis past its lease finds
-    the job requeued, or run by another worker, and must not overwrite that run's files."""
-    try:
-        if rt.store.holds(record.id, attempt):
-            return True
-    except RedisError:
-        return True  # cannot tell: the ending's own check (the attempt fence) still applies
-    log.warning("generation %s: another attempt holds it; this one's result is dropped", record.id)
-    return False
+    the job requeued, or run by another worker, and must not overwrite that run's files. Asked
+    again while Redis is away, for up to FINISH_RETRY_S (then the error goes to RQ)."""
+    deadline = time.monotonic() + FINISH_RETRY_S
+    while True:
+        try:
+            ours = rt.store.holds(record.id, attempt)
+            break
+        except (RedisConnectionError, RedisTimeoutError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    if not ours:
+        log.warning("generation %s: another attempt holds it; this result is dropped", record.id)
+    return ours
 
 
 def _store(rt: WorkerRuntime, record: JobRecord, result: Any, video: bool) -> list[OutputRecord]:

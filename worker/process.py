@@ -31,6 +31,7 @@ from contract.keys import RedisKeys
 from contract.queueing import PRIORITIES, generation_queues, models_with_queues, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
+from worker.lost_jobs import PASS_INTERVAL_S as LOST_JOBS_PASS_INTERVAL_S
 from worker.lost_jobs import recover_lost_jobs
 from worker.resident import WorkerRuntime
 
@@ -176,12 +177,15 @@ class GenerationWorker(SimpleWorker):
         interval = self.runtime.settings.reaper_interval_s
         swept_at = 0.0
         suspects: set[str] = set()  # jobs a dequeue may have lost, seen on the last pass
+        lost_pass_at = 0.0
         while not self._stop_reaper.wait(interval):
             try:
-                if reap_abandoned_jobs(
+                held = reap_abandoned_jobs(
                     self.connection, self.queues_to_reap, self.keys, interval,
                     self._exc_handlers,
-                ):
+                )
+                if held and time.monotonic() - lost_pass_at >= LOST_JOBS_PASS_INTERVAL_S:
+                    lost_pass_at = time.monotonic()
                     suspects = recover_lost_jobs(
                         self.connection, self.runtime.settings, self.runtime.store, suspects
                     )

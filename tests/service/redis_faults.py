@@ -2,6 +2,7 @@
 
 `lose_reply_to(*markers)`: the next command whose bytes hold every marker reaches Redis and
 runs, but its reply never comes back; the connection drops, as when a link fails mid-request.
+`lose_request_to(*markers)`: that command never reaches Redis; the connection drops.
 With `then_refuse=True` new connections are refused afterwards, until `restore()`: Redis stays
 away, so the caller cannot ask what happened. `cut()` drops every connection and refuses new
 ones, until `restore()`.
@@ -28,6 +29,7 @@ class FlakyRedisProxy:
         self.faults = 0  # replies lost so far
         self._markers: tuple[bytes, ...] = ()
         self._then_refuse = False
+        self._drop_request = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -39,7 +41,11 @@ class FlakyRedisProxy:
 
     def lose_reply_to(self, *markers: bytes, then_refuse: bool = False) -> None:
         with self._lock:
-            self._markers, self._then_refuse = markers, then_refuse
+            self._markers, self._then_refuse, self._drop_request = markers, then_refuse, False
+
+    def lose_request_to(self, *markers: bytes) -> None:
+        with self._lock:
+            self._markers, self._then_refuse, self._drop_request = markers, False, True
 
     def cut(self) -> None:
         self.refusing = True
@@ -79,10 +85,11 @@ class FlakyRedisProxy:
             while data := client.recv(65536):
                 # Decided before forwarding: a fast reply must not slip back to the client
                 # first, leaving the fault to hit whichever command comes next.
-                faulty = self._take_fault(data)
+                faulty, drop_request = self._take_fault(data)
                 if faulty:
                     lost.set()  # the reply on its way back is dropped
-                upstream.sendall(data)
+                if not drop_request:
+                    upstream.sendall(data)
                 if faulty:
                     time.sleep(0.2)  # Redis runs the command meanwhile
                     _shut(client)
@@ -100,15 +107,16 @@ class FlakyRedisProxy:
         except OSError:
             pass
 
-    def _take_fault(self, data: bytes) -> bool:
+    def _take_fault(self, data: bytes) -> tuple[bool, bool]:
+        """(whether `data` meets the armed fault, whether its request is to be dropped)."""
         with self._lock:
             if not self._markers or not all(m in data for m in self._markers):
-                return False
+                return False, False
             self._markers = ()
             self.faults += 1
             if self._then_refuse:
                 self.refusing = True
-            return True
+            return True, self._drop_request
 
 
 def _shut(sock: socket.socket) -> None:

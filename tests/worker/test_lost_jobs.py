@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from rq.job import Job
 
 from contract.jobs import JobStatus
-from contract.queueing import PRIORITIES, generation_queue
+from contract.queueing import PRIORITIES, generation_queue, legacy_queues
 from tests.worker.conftest import submit, work_burst
 from worker.lost_jobs import recover_lost_jobs
 from worker.resident import WorkerRuntime
@@ -57,3 +58,32 @@ def test_jobs_that_wait_in_their_queue_are_left_alone(
     queues = [generation_queue(redis_client, rt.settings, "tiny", p) for p in PRIORITIES]
     assert [q.get_job_ids() for q in queues] == [[waiting[0]], [waiting[1]]]  # never twice
     assert indexed(rt) == set(waiting)
+
+
+def test_a_job_waiting_in_a_legacy_queue_is_not_pushed_twice(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    rt = runtime_for()
+    job_id = submit(rt)
+    queue = generation_queue(redis_client, rt.settings, "tiny")
+    [legacy, _] = legacy_queues(redis_client, rt.settings)
+    # Requeued by RQ onto the queue it first came from: an older API's shared one.
+    redis_client.lrem(queue.key, 0, job_id)
+    redis_client.hset(Job.key_for(job_id), "origin", legacy.name)
+    legacy.push_job_id(job_id)
+    suspects: set[str] = set()
+    for _ in range(3):
+        suspects = one_pass(rt, suspects)
+    assert (queue.get_job_ids(), legacy.get_job_ids()) == ([], [job_id])
+
+
+def test_the_index_holds_exactly_the_queued_jobs(runtime_for: Any) -> None:
+    rt = runtime_for()
+    ran, canceled = submit(rt), submit(rt)
+    assert indexed(rt) == {ran, canceled}
+    fields = {"worker": "w", "attempts": 1}
+    assert rt.store.transition(ran, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
+    assert rt.store.transition(canceled, [JobStatus.QUEUED], JobStatus.CANCELED, None)
+    assert indexed(rt) == set()
+    assert rt.store.transition(ran, [JobStatus.RUNNING], JobStatus.QUEUED, None)  # requeued
+    assert indexed(rt) == {ran}

@@ -156,3 +156,50 @@ def test_a_run_whose_job_another_attempt_took_over_records_nothing(
     assert record is not None and record.status is JobStatus.RUNNING  # the other run's to end
     assert record.outputs == [] and record.worker == "elsewhere"
     assert not list(rt.settings.results_dir.glob(f"**/{job_id}*"))
+
+
+def test_a_start_that_never_reached_redis_is_sent_again_and_the_job_runs(
+    flaky_runtime: WorkerRuntime, proxy: FlakyRedisProxy, redis_client: Redis
+) -> None:
+    rt = flaky_runtime
+    proxy.lose_request_to(b"EVALSHA", b'"type":"started"')
+    job_id = submit(redis_client, rt)
+    work_burst(rt)
+    assert proxy.faults == 1
+    record = JobStore(redis_client, rt.store.keys, 600).get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED and record.attempts == 1
+
+
+def test_a_failed_run_speaks_only_for_a_job_it_holds(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    """RQ's handler after the job function raised: a job its start never reached, or one
+    another worker has taken over, is not that run's to fail."""
+    settings = settings_for()
+    store = JobStore(redis_client, RedisKeys(settings.redis_prefix), 600)
+    handler: Any = make_exception_handler(store)
+    params = GenerationParams(prompt="p", model="tiny", width=64, height=64, seed=1, steps=2)
+    never_started, taken_over = uuid.uuid4().hex, uuid.uuid4().hex
+    for job_id in (never_started, taken_over):
+        store.create(job_id, params, time.time())
+    fields = {"worker": "other", "attempts": 2}
+    assert store.transition(taken_over, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
+    for job_id in (never_started, taken_over):
+        job = Job.create("worker.job.run_generation", id=job_id, connection=redis_client)
+        job.worker_name = "cut-off"
+        handler(job, ConnectionError, ConnectionError("Redis away"), None)
+    statuses = [store.get(j).status for j in (never_started, taken_over)]  # type: ignore[union-attr]
+    assert statuses == [JobStatus.QUEUED, JobStatus.RUNNING]
+
+
+def test_a_second_copy_of_a_job_a_live_worker_runs_is_dropped(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    rt = runtime_for()
+    job_id = submit_plain(rt)
+    fields = {"worker": "alive", "attempts": 1}
+    assert rt.store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
+    redis_client.set(rt.store.keys.worker("alive"), "{}", ex=30)  # its presence key
+    assert run_generation(job_id) == "skipped"
+    record = rt.store.get(job_id)
+    assert record is not None and (record.worker, record.attempts) == ("alive", 1)
