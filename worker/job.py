@@ -132,7 +132,8 @@ def _start(rt: WorkerRuntime, record: JobRecord, event: JobEvent, fields: dict[s
     """Move the job to `running` as this worker's attempt; False when it ended, or another
     attempt started, meanwhile. The move counts the attempts it expects, so it lands once
     however often it is sent: after a lost reply it is checked, and sent again if it did not
-    land, for up to START_RETRY_S (then the error goes to RQ, whose retry runs the job again)."""
+    land, for up to START_RETRY_S (then the error goes to RQ: its retry, or the lost-jobs pass,
+    runs the job again)."""
     deadline = time.monotonic() + START_RETRY_S
     while True:
         try:
@@ -270,7 +271,9 @@ def _generate(
 def _still_ours(rt: WorkerRuntime, record: JobRecord, attempt: Attempt) -> bool:
     """Whether this run may store its result: a worker cut off from Redis past its lease finds
     the job requeued, or run by another worker, and must not overwrite that run's files. Asked
-    again while Redis is away, for up to FINISH_RETRY_S (then the error goes to RQ)."""
+    again while Redis is away, for up to FINISH_RETRY_S; then taken as ours (a finished result
+    is not thrown away for a question Redis cannot answer: the final write's attempt check
+    still refuses it if another attempt holds the job)."""
     deadline = time.monotonic() + FINISH_RETRY_S
     while True:
         try:
@@ -278,7 +281,8 @@ def _still_ours(rt: WorkerRuntime, record: JobRecord, attempt: Attempt) -> bool:
             break
         except (RedisConnectionError, RedisTimeoutError):
             if time.monotonic() >= deadline:
-                raise
+                log.warning("generation %s: cannot ask Redis whose it is; storing", record.id)
+                return True
             time.sleep(0.5)
     if not ours:
         log.warning("generation %s: another attempt holds it; this result is dropped", record.id)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
@@ -32,6 +33,7 @@ from tests.service.conftest import SettingsFactory
 from tests.service.redis_faults import FlakyRedisProxy
 from tests.worker.conftest import submit as submit_plain
 from tests.worker.conftest import work_burst
+from worker import job as job_module
 from worker import resident
 from worker.abandoned import make_exception_handler
 from worker.job import run_generation
@@ -203,3 +205,19 @@ def test_a_second_copy_of_a_job_a_live_worker_runs_is_dropped(
     assert run_generation(job_id) == "skipped"
     record = rt.store.get(job_id)
     assert record is not None and (record.worker, record.attempts) == ("alive", 1)
+
+
+def test_a_finished_result_is_kept_when_redis_cannot_say_whose_the_job_is(
+    runtime_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rt = runtime_for()
+
+    def away(*args: object) -> bool:
+        raise RedisConnectionError("Redis away")
+
+    monkeypatch.setattr(JobStore, "holds", away)
+    monkeypatch.setattr(job_module, "FINISH_RETRY_S", 0.2)
+    job_id = submit_plain(rt)
+    work_burst(rt)
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED and record.outputs
