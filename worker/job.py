@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 _LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 PROGRESS_WEBHOOK_INTERVAL_S = 1.0
 FINISH_RETRY_S = 30.0
+# What a run returns when another attempt holds its job: RQ's books on the job (shared by the
+# two runs) are left to that attempt (worker.process.GenerationWorker.handle_job_success).
+HELD_ELSEWHERE = "held elsewhere"
 START_RETRY_S = 10.0
 
 
@@ -88,7 +91,7 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
         # A second copy of a job another worker is running (pushed back by a lost-jobs pass
         # that raced with a slow start): that run owns it.
         log.warning("generation %s is running on %s; this copy is dropped", job_id, record.worker)
-        return "skipped"
+        return HELD_ELSEWHERE
 
     started_at = time.time()
     event = JobEvent(
@@ -104,7 +107,10 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
         "progress": "",
     }
     if not _start(rt, record, event, fields):
-        return "skipped"  # canceled between the read and the transition
+        # Ended between the read and the transition, or another attempt started first.
+        now = rt.store.get(job_id)
+        running_elsewhere = now is not None and now.status is JobStatus.RUNNING
+        return HELD_ELSEWHERE if running_elsewhere else "skipped"
     attempt = Attempt(rt.worker_name, record.attempts + 1)
     log.info(
         "generation %s started (attempt %d, traceparent %s)",
@@ -221,7 +227,7 @@ def _generate(
         )
         rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
         if not _still_ours(rt, record, attempt):
-            return "superseded"
+            return HELD_ELSEWHERE
         outputs = _store(rt, record, result, video)
     except GenerationCancelled:
         _finish(rt, record, JobStatus.CANCELED, attempt)

@@ -31,6 +31,7 @@ from contract.keys import RedisKeys
 from contract.queueing import PRIORITIES, generation_queues, models_with_queues, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
+from worker.job import HELD_ELSEWHERE
 from worker.lost_jobs import PASS_INTERVAL_S as LOST_JOBS_PASS_INTERVAL_S
 from worker.lost_jobs import recover_lost_jobs
 from worker.resident import WorkerRuntime
@@ -87,6 +88,22 @@ class GenerationWorker(SimpleWorker):
         rotated = [q for q in tier if q.name != reference_queue.name] + served
         for slot, queue in zip(slots, rotated, strict=True):
             order[slot] = queue
+
+    # -- runs that found their job held by another attempt ---------------------------------
+
+    def handle_job_success(
+        self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry, execution: Any
+    ) -> None:
+        """RQ marks a returned job finished. Not when this run found it held by another
+        attempt (a dropped second copy, a superseded run): both runs share the one RQ job, and
+        a finished one is skipped by the reaper, so the other run's job would stay `running`
+        for good if its worker died. Only this run's execution is cleaned up."""
+        if getattr(job, "_result", None) == HELD_ELSEWHERE:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                pipe.execute()
+            return
+        super().handle_job_success(job, queue, started_job_registry, execution)
 
     # -- leases ----------------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.exceptions import AbandonedJobError
+from rq.executions import Execution
 from rq.job import Job
+from rq.job import JobStatus as RQJobStatus
+from rq.registry import StartedJobRegistry
 
 from contract import histograms
 from contract.endings import OWED_FIELD, Owed
@@ -36,7 +39,7 @@ from tests.worker.conftest import work_burst
 from worker import job as job_module
 from worker import resident
 from worker.abandoned import make_exception_handler
-from worker.job import run_generation
+from worker.job import HELD_ELSEWHERE, run_generation
 from worker.resident import WorkerRuntime
 
 pytestmark = pytest.mark.integration
@@ -153,7 +156,7 @@ def test_a_run_whose_job_another_attempt_took_over_records_nothing(
     wait_for(lambda: redis_client.hget(job_key, "progress"), 60, "the run to make progress")
     redis_client.hset(job_key, mapping={"worker": "elsewhere", "attempts": "2"})  # taken over
     runner.join(120)
-    assert outcome == ["superseded"]
+    assert outcome == [HELD_ELSEWHERE]
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.RUNNING  # the other run's to end
     assert record.outputs == [] and record.worker == "elsewhere"
@@ -202,7 +205,7 @@ def test_a_second_copy_of_a_job_a_live_worker_runs_is_dropped(
     fields = {"worker": "alive", "attempts": 1}
     assert rt.store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
     redis_client.set(rt.store.keys.worker("alive"), "{}", ex=30)  # its presence key
-    assert run_generation(job_id) == "skipped"
+    assert run_generation(job_id) == HELD_ELSEWHERE
     record = rt.store.get(job_id)
     assert record is not None and (record.worker, record.attempts) == ("alive", 1)
 
@@ -221,3 +224,34 @@ def test_a_finished_result_is_kept_when_redis_cannot_say_whose_the_job_is(
     work_burst(rt)
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.SUCCEEDED and record.outputs
+
+
+def test_a_dropped_copy_leaves_the_job_to_the_run_that_holds_it(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    """Both copies share one RQ job: had the dropped one marked it finished, the reaper would
+    skip the other run's lapsed lease, and a death of its worker would leave the job `running`
+    for good."""
+    rt = runtime_for()
+    job_id = submit_plain(rt)
+    queue = generation_queue(redis_client, rt.settings, "tiny")
+    # Worker "B" takes the job as RQ does (an execution with a 1 s lease) and starts it.
+    assert redis_client.lpop(queue.key) == job_id.encode()
+    job = Job.fetch(job_id, connection=redis_client, serializer=queue.serializer)
+    with redis_client.pipeline() as pipe:
+        job.set_status(RQJobStatus.STARTED, pipeline=pipe)
+        execution = Execution.create(job, ttl=1, pipeline=pipe, worker_name="B")
+        StartedJobRegistry(queue=queue).add_execution(execution, pipeline=pipe, ttl=1)
+        pipe.execute()
+    fields = {"worker": "B", "attempts": 1}
+    assert rt.store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
+    redis_client.set(rt.store.keys.worker("B"), "{}", ex=30)
+    queue.push_job_id(job_id)  # a second copy, dropped by this worker
+    work_burst(rt)
+    assert job.get_status(refresh=True) is RQJobStatus.STARTED
+    # B dies: its presence goes, its lease lapses, the reaper hands the job back.
+    redis_client.delete(rt.store.keys.worker("B"))
+    time.sleep(1.5)
+    StartedJobRegistry(queue=queue).cleanup(exception_handlers=[make_exception_handler(rt.store)])
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.QUEUED

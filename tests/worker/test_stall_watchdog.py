@@ -78,12 +78,13 @@ def test_a_job_stuck_after_its_last_step_trips_the_watchdog(
 def test_a_slow_job_that_keeps_stepping_is_not_stalled(
     runtime_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Eight steps of about 0.4 s each: 3 s in all, three times the limit, never 1 s quiet.
-    rt = runtime_for(stalled_job_s=1.0, worker_lease_s=3)
+    # Eight steps of about 0.5 s each: 4 s in all, over twice the limit, never 1.5 s quiet
+    # (a second of slack: on a loaded machine the start before the first step takes a while).
+    rt = runtime_for(stalled_job_s=1.5, worker_lease_s=3)
     is_set = RedisCancelFlag.is_set
 
     def slow_step(self: RedisCancelFlag) -> bool:
-        time.sleep(0.4)
+        time.sleep(0.5)
         return is_set(self)
 
     monkeypatch.setattr(RedisCancelFlag, "is_set", slow_step)
