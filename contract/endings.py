@@ -16,13 +16,13 @@ import enum
 import time
 from collections.abc import Iterable, Mapping
 
-import redis.exceptions
 from redis.exceptions import WatchError
 from rq import Queue
 from rq.job import Job
 
 from contract import histograms
 from contract.jobs import JobEvent, JobStatus
+from contract.redis_connection import retry_while_away
 from contract.state import Attempt, JobStore, as_text, decode_record
 from contract.webhook_queue import schedule, wants_webhook, webhook_delivery
 
@@ -54,17 +54,12 @@ def end_job(
     A lost connection is tried again for `retry_for_s`: the move is conditional, so a retry
     after one that did land changes nothing, and its follow-ups are still paid once.
     """
-    deadline = time.monotonic() + retry_for_s
-    while True:
-        try:
-            ended = store.transition(
-                job_id, allowed, status, event, {**fields, OWED_FIELD: owed.value}, attempt
-            )
-            break
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.5)
+    ended = retry_while_away(
+        lambda: store.transition(
+            job_id, allowed, status, event, {**fields, OWED_FIELD: owed.value}, attempt
+        ),
+        retry_for_s,
+    )
     pay_what_is_owed(store, job_id, queue=queue)
     return ended
 

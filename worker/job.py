@@ -34,6 +34,7 @@ from contract.jobs import (
     OutputRecord,
     ProgressRecord,
 )
+from contract.redis_connection import retry_while_away
 from contract.state import Attempt
 from contract.storage import StorageUnavailable
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
@@ -280,16 +281,11 @@ def _still_ours(rt: WorkerRuntime, record: JobRecord, attempt: Attempt) -> bool:
     again while Redis is away, for up to FINISH_RETRY_S; then taken as ours (a finished result
     is not thrown away for a question Redis cannot answer: the final write's attempt check
     still refuses it if another attempt holds the job)."""
-    deadline = time.monotonic() + FINISH_RETRY_S
-    while True:
-        try:
-            ours = rt.store.holds(record.id, attempt)
-            break
-        except (RedisConnectionError, RedisTimeoutError):
-            if time.monotonic() >= deadline:
-                log.warning("generation %s: cannot ask Redis whose it is; storing", record.id)
-                return True
-            time.sleep(0.5)
+    try:
+        ours = retry_while_away(lambda: rt.store.holds(record.id, attempt), FINISH_RETRY_S)
+    except (RedisConnectionError, RedisTimeoutError):
+        log.warning("generation %s: cannot ask Redis whose it is; storing", record.id)
+        return True
     if not ours:
         log.warning("generation %s: another attempt holds it; this result is dropped", record.id)
     return ours
