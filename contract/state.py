@@ -214,14 +214,29 @@ def _encode(value: object) -> str:
     return json.dumps(value)
 
 
+class UnreadableRecord(ValueError):
+    """A job hash this release cannot decode: a field written by a newer release (a value it
+    does not know) during a rolling upgrade, or a damaged hash."""
+
+    def __init__(self, job_id: str, cause: Exception) -> None:
+        super().__init__(
+            f"the record of job {job_id} cannot be read by this release (written by a newer "
+            f"one?): {type(cause).__name__}: {cause}"
+        )
+
+
 def decode_record(job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobRecord | None:
     """A job hash as HGETALL returns it -> the record; None when the hash does not exist.
 
     Public so an asyncio reader (the API's hot GET path) decodes exactly like JobStore.get.
+    Raises UnreadableRecord for a hash it cannot decode.
     """
     if not raw:
         return None
-    return _decode(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+    try:
+        return _decode(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+    except (ValueError, KeyError, TypeError) as exc:  # pydantic's and json's errors included
+        raise UnreadableRecord(job_id, exc) from exc
 
 
 def _decode(job_id: str, f: dict[str, str]) -> JobRecord:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.jobs import ErrorCode
+from contract.state import UnreadableRecord
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,13 @@ def install_error_handlers(app: FastAPI) -> None:
     # Every Redis failure, not only a lost connection: a replica promoted mid-failover answers
     # READONLY, a full one OOM; both are "the store is unavailable", never a bare 500.
     app.add_exception_handler(redis.exceptions.RedisError, redis_down)
+
+    @app.exception_handler(UnreadableRecord)
+    async def unreadable(request: Request, exc: UnreadableRecord) -> JSONResponse:
+        # Mid-upgrade, an older API instance meets a record a newer worker wrote: say so (the
+        # next try may reach a newer instance) rather than a bare "internal error".
+        log.error("%s", exc)
+        return error_response_at(request.url.path, 500, ErrorCode.INTERNAL, str(exc))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,14 +17,18 @@ from rq.job import Job
 
 from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
-from contract.state import Attempt, JobStore
+from contract.state import Attempt, JobStore, UnreadableRecord
 
 log = logging.getLogger(__name__)
 
 
 def make_exception_handler(store: JobStore) -> Any:
     def on_job_exception(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
-        record = store.get(job.id)
+        try:
+            record = store.get(job.id)
+        except UnreadableRecord as exc:
+            log.error("%s; RQ's verdict on it is not mirrored", exc)
+            return True
         if record is None or record.status.is_terminal:
             if record is not None:
                 pay_what_is_owed(store, job.id)  # its ending landed, its reply was lost

@@ -35,7 +35,7 @@ from contract.jobs import (
     ProgressRecord,
 )
 from contract.redis_connection import retry_while_away
-from contract.state import Attempt
+from contract.state import Attempt, UnreadableRecord
 from contract.storage import StorageUnavailable
 from contract.trace_context import job_id_var, request_id_var, traceparent_var
 from contract.webhook_queue import enqueue_webhook
@@ -58,11 +58,18 @@ FINISH_RETRY_S = 30.0
 # two runs) are left to that attempt (worker.process.GenerationWorker.handle_job_success).
 HELD_ELSEWHERE = "held elsewhere"
 START_RETRY_S = 10.0
+UNREADABLE = "unreadable"
 
 
 def run_generation(job_id: str) -> str:
     rt = runtime()
-    record = rt.store.get(job_id)
+    try:
+        record = rt.store.get(job_id)
+    except UnreadableRecord as exc:
+        # Left `queued`: the lost-jobs pass puts it back for a worker that can read it, and
+        # fails it when none has after a few tries (worker.lost_jobs).
+        log.error("%s; left for a worker that can read it", exc)
+        return UNREADABLE
     if record is None or record.status.is_terminal:
         if record is not None:
             # Ended while it waited (or by a run whose reply was lost): it may still owe its

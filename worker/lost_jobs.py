@@ -8,6 +8,10 @@ jobs in `queued` (every status change keeps it so, contract.state); the reaper g
 and pushes a lost one back onto the queue RQ enqueued it on, once it was missing on two passes
 in a row (a worker between its pop and its registration is missing only for an instant), at
 most once a minute per job (two reapers whose passes overlap push it once).
+
+A job lost again and again is lost for a reason that will not go away by itself (every worker
+that takes it fails before starting it: a record this release cannot read, say), so after
+MAX_TIMES_LOST returns it is failed `worker_lost`, not pushed back for ever.
 """
 
 from __future__ import annotations
@@ -21,15 +25,29 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from contract.endings import Owed, end_job
+from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
 from contract.queueing import enqueue_generation, generation_queue
 from contract.settings import Settings
-from contract.state import JobStore, as_text
+from contract.state import JobStore, UnreadableRecord, as_text
 
 log = logging.getLogger(__name__)
 
 LOST_AFTER_S = 30.0  # younger jobs are left alone: their pops may be under way
 PASS_INTERVAL_S = 15.0  # between two passes (the reaper's own interval is shorter)
 REPUSH_GUARD_S = 60
+MAX_TIMES_LOST = 3
+TIMES_LOST_FIELD = "times_lost"
+
+# Both act only on a job still `queued` at that instant (a read a moment earlier may be stale:
+# a job requeued meanwhile is back in the index and must stay there). KEYS: job hash, index.
+_FORGET_UNLESS_QUEUED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+"""
+_COUNT_A_LOSS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return -1 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
 
 
 def recover_lost_jobs(
@@ -55,7 +73,8 @@ def recover_lost_jobs(
     missing: set[str] = set()
     for job_id, status, origin in zip(ids, replies[::2], replies[1::2], strict=True):
         if status is None or as_text(status) != "queued":
-            redis.zrem(index, job_id)  # expired, or left over from before the index was exact
+            # Expired, or left over from before the index was exact.
+            redis.eval(_FORGET_UNLESS_QUEUED, 2, store.keys.job(job_id), index, job_id)
             continue
         queue = _queue(redis, settings, store, job_id, origin)
         if queue is None:
@@ -67,12 +86,43 @@ def recover_lost_jobs(
         if job_id not in suspects:
             missing.add(job_id)
         elif redis.set(f"{index}:repushed:{job_id}", "1", nx=True, ex=REPUSH_GUARD_S):
-            log.warning("generation %s was lost by a dequeue; back on %s", job_id, queue.name)
-            if origin is not None:
-                queue.push_job_id(job_id, at_front=True)  # it has waited its turn already
-            else:
-                enqueue_generation(queue, job_id, settings)
+            _push_back_or_give_up(redis, settings, store, job_id, queue, known=origin is not None)
     return missing
+
+
+def _push_back_or_give_up(
+    redis: Redis, settings: Settings, store: JobStore, job_id: str, queue: Queue, known: bool
+) -> None:
+    """Put a lost job back on `queue` (`known`: RQ still has its entry), or fail it once it
+    was lost more than MAX_TIMES_LOST times."""
+    job_key = store.keys.job(job_id)
+    times = int(redis.eval(_COUNT_A_LOSS, 1, job_key, TIMES_LOST_FIELD))  # type: ignore[arg-type]
+    if times < 0:
+        return  # it started, or ended, since the pass read it
+    if times <= MAX_TIMES_LOST:
+        log.warning("generation %s was lost by a dequeue; back on %s", job_id, queue.name)
+        if known:
+            queue.push_job_id(job_id, at_front=True)  # it has waited its turn already
+        else:
+            enqueue_generation(queue, job_id, settings)
+        return
+    log.error("generation %s was lost by %d dequeues; failed", job_id, times)
+    now = time.time()
+    error = ErrorInfo(
+        code=ErrorCode.WORKER_LOST,
+        message=f"workers took this job off its queue {times} times and none started it; "
+        "their logs say why",
+    )
+    event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
+    fields = {"finished_at": now, "error": error}
+    try:
+        end_job(
+            store, job_id, [JobStatus.QUEUED], JobStatus.FAILED, event, fields,
+            Owed.NEVER_STARTED, queue=queue,
+        )
+    except UnreadableRecord as exc:
+        # Failed; its count and webhook wait for a release that can read the record.
+        log.error("%s: its follow-ups are still owed", exc)
 
 
 def _queue(

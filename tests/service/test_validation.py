@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from redis import Redis
 
+from contract.keys import RedisKeys
 from contract.settings import ModelSpec
 from service.app import create_app
 from service.errors import ApiError
@@ -141,6 +143,19 @@ def test_an_unexpected_error_is_500_in_the_error_shape_with_the_request_id(
         answer = client.get("/broken", headers={"X-Request-ID": "req-500"})
     assert_error(answer, 500, "internal_error", None)
     assert answer.headers["x-request-id"] == "req-500"  # the one id worth quoting in a report
+
+
+def test_a_record_this_release_cannot_read_is_a_500_that_says_so(
+    settings_for: SettingsFactory, redis_client: Redis, key_prefix: str
+) -> None:
+    with ApiServer(create_app(settings_for()), free_port()) as api, api.client() as client:
+        job_id = client.post("/v1/generations", json=VALID).json()["id"]
+        # As a newer worker could leave it mid-upgrade: a value this release does not know.
+        redis_client.hset(RedisKeys(key_prefix).job(job_id), "status", "paused")
+        answer = client.get(f"/v1/generations/{job_id}", headers={"X-Request-ID": "req-old"})
+    assert_error(answer, 500, "internal_error", None)
+    assert "cannot be read by this release (written by a newer one?)" in answer.text
+    assert answer.headers["x-request-id"] == "req-old"
 
 
 def test_defaults_fill_in_from_the_model(client: httpx.Client) -> None:
