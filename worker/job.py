@@ -226,18 +226,18 @@ def _generate(
         on_step=rt.watchdog.beat,
     )
     hooks = model.stage_hooks(params)
+    cancel = RedisCancelFlag(rt.store, record.id, attempt)
     try:
         result = model.engine.generate(
-            request,
-            on_progress=progress,
-            cancel=RedisCancelFlag(rt.store, record.id),
-            stage_hooks=hooks,
+            request, on_progress=progress, cancel=cancel, stage_hooks=hooks
         )
         rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
         if not _still_ours(rt, record, attempt):
             return HELD_ELSEWHERE
         outputs = _store(rt, record, result, video)
     except GenerationCancelled:
+        if cancel.superseded:
+            return HELD_ELSEWHERE  # its new run, or the reaper's verdict, stands
         _finish(rt, record, JobStatus.CANCELED, attempt)
         return JobStatus.CANCELED.value
     except InvalidRequest as exc:

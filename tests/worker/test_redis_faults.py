@@ -141,11 +141,11 @@ def test_the_reaper_pays_what_an_ending_whose_reply_was_lost_still_owes(
     assert redis_client.hget(store.keys.job(job_id), OWED_FIELD) is None
 
 
-def test_a_run_whose_job_another_attempt_took_over_records_nothing(
-    runtime_for: Any, redis_client: Redis
+def test_a_run_whose_job_another_attempt_took_over_stops_and_records_nothing(
+    runtime_for: Any, redis_client: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Cut off past its lease, a worker finds its job requeued and started elsewhere: its
-    result must not overwrite that run's files nor its record."""
+    """Cut off past its lease, a worker finds its job requeued and started elsewhere: it stops
+    between two steps (its result would be dropped), and writes neither files nor record."""
     rt = runtime_for()
     job_id = submit_plain(rt, steps=60)
     outcome: list[str] = []
@@ -157,6 +157,7 @@ def test_a_run_whose_job_another_attempt_took_over_records_nothing(
     redis_client.hset(job_key, mapping={"worker": "elsewhere", "attempts": "2"})  # taken over
     runner.join(120)
     assert outcome == [HELD_ELSEWHERE]
+    assert f"job {job_id} is no longer this run's" in caplog.text  # stopped mid-run
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.RUNNING  # the other run's to end
     assert record.outputs == [] and record.worker == "elsewhere"
