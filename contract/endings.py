@@ -13,6 +13,7 @@ killed worker.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Iterable, Mapping
 
@@ -21,10 +22,12 @@ from rq import Queue
 from rq.job import Job
 
 from contract import histograms
-from contract.jobs import JobEvent, JobStatus
+from contract.jobs import JobEvent, JobRecord, JobStatus
 from contract.redis_connection import retry_while_away
-from contract.state import Attempt, JobStore, as_text, decode_record
+from contract.state import Attempt, JobStore, UnreadableRecord, as_text, decode_record
 from contract.webhook_queue import schedule, wants_webhook, webhook_delivery
+
+log = logging.getLogger(__name__)
 
 OWED_FIELD = "follow_ups_owed"
 
@@ -74,20 +77,21 @@ def pay_what_is_owed(store: JobStore, job_id: str, *, queue: Queue | None = None
         for _ in range(3):
             try:
                 pipe.watch(job_key)
-                owed = pipe.hget(job_key, OWED_FIELD)
-                snapshot = decode_record(job_id, pipe.hgetall(job_key))  # type: ignore[arg-type]
-                if owed is None or snapshot is None:
+                raw = {as_text(k): as_text(v) for k, v in pipe.hgetall(job_key).items()}  # type: ignore[union-attr]
+                owed = raw.get(OWED_FIELD)
+                if owed is None or "status" not in raw:
                     return False  # paid already, or ended before anything was owed
+                snapshot = _readable(job_id, raw)
                 pipe.multi()
                 pipe.hdel(job_key, OWED_FIELD)
-                if queue is not None and as_text(owed) == Owed.NEVER_STARTED:
+                if queue is not None and owed == Owed.NEVER_STARTED:
                     queue.remove(job_id, pipeline=pipe)
                     pipe.delete(Job.key_for(job_id))
-                histograms.count_finished(pipe, store.keys, snapshot.status.value)
-                if as_text(owed) == Owed.RAN and snapshot.finished_at is not None:
-                    latency = snapshot.finished_at - snapshot.created_at
+                histograms.count_finished(pipe, store.keys, raw["status"])
+                latency = _latency(raw) if owed == Owed.RAN else None
+                if latency is not None:
                     histograms.add_observation(pipe, store.keys, histograms.E2E_LATENCY, latency)
-                if wants_webhook(snapshot, "completed"):
+                if snapshot is not None and wants_webhook(snapshot, "completed"):
                     delivery = webhook_delivery(snapshot, "completed", snapshot)
                     schedule(pipe, store.keys, delivery, time.time())
                 pipe.execute()
@@ -95,3 +99,20 @@ def pay_what_is_owed(store: JobStore, job_id: str, *, queue: Queue | None = None
             except WatchError:
                 continue  # the job changed meanwhile (another payer): look again
     return False
+
+
+def _readable(job_id: str, raw: dict[str, str]) -> JobRecord | None:
+    """The record, or None when this release cannot decode it (written by a newer one): its
+    count and latency are paid from the plain fields all the same, its webhook cannot be."""
+    try:
+        return decode_record(job_id, raw)
+    except UnreadableRecord as exc:
+        log.error("%s: its `completed` webhook is not sent", exc)
+        return None
+
+
+def _latency(raw: dict[str, str]) -> float | None:
+    try:
+        return float(raw["finished_at"]) - float(raw["created_at"])
+    except (KeyError, ValueError):
+        return None

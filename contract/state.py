@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
@@ -75,6 +76,17 @@ class Attempt:
 
     worker: str
     number: int
+
+
+@dataclass(frozen=True)
+class RecordHead:
+    """The fields of a job's record that every release writes alike, as plain text: enough to
+    judge who holds the job even when the rest was written by a newer release in a form this
+    one cannot decode (`status` may then be a value this release does not know)."""
+
+    status: str
+    worker: str | None
+    attempts: int
 
 
 class JobStore:
@@ -167,16 +179,25 @@ class JobStore:
             attempt,
         )
 
-    def holds(self, job_id: str, attempt: Attempt) -> bool:
-        """Whether the job is still `running` as `attempt`."""
-        status, worker, number = self.redis.hmget(
+    def head(self, job_id: str) -> RecordHead | None:
+        """The job's status and holder, read without decoding the rest; None when it is gone."""
+        status, worker, attempts = self.redis.hmget(
             self.keys.job(job_id), ["status", "worker", "attempts"]
         )
-        return (
-            status is not None and as_text(status) == JobStatus.RUNNING.value
-            and worker is not None and as_text(worker) == attempt.worker
-            and number is not None and as_text(number) == str(attempt.number)
+        if status is None:
+            return None
+        return RecordHead(
+            status=as_text(status),
+            worker=as_text(worker) if worker else None,
+            attempts=int(attempts or 0),
         )
+
+    def holds(self, job_id: str, attempt: Attempt) -> bool:
+        """Whether the job is still `running` as `attempt`."""
+        head = self.head(job_id)
+        return head is not None and head.status == JobStatus.RUNNING.value and (
+            head.worker, head.attempts
+        ) == (attempt.worker, attempt.number)
 
     def request_cancel(self, job_id: str) -> None:
         self.redis.set(self.keys.cancel(job_id), "1", ex=self.result_ttl_s)
@@ -225,7 +246,7 @@ class UnreadableRecord(ValueError):
         )
 
 
-def decode_record(job_id: str, raw: Mapping[bytes | str, bytes | str]) -> JobRecord | None:
+def decode_record(job_id: str, raw: Mapping[Any, bytes | str]) -> JobRecord | None:
     """A job hash as HGETALL returns it -> the record; None when the hash does not exist.
 
     Public so an asyncio reader (the API's hot GET path) decodes exactly like JobStore.get.

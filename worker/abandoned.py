@@ -4,6 +4,10 @@ RQ's StartedJobRegistry.cleanup finds executions whose lease expired (the worker
 OOM-killer, node loss) and either re-enqueues the job (retries left) or fails it. It calls the
 exception handlers passed to it with AbandonedJobError; this handler mirrors that decision in
 the job hash so clients see `queued` (then `running` again) or `failed: worker_lost`.
+
+It judges from the record's head (status, worker, attempts), never the whole record: mid-upgrade
+a job run by a newer worker may carry fields this release cannot decode, and RQ's decision must
+be mirrored all the same, or the record would say `running` for ever.
 """
 
 from __future__ import annotations
@@ -17,28 +21,30 @@ from rq.job import Job
 
 from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
-from contract.state import Attempt, JobStore, UnreadableRecord
+from contract.state import Attempt, JobStore
 
 log = logging.getLogger(__name__)
+
+_LIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 def make_exception_handler(store: JobStore) -> Any:
     def on_job_exception(job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
-        try:
-            record = store.get(job.id)
-        except UnreadableRecord as exc:
-            log.error("%s; RQ's verdict on it is not mirrored", exc)
+        head = store.head(job.id)
+        if head is None:
             return True
-        if record is None or record.status.is_terminal:
-            if record is not None:
+        if head.status not in _LIVE:
+            if head.status in {s.value for s in JobStatus}:
                 pay_what_is_owed(store, job.id)  # its ending landed, its reply was lost
+            else:
+                log.error("generation %s: status %r is unknown here", job.id, head.status)
             return True
         now = time.time()
         live = [JobStatus.QUEUED, JobStatus.RUNNING]
         if exc_type is AbandonedJobError and (job.retries_left or 0) > 0:
-            log.warning("generation %s: worker %s died mid-job; requeued", job.id, record.worker)
+            log.warning("generation %s: worker %s died mid-job; requeued", job.id, head.worker)
             event = JobEvent(
-                type="requeued", status=JobStatus.QUEUED, at=now, data={"worker": record.worker}
+                type="requeued", status=JobStatus.QUEUED, at=now, data={"worker": head.worker}
             )
             store.transition(job.id, live, JobStatus.QUEUED, event, {"progress": ""})
             return True
@@ -51,10 +57,10 @@ def make_exception_handler(store: JobStore) -> Any:
             # The run that raised speaks only for itself: a job it never started (its start
             # did not land), or that another attempt has taken over since, is not its to fail
             # (RQ's retry, or the lost-jobs pass, brings a never-started job back).
-            worker = record.worker
-            if record.status is not JobStatus.RUNNING or not worker or worker != job.worker_name:
+            running = head.status == JobStatus.RUNNING.value
+            if not running or not head.worker or head.worker != job.worker_name:
                 return True
-            attempt = Attempt(worker, record.attempts)
+            attempt = Attempt(head.worker, head.attempts)
             error = ErrorInfo(code=ErrorCode.INTERNAL, message=f"{exc_type.__name__}: {exc_value}")
         event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
         fields = {"finished_at": now, "error": error}

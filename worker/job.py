@@ -58,7 +58,10 @@ FINISH_RETRY_S = 30.0
 # two runs) are left to that attempt (worker.process.GenerationWorker.handle_job_success).
 HELD_ELSEWHERE = "held elsewhere"
 START_RETRY_S = 10.0
+# What a run returns when it cannot decode its job's record (written by a newer release): the
+# job stays `queued` for a worker that can (worker.lost_jobs pushes it back).
 UNREADABLE = "unreadable"
+NOT_THIS_RUNS = frozenset({HELD_ELSEWHERE, UNREADABLE})  # RQ must not mark the job finished
 
 
 def run_generation(job_id: str) -> str:

@@ -72,34 +72,62 @@ def recover_lost_jobs(
     held: dict[str, set[str]] = {}  # queue name -> ids it holds or runs, read once a pass
     missing: set[str] = set()
     for job_id, status, origin in zip(ids, replies[::2], replies[1::2], strict=True):
-        if status is None or as_text(status) != "queued":
-            # Expired, or left over from before the index was exact.
-            redis.eval(_FORGET_UNLESS_QUEUED, 2, store.keys.job(job_id), index, job_id)
-            continue
-        queue = _queue(redis, settings, store, job_id, origin)
-        if queue is None:
-            continue
-        if queue.name not in held:
-            held[queue.name] = _held_by(queue)
-        if job_id in held[queue.name]:
-            continue
-        if job_id not in suspects:
-            missing.add(job_id)
-        elif redis.set(f"{index}:repushed:{job_id}", "1", nx=True, ex=REPUSH_GUARD_S):
-            _push_back_or_give_up(redis, settings, store, job_id, queue, known=origin is not None)
+        try:
+            if _is_missing(redis, settings, store, job_id, status, origin, held, suspects):
+                missing.add(job_id)
+        except Exception:
+            # One job's trouble must not stop the pass for every other lost job.
+            log.exception("lost-jobs pass: generation %s skipped", job_id)
     return missing
 
 
+def _is_missing(
+    redis: Redis,
+    settings: Settings,
+    store: JobStore,
+    job_id: str,
+    status: bytes | None,
+    origin: bytes | None,
+    held: dict[str, set[str]],
+    suspects: set[str],
+) -> bool:
+    """Whether the job is missing for the first time; a suspect missing again is dealt with."""
+    index = store.keys.queued_index()
+    if status is None or as_text(status) != "queued":
+        # Expired, or left over from before the index was exact.
+        redis.eval(_FORGET_UNLESS_QUEUED, 2, store.keys.job(job_id), index, job_id)
+        return False
+    queue = _queue(redis, settings, store, job_id, origin)
+    if queue is not None:
+        if queue.name not in held:
+            held[queue.name] = _held_by(queue)
+        if job_id in held[queue.name]:
+            return False
+    if job_id not in suspects:
+        return True
+    if redis.set(f"{index}:repushed:{job_id}", "1", nx=True, ex=REPUSH_GUARD_S):
+        _push_back_or_give_up(redis, settings, store, job_id, queue, known=origin is not None)
+    return False
+
+
 def _push_back_or_give_up(
-    redis: Redis, settings: Settings, store: JobStore, job_id: str, queue: Queue, known: bool
+    redis: Redis,
+    settings: Settings,
+    store: JobStore,
+    job_id: str,
+    queue: Queue | None,
+    known: bool,
 ) -> None:
-    """Put a lost job back on `queue` (`known`: RQ still has its entry), or fail it once it
-    was lost more than MAX_TIMES_LOST times."""
+    """Put a lost job back on `queue` (`known`: RQ still has its entry; None: which queue is
+    not known), or fail it once it was lost more than MAX_TIMES_LOST times."""
     job_key = store.keys.job(job_id)
     times = int(redis.eval(_COUNT_A_LOSS, 1, job_key, TIMES_LOST_FIELD))  # type: ignore[arg-type]
     if times < 0:
         return  # it started, or ended, since the pass read it
     if times <= MAX_TIMES_LOST:
+        if queue is None:
+            log.error("generation %s is lost and its queue cannot be told", job_id)
+            return
         log.warning("generation %s was lost by a dequeue; back on %s", job_id, queue.name)
         if known:
             queue.push_job_id(job_id, at_front=True)  # it has waited its turn already
@@ -115,23 +143,23 @@ def _push_back_or_give_up(
     )
     event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
     fields = {"finished_at": now, "error": error}
-    try:
-        end_job(
-            store, job_id, [JobStatus.QUEUED], JobStatus.FAILED, event, fields,
-            Owed.NEVER_STARTED, queue=queue,
-        )
-    except UnreadableRecord as exc:
-        # Failed; its count and webhook wait for a release that can read the record.
-        log.error("%s: its follow-ups are still owed", exc)
+    end_job(
+        store, job_id, [JobStatus.QUEUED], JobStatus.FAILED, event, fields, Owed.NEVER_STARTED,
+        queue=queue,
+    )
 
 
 def _queue(
     redis: Redis, settings: Settings, store: JobStore, job_id: str, origin: bytes | str | None
 ) -> Queue | None:
-    """The queue RQ enqueued the job on (a legacy shared queue too), else its model's."""
+    """The queue RQ enqueued the job on (a legacy shared queue too), else its model's; None
+    when neither can be told (RQ's entry is gone and the record cannot be decoded)."""
     if origin is not None:
         return Queue(as_text(origin), connection=redis, serializer=JSONSerializer)
-    record = store.get(job_id)
+    try:
+        record = store.get(job_id)
+    except UnreadableRecord:
+        return None
     if record is None:
         return None
     return generation_queue(redis, settings, record.params.model, record.origin.priority)

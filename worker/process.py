@@ -31,7 +31,7 @@ from contract.keys import RedisKeys
 from contract.queueing import PRIORITIES, generation_queues, models_with_queues, queue_name
 from worker.abandoned import make_exception_handler
 from worker.gpu_memory import gpu_memory_in_use
-from worker.job import HELD_ELSEWHERE
+from worker.job import NOT_THIS_RUNS
 from worker.lost_jobs import PASS_INTERVAL_S as LOST_JOBS_PASS_INTERVAL_S
 from worker.lost_jobs import recover_lost_jobs
 from worker.resident import WorkerRuntime
@@ -94,14 +94,20 @@ class GenerationWorker(SimpleWorker):
     def handle_job_success(
         self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry, execution: Any
     ) -> None:
-        """RQ marks a returned job finished. Not when this run found it held by another
-        attempt (a dropped second copy, a superseded run): both runs share the one RQ job, and
-        a finished one is skipped by the reaper, so the other run's job would stay `running`
-        for good if its worker died. Only this run's execution is cleaned up."""
-        if getattr(job, "_result", None) == HELD_ELSEWHERE:
+        """RQ marks a returned job finished. Not when this run did not take the job: found it
+        held by another attempt (a dropped second copy, a superseded run), or could not read
+        its record. Another run may share the one RQ job, and a finished one is skipped by the
+        reaper, so that run's job would stay `running` for good if its worker died; and a job
+        left for a worker that can read it keeps its RQ entry for the lost-jobs pass to push
+        back. Only this run's execution is cleaned up."""
+        if getattr(job, "_result", None) in NOT_THIS_RUNS:
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
                 pipe.execute()
+            if not self.connection.hexists(job.key, "origin"):
+                # RQ's end-of-run heartbeat recreated the hash of a job the API had ended and
+                # deleted meanwhile: a stub nothing would ever expire.
+                self.connection.delete(job.key)
             return
         super().handle_job_success(job, queue, started_job_registry, execution)
 

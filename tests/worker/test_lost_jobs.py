@@ -3,7 +3,6 @@ back on its queue after two reaper passes; jobs waiting, running or ended are le
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ from rq.job import Job
 
 from contract.jobs import JobStatus
 from contract.queueing import PRIORITIES, generation_queue, legacy_queues
-from contract.state import UnreadableRecord
 from tests.worker.conftest import submit, work_burst
 from worker.lost_jobs import MAX_TIMES_LOST, recover_lost_jobs
 from worker.resident import WorkerRuntime
@@ -122,28 +120,3 @@ def test_a_job_lost_again_and_again_is_failed_not_pushed_back_for_ever(
     assert queue.get_job_ids() == [] and indexed(rt) == set()
     assert not redis_client.exists(Job.key_for(job_id))  # its RQ entry went with it
     assert [event.type for _, event in rt.store.read_events(job_id)][-1] == "failed"
-
-
-def test_a_record_no_worker_can_read_stays_queued_then_fails_worker_lost(
-    runtime_for: Any, redis_client: Redis
-) -> None:
-    rt = runtime_for()
-    job_id = submit(rt)
-    job_key = rt.store.keys.job(job_id)
-    # As a newer API would write it mid-upgrade: a scheduler this release does not know.
-    params = json.loads(redis_client.hget(job_key, "params"))  # type: ignore[arg-type]
-    redis_client.hset(job_key, "params", json.dumps({**params, "scheduler": "from-the-future"}))
-    with pytest.raises(UnreadableRecord, match=f"record of job {job_id} cannot be read"):
-        rt.store.get(job_id)
-
-    work_burst(rt)  # takes it, cannot read it, leaves it: no crash, no verdict
-    assert redis_client.hget(job_key, "status") == b"queued"
-    queue = generation_queue(redis_client, rt.settings, "tiny")
-    assert queue.get_job_ids() == []
-    two_passes_a_minute_apart(rt, job_id)
-    assert queue.get_job_ids() == [job_id]  # back, for a worker that can read it
-    for _ in range(MAX_TIMES_LOST):
-        work_burst(rt)  # no worker here can
-        two_passes_a_minute_apart(rt, job_id)
-    assert redis_client.hget(job_key, "status") == b"failed"
-    assert b"worker_lost" in redis_client.hget(job_key, "error")  # type: ignore[operator]
