@@ -12,12 +12,16 @@ be mirrored all the same, or the record would say `running` for ever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 from rq.exceptions import AbandonedJobError
+from rq.executions import Execution
 from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.utils import as_text, parse_composite_key
 
 from contract.endings import Owed, end_job, pay_what_is_owed
 from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
@@ -41,6 +45,13 @@ def make_exception_handler(store: JobStore) -> Any:
             return True
         now = time.time()
         live = [JobStatus.QUEUED, JobStatus.RUNNING]
+        if exc_type is AbandonedJobError and _holder_runs_it(job, head.worker, now):
+            # The lapsed lease was a second copy's (dropped as a duplicate, its worker killed
+            # before RQ closed its books): the run that holds the job goes on, and the copy RQ
+            # pushes back is dropped by whichever worker takes it.
+            log.warning("generation %s: a copy's lease lapsed; %s still runs it", job.id,
+                        head.worker)
+            return True
         if exc_type is AbandonedJobError and (job.retries_left or 0) > 0:
             log.warning("generation %s: worker %s died mid-job; requeued", job.id, head.worker)
             event = JobEvent(
@@ -68,3 +79,19 @@ def make_exception_handler(store: JobStore) -> Any:
         return True
 
     return on_job_exception
+
+
+def _holder_runs_it(job: Job, holder: str | None, now: float) -> bool:
+    """Whether the record's holder runs the job under a lease that has not lapsed."""
+    if not holder:
+        return False
+    registry = StartedJobRegistry(job.origin, connection=job.connection)
+    entries: list[bytes] = job.connection.zrangebyscore(registry.key, now, "+inf")  # type: ignore[assignment]
+    for entry in entries:
+        job_id, execution_id = parse_composite_key(as_text(entry))
+        if job_id != job.id:
+            continue
+        with contextlib.suppress(ValueError):  # an execution that ended meanwhile
+            if Execution.fetch(execution_id, job_id, job.connection).worker_name == holder:
+                return True
+    return False

@@ -18,10 +18,8 @@ import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.exceptions import AbandonedJobError
-from rq.executions import Execution
 from rq.job import Job
 from rq.job import JobStatus as RQJobStatus
-from rq.registry import StartedJobRegistry
 
 from contract import histograms
 from contract.endings import OWED_FIELD, Owed
@@ -34,8 +32,8 @@ from contract.storage import build_storage
 from tests.live_stack import wait_for
 from tests.service.conftest import SettingsFactory
 from tests.service.redis_faults import FlakyRedisProxy
+from tests.worker.conftest import reap_after_lapse, start_as, take_as_rq_does, work_burst
 from tests.worker.conftest import submit as submit_plain
-from tests.worker.conftest import work_burst
 from worker import job as job_module
 from worker import resident
 from worker.abandoned import make_exception_handler
@@ -236,23 +234,27 @@ def test_a_dropped_copy_leaves_the_job_to_the_run_that_holds_it(
     rt = runtime_for()
     job_id = submit_plain(rt)
     queue = generation_queue(redis_client, rt.settings, "tiny")
-    # Worker "B" takes the job as RQ does (an execution with a 1 s lease) and starts it.
-    assert redis_client.lpop(queue.key) == job_id.encode()
-    job = Job.fetch(job_id, connection=redis_client, serializer=queue.serializer)
-    with redis_client.pipeline() as pipe:
-        job.set_status(RQJobStatus.STARTED, pipeline=pipe)
-        execution = Execution.create(job, ttl=1, pipeline=pipe, worker_name="B")
-        StartedJobRegistry(queue=queue).add_execution(execution, pipeline=pipe, ttl=1)
-        pipe.execute()
-    fields = {"worker": "B", "attempts": 1}
-    assert rt.store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
-    redis_client.set(rt.store.keys.worker("B"), "{}", ex=30)
+    job = start_as(rt, job_id, "B")  # on a 1 s lease
     queue.push_job_id(job_id)  # a second copy, dropped by this worker
     work_burst(rt)
     assert job.get_status(refresh=True) is RQJobStatus.STARTED
-    # B dies: its presence goes, its lease lapses, the reaper hands the job back.
-    redis_client.delete(rt.store.keys.worker("B"))
-    time.sleep(1.5)
-    StartedJobRegistry(queue=queue).cleanup(exception_handlers=[make_exception_handler(rt.store)])
+    reap_after_lapse(rt, "B")  # B dies: the reaper hands the job back
     record = rt.store.get(job_id)
     assert record is not None and record.status is JobStatus.QUEUED
+
+
+def test_the_lapsed_lease_of_a_dropped_copy_leaves_the_run_that_holds_it_alone(
+    runtime_for: Any, redis_client: Redis
+) -> None:
+    """A copy's worker killed after RQ registered the copy and before it was dropped: that
+    lease lapses while the holder's does not; the holder's run is not requeued under it."""
+    rt = runtime_for()
+    job_id = submit_plain(rt)
+    queue = generation_queue(redis_client, rt.settings, "tiny")
+    start_as(rt, job_id, "holder", lease_s=30)
+    queue.push_job_id(job_id)
+    take_as_rq_does(rt, job_id, "copy", lease_s=1)
+    reap_after_lapse(rt, "copy")
+    record = rt.store.get(job_id)
+    assert record is not None and record.status is JobStatus.RUNNING
+    assert (record.worker, record.attempts) == ("holder", 1)

@@ -6,26 +6,20 @@ record's head, and a job no worker ever reads ends `worker_lost`, counted like a
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
 from redis import Redis
-from rq.executions import Execution
 from rq.job import Job
 from rq.job import JobStatus as RQJobStatus
-from rq.registry import StartedJobRegistry
 
 from contract import histograms
 from contract.endings import OWED_FIELD
-from contract.jobs import JobStatus
 from contract.queueing import generation_queue
 from contract.state import UnreadableRecord
-from tests.worker.conftest import submit, work_burst
+from tests.worker.conftest import reap_after_lapse, start_as, submit, work_burst
 from tests.worker.test_lost_jobs import indexed, one_pass, two_passes_a_minute_apart
-from worker.abandoned import make_exception_handler
 from worker.lost_jobs import MAX_TIMES_LOST
-from worker.resident import WorkerRuntime
 
 pytestmark = pytest.mark.integration
 
@@ -34,31 +28,6 @@ def write_as_a_newer_release(redis_client: Redis, job_key: str) -> None:
     """A scheduler this release does not know, in the job's params."""
     params = json.loads(redis_client.hget(job_key, "params"))  # type: ignore[arg-type]
     redis_client.hset(job_key, "params", json.dumps({**params, "scheduler": "from-the-future"}))
-
-
-def started_by(redis_client: Redis, rt: WorkerRuntime, job_id: str, worker: str) -> Job:
-    """Worker `worker` (a newer release's) takes the job as RQ does, on a 1 s lease, and
-    starts it."""
-    queue = generation_queue(redis_client, rt.settings, "tiny")
-    assert redis_client.lpop(queue.key) == job_id.encode()
-    job = Job.fetch(job_id, connection=redis_client, serializer=queue.serializer)
-    with redis_client.pipeline() as pipe:
-        job.set_status(RQJobStatus.STARTED, pipeline=pipe)
-        execution = Execution.create(job, ttl=1, pipeline=pipe, worker_name=worker)
-        StartedJobRegistry(queue=queue).add_execution(execution, pipeline=pipe, ttl=1)
-        pipe.execute()
-    fields = {"worker": worker, "attempts": 1}
-    assert rt.store.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, None, fields)
-    redis_client.set(rt.store.keys.worker(worker), "{}", ex=30)
-    return job
-
-
-def reap_after_its_lease(redis_client: Redis, rt: WorkerRuntime, worker: str) -> None:
-    """`worker` dies; once its lease has lapsed, a reaper pass of this release."""
-    redis_client.delete(rt.store.keys.worker(worker))
-    time.sleep(1.5)
-    queue = generation_queue(redis_client, rt.settings, "tiny")
-    StartedJobRegistry(queue=queue).cleanup(exception_handlers=[make_exception_handler(rt.store)])
 
 
 def test_a_record_no_worker_can_read_stays_queued_then_fails_worker_lost_counted(
@@ -114,9 +83,9 @@ def test_the_reaper_requeues_an_unreadable_job_whose_worker_died(
 ) -> None:
     rt = runtime_for()
     job_id = submit(rt)
-    started_by(redis_client, rt, job_id, "newer-worker")
+    start_as(rt, job_id, "newer-worker")
     write_as_a_newer_release(redis_client, rt.store.keys.job(job_id))
-    reap_after_its_lease(redis_client, rt, "newer-worker")
+    reap_after_lapse(rt, "newer-worker")
     queue = generation_queue(redis_client, rt.settings, "tiny")
     assert queue.get_job_ids() == [job_id]  # RQ's retry ...
     assert redis_client.hget(rt.store.keys.job(job_id), "status") == b"queued"  # ... mirrored
@@ -129,12 +98,12 @@ def test_an_unreadable_second_copy_leaves_the_job_to_the_run_that_holds_it(
     rt = runtime_for()
     job_id = submit(rt)
     queue = generation_queue(redis_client, rt.settings, "tiny")
-    job = started_by(redis_client, rt, job_id, "newer-worker")
+    job = start_as(rt, job_id, "newer-worker")
     write_as_a_newer_release(redis_client, rt.store.keys.job(job_id))
     queue.push_job_id(job_id)  # a second copy, which this (older) worker takes
     work_burst(rt)
     assert job.get_status(refresh=True) is RQJobStatus.STARTED  # the newer run's books stand
 
-    reap_after_its_lease(redis_client, rt, "newer-worker")  # so its death is noticed
+    reap_after_lapse(rt, "newer-worker")  # so its death is noticed
     assert redis_client.hget(rt.store.keys.job(job_id), "status") == b"queued"
     assert queue.get_job_ids() == [job_id]
