@@ -59,6 +59,7 @@ def main() -> None:
     ]
 
     def stop(signum: int, _frame: FrameType | None) -> None:
+        _ignore_stop_signals()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
@@ -76,9 +77,24 @@ def main() -> None:
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
-        _stop_all([child.process for child in children if child.process])
-        if embedded is not None:
-            embedded.stop()
+        _ignore_stop_signals()
+        try:
+            _stop_all([child.process for child in children if child.process])
+        finally:
+            if embedded is not None:
+                embedded.stop()
+
+
+def _ignore_stop_signals() -> None:
+    """From the start of the shutdown on: a second signal (Ctrl-C pressed twice, or make passing
+    on the SIGTERM that a process-group kill already delivered) must not cut it short and leave
+    the embedded Redis running."""
+
+    def already_stopping(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping already (at most %.0f s)", STOP_GRACE_S)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, already_stopping)
 
 
 @dataclass

@@ -7,17 +7,23 @@ jobs survive a restart, and is stopped with the process that started it.
 One server per data directory: a second one would take over the socket path (Redis unlinks it
 before binding) and cut the first instance's processes off from their Redis, with both
 appending to one AOF. An exclusive lock on `<data_dir>/lock`, held by the starting process and
-inherited by redis-server itself, refuses the second start while either still runs.
+inherited by redis-server itself, refuses the second start while either still runs. The
+server is told to stop when the process that started it dies, however it dies (Linux's parent
+death signal), so a selfcascade-serve killed outright leaves no Redis holding that lock.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from redis import Redis
@@ -25,6 +31,7 @@ from redis import Redis
 log = logging.getLogger(__name__)
 
 UNIX_SOCKET_MAX = 100  # sun_path is 108 bytes on Linux
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class EmbeddedRedis:
@@ -65,6 +72,7 @@ class EmbeddedRedis:
             # Its own session: a Ctrl-C in the terminal reaches selfcascade-serve, which stops the
             # worker first and Redis last, never Redis under a worker finishing its job.
             start_new_session=True,
+            preexec_fn=_stopped_with(os.getpid()),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -107,3 +115,19 @@ class EmbeddedRedis:
 
 class EmbeddedRedisBusy(RuntimeError):
     """The data directory's Redis belongs to another running instance."""
+
+
+def _stopped_with(parent: int) -> Callable[[], None] | None:
+    """Run in the child before it becomes redis-server: SIGTERM (Redis flushes its AOF and
+    exits) when `parent` dies. The signal follows the thread that started the child, which is
+    the main one in selfcascade-serve. None where Linux's prctl is not available."""
+    if sys.platform != "linux":
+        return None
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request took effect
+            os._exit(1)
+
+    return arrange

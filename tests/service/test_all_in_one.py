@@ -49,8 +49,12 @@ def test_serve_runs_the_flow_on_an_embedded_redis_and_stops_on_ctrl_c(tmp_path: 
         assert (tmp_path / "data" / "models" / "tiny" / "model_index.json").exists()
 
         # As a terminal's Ctrl-C does: SIGINT to the whole foreground process group. Redis is in
-        # its own session, so only selfcascade-serve stops it, after the worker.
+        # its own session, so only selfcascade-serve stops it, after the worker. Then a second
+        # signal, as `make` passes on a kill of its group, or an impatient second Ctrl-C: the
+        # shutdown goes on to the end all the same.
         os.killpg(serve.pid, signal.SIGINT)
+        wait_for(lambda: "shutting down" in log.read_text(), 30, "the shutdown to begin", 0.05)
+        os.kill(serve.pid, signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
         stopped = log.read_text()
         assert "Error 2 connecting" not in stopped and "ConnectionError" not in stopped, stopped
