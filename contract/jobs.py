@@ -60,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     BODY_TOO_LARGE = "body_too_large"
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     QUEUE_FULL = "queue_full"
     REDIS_UNAVAILABLE = "redis_unavailable"

@@ -7,6 +7,8 @@ a 503, and only a real bug becomes a 500 (still in the same shape, logged with i
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -56,7 +58,9 @@ _OPENAI_TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     409: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -89,6 +93,30 @@ def error_response_at(
     return error_response(status, code, message, param, headers)
 
 
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+# FastAPI's words for a JSON body it could not decode at all (not UTF-8, say).
+_FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
+
+
+def _whole_body_error(error: Mapping[str, Any], content_type: str | None) -> tuple[int, str] | None:
+    """A problem with the body as a whole, in words a caller can act on: pydantic's speak of
+    dictionaries and of a character offset as if it were a field. None for a field's error."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return 422, f"the body is not valid JSON: {reason}{where}"
+    if loc != ("body",):
+        return None
+    if content_type is None or "json" not in content_type.lower():
+        # FastAPI reads a body as JSON only when it is labelled so (curl -d labels it a form).
+        said = f"'{content_type}'" if content_type else "none"
+        return 415, f"send the body as JSON with Content-Type: application/json (got {said})"
+    if error.get("type") == "missing":
+        return 422, "the body is empty; send a JSON object"
+    return 422, "the body must be a JSON object"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -99,12 +127,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        whole_body = _whole_body_error(first, request.headers.get("content-type"))
+        if whole_body is not None:
+            status, message = whole_body
+            return error_response_at(
+                request.url.path, status, ErrorCode.INVALID_REQUEST, message, None
+            )
         # loc is ("body", "width") for body fields; the param is the path below the section.
         section, *rest = first.get("loc", ()) or ("",)
         loc = [str(p) for p in rest] if section in ("body", "query", "path", "header") else []
         if section == "header":  # as clients spell it: Idempotency-Key, not idempotency-key
             loc = ["-".join(word.capitalize() for word in name.split("-")) for name in loc]
-        detail = str(first.get("msg"))
+        # A validator's own words, without pydantic's label for how they were raised.
+        detail = str(first.get("msg")).removeprefix("Value error, ")
         if loc[-1:] == ["[key]"]:  # a mapping's key, as pydantic places it: name the mapping
             *loc, key, _ = loc
             detail = f"key {key!r}: {detail}"
@@ -114,10 +149,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-        return error_response_at(
-            request.url.path, exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
-        )
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        message = str(exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "another")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        elif message == _FASTAPI_UNPARSEABLE_BODY:
+            message = "the body could not be read as JSON (it must be UTF-8 text)"
+        return error_response_at(request.url.path, exc.status_code, code, message, None, headers)
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)

@@ -54,6 +54,16 @@ def _not_a_boolean(value: object) -> object:
 # Counts are integers (768.0 too), never booleans: pydantic would take `true` as 1.
 Count = Annotated[int, BeforeValidator(_not_a_boolean)]
 
+def _tuned_choice(value: object) -> object:
+    # Strictly the three documented values: pydantic alone would take "yes", "off" or 1 as a
+    # boolean, and answer "AUTO" with an error about its own union members.
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError('must be true, false or "auto"')
+
+
+Tuned = Annotated[bool | Literal["auto"], BeforeValidator(_tuned_choice)]
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 
@@ -72,7 +82,7 @@ class GenerationCreate(BaseModel):
     steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
-    tuned: bool | Literal["auto"] = "auto"
+    tuned: Tuned = "auto"
     # default: the model's (GET /v1/models: default_pivot_strength; the paper's 0.7 for SD)
     pivot_strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"

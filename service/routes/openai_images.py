@@ -49,7 +49,10 @@ MAX_IMAGES = 4
 
 
 class OpenAIImageRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """OpenAI's image request, plus this service's engine fields. Unknown fields are refused, as
+    OpenAI does: a typo in `extra_body` (`stepz`) must not silently run the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: Prompt
     model: str | None = Field(default=None, min_length=1)
@@ -59,6 +62,13 @@ class OpenAIImageRequest(BaseModel):
     output_format: ImageFormat = "png"
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
+    # OpenAI's, accepted so its clients' requests are, with no effect on a diffusion model.
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = Field(default=None, max_length=32)
+    background: str | None = Field(default=None, max_length=32)
+    moderation: str | None = Field(default=None, max_length=32)
+    output_compression: Count | None = Field(default=None, ge=0, le=100)
+    partial_images: Count | None = Field(default=None, ge=0, le=3)
     # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
     seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)

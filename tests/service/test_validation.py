@@ -57,6 +57,9 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"seed": 2**32}, "seed"),
         ({"model": "sdxl-that-is-not-here"}, "model"),
         ({"method": "bogus"}, "method"),
+        ({"tuned": "yes"}, "tuned"),  # strictly true, false or "auto"
+        ({"tuned": 1}, "tuned"),
+        ({"tuned": "AUTO"}, "tuned"),
         ({"pivot_strength": 0}, "pivot_strength"),
         ({"pivot_strength": 1.5}, "pivot_strength"),
         # 2 x 0.4 rounds down to no re-noise step at a size above native
@@ -123,6 +126,40 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
     assert 'selfcascade_http_requests_total{method="POST",route="unmatched",status="413"} 3.0' in (
         metrics
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "says"),
+    [
+        (b'{"prompt": "x",', "application/json", 422, "the body is not valid JSON: "),
+        (b'{"prompt": "x"}', None, 415, "Content-Type: application/json (got none)"),
+        (b"prompt=x", "application/x-www-form-urlencoded", 415, "(got 'application/x-www-f"),
+        (b"[1, 2]", "application/json", 422, "the body must be a JSON object"),
+        (b"", "application/json", 422, "the body is empty; send a JSON object"),
+        (b'{"prompt": "\xff"}', "application/json", 400, "it must be UTF-8 text"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_named_as_such(
+    client: httpx.Client, content: bytes, content_type: str | None, status: int, says: str
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = client.post("/v1/generations", content=content, headers=headers)
+    assert_error(answer, status, "invalid_request", None)  # no field: a character offset is not
+    assert says in answer.json()["error"]["message"]
+    openai = client.post("/v1/images/generations", content=content, headers=headers)
+    assert openai.status_code == (400 if status == 422 else status)  # OpenAI's shape and codes
+    assert says in openai.json()["error"]["message"] and openai.json()["error"]["param"] is None
+
+
+def test_a_validators_message_reads_as_its_own_words(client: httpx.Client) -> None:
+    answer = client.post("/v1/generations", json={**VALID, "tuned": "yes"})
+    assert answer.json()["error"]["message"] == 'tuned: must be true, false or "auto"'
+
+
+def test_a_method_a_route_does_not_serve_says_which_it_does(client: httpx.Client) -> None:
+    answer = client.put("/v1/generations", json=VALID)
+    assert_error(answer, 405, "method_not_allowed", None)
+    assert answer.json()["error"]["message"] == "PUT is not allowed on /v1/generations; use POST"
 
 
 def test_a_bad_header_is_named_as_clients_spell_it(client: httpx.Client) -> None:

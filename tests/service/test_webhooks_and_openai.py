@@ -230,6 +230,7 @@ def test_openai_client_gets_a_b64_image_of_the_requested_size(stack: Stack) -> N
         size="128x128",  # type: ignore[arg-type]
         response_format="b64_json",
         user="end-user-7",
+        quality="high",  # OpenAI's, accepted without effect
         extra_body={"steps": 4, "seed": 11, "negative_prompt": "blur", "guidance_scale": 5.0},
     )
     assert result.created > 0
@@ -263,6 +264,9 @@ def test_openai_errors_come_in_openai_shape(stack: Stack) -> None:
     assert error["param"] == "size"
     assert error["code"] == "invalid_request" and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as raised:  # a typo never runs the defaults
+        openai_client(stack).images.generate(prompt="x", extra_body={"stepz": 2})
+    assert raised.value.response.json()["error"]["param"] == "stepz"
 
 
 def test_metrics_use_inference_server_names(stack: Stack) -> None:
