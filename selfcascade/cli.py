@@ -1,7 +1,7 @@
 """`selfcascade` command line: generate images, write a tiny test model, tune upsamplers.
 
-Errors a user can cause (missing model, bad sizes, bad values) print one line and exit 2;
-a traceback means a bug.
+Errors a user can cause (missing model, bad sizes, bad values, an install without the
+command's extra) print one line and exit 2; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=Path("out.png"),
         help="image file; for a video model an animated .gif, .png or .webp",
     )
-    p.set_defaults(handler=_generate, loads_models=True)
+    p.set_defaults(handler=_generate, loads_models=True, extra="worker")
 
 
 def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
@@ -95,7 +95,7 @@ def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_tiny_model, loads_models=True)
+    p.set_defaults(handler=_tiny_model, loads_models=True, extra="worker")
 
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
@@ -246,6 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except SelfCascadeError as exc:
         print(f"selfcascade: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        # The bare `pip install selfcascade` is the job contract only: each command's third-party
+        # imports come with an extra (`extra` in its parser's defaults), named here to install.
+        if exc.name is None or exc.name.partition(".")[0] == "selfcascade":
+            raise  # one of our own modules missing is a broken install or a bug
+        print(
+            f"selfcascade: error: `selfcascade {args.command}` needs {exc.name}, which is not "
+            f"installed: pip install 'selfcascade[{args.extra}]'",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
 

@@ -1,8 +1,9 @@
 """`selfcascade client ...`: generate through a running service, read a job, cancel one.
 
 Registered by `selfcascade.cli`; imports only argparse at the top so building the parser stays
-cheap, and httpx/tqdm when a command runs (no torch anywhere). Exit codes: 0 done, 1 the job
-or the server said no (one line on stderr), 2 bad arguments, 130 interrupted (job canceled).
+cheap, and httpx/tqdm (the `client` extra) when a command runs (no torch anywhere). Exit codes:
+0 done, 1 the job or the server said no (one line on stderr), 2 bad arguments or httpx/tqdm
+not installed, 130 interrupted (job canceled).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         help="use a running selfcascade service (no torch needed)",
         description="Talk to a selfcascade API. The API key comes from SELFCASCADE_API_KEY.",
     )
+    p.set_defaults(extra="client")
     actions = p.add_subparsers(dest="client_command", required=True)
 
     g = actions.add_parser("generate", help="submit a generation, optionally wait and download")
@@ -318,11 +320,10 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m selfcascade.client_cli generate ...`: the client alone, for torch-free hosts."""
-    parser = argparse.ArgumentParser(prog="selfcascade")
-    add_client_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["client", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.handler(args))
+    """`python -m selfcascade.client_cli generate ...`: `selfcascade client generate ...`."""
+    from selfcascade.cli import main as cli_main  # its errors are answered in one line there
+
+    return cli_main(["client", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     # float32 weights + autocast, as diffusers' own training scripts do: the SDXL VAE overflows
     # in float16, and float16 base weights would gain little over autocast.
     p.add_argument("--dtype", default="float32", help="base model weight dtype (float32)")
-    p.set_defaults(handler=run_tune, loads_models=True)
+    p.set_defaults(handler=run_tune, loads_models=True, extra="worker")
     return p
 
 

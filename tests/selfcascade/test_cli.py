@@ -108,3 +108,26 @@ def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "no model folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needs", "extra"),
+    [
+        (["client", "status", "0123"], "httpx", "client"),
+        (["generate", "--prompt", "x", "--width", "64", "--height", "64"], "tqdm", "worker"),
+    ],
+)
+def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
+    args: list[str], needs: str, extra: str
+) -> None:
+    # -S leaves site-packages off the path, so no extra's package imports, as after a bare
+    # `pip install selfcascade` (these commands never import its job-contract dependencies).
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "selfcascade.cli", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"selfcascade: error: `selfcascade {args[0]}` needs {needs}, which is not installed: "
+        f"pip install 'selfcascade[{extra}]'\n"
+    )
