@@ -131,9 +131,15 @@ def _output_format(args: argparse.Namespace) -> str | None:
     """--output-format, else the format --out's extension names: the file then holds what its
     name says (a clip asked for as out.png would otherwise be mp4 bytes in a .png)."""
     suffix = args.out.suffix.lower().lstrip(".") if args.out else ""
+    if not suffix:
+        return args.output_format  # a bare name holds whatever format the job makes
     named = {"jpg": "jpeg"}.get(suffix, suffix)
-    if named not in OUTPUT_FORMATS:
-        return args.output_format  # no extension, or one the service does not make
+    if named not in OUTPUT_FORMATS:  # refused now: it would be png bytes under, say, a .bmp name
+        formats = ", ".join(f".{f}" for f in OUTPUT_FORMATS)
+        raise ValueError(
+            f"--out {args.out} names a .{suffix} file, which the service cannot write "
+            f"(it writes {formats}; .jpg for jpeg)"
+        )
     if args.output_format is not None and args.output_format != named:
         raise ValueError(
             f"--out {args.out} names a .{suffix} file, but --output-format is {args.output_format}"

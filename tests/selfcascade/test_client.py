@@ -95,6 +95,20 @@ def test_an_out_file_name_contradicting_the_output_format_is_refused_before_subm
     )
 
 
+def test_an_out_file_extension_the_service_cannot_write_is_refused_before_submitting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Nothing listens on port 9: a request sent would fail with exit 1, not 2.
+    argv = ["client", "generate", "--server", "http://127.0.0.1:9", "--retry-budget", "0"]
+    assert main([*argv, "--prompt", "x", "--out", "shapes.bmp"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfcascade client: error: --out shapes.bmp names a .bmp file, which the service cannot "
+        "write (it writes .png, .webp, .jpeg, .mp4, .webm, .gif; .jpg for jpeg)"
+    )
+    assert main([*argv, "--prompt", "x", "--out", "shapes"]) == 1  # a bare name is sent
+    assert "cannot reach the server at http://127.0.0.1:9" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_server_comes_from_the_environment_and_queued_jobs_cancel(
     stack: RunningStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
