@@ -78,7 +78,11 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--frames", type=int, help="video models: frames of the clip (default: the model's 16)"
+        "--num-frames",
+        "--frames",  # this command's first spelling; the API and the client say num_frames
+        dest="num_frames",
+        type=int,
+        help="video models: frames of the clip (default: the model's 16)",
     )
     p.add_argument(
         "--out",
@@ -147,7 +151,7 @@ def _generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         method=args.method,
         lr_features=args.lr_features,
-        num_frames=args.frames,
+        num_frames=args.num_frames,
     )
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)

@@ -242,7 +242,10 @@ def test_every_scheduler_runs_a_two_stage_video(pipe: Any, scheduler: str) -> No
     assert np.asarray(result.frames[0]).std() > 0  # not a blank (NaN-decoded) frame
 
 
-def test_cli_generate_writes_an_animated_image_for_a_video_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("frames_flag", ["--num-frames", "--frames"])  # the API's name, the old
+def test_cli_generate_writes_an_animated_image_for_a_video_model(
+    tmp_path: Path, frames_flag: str
+) -> None:
     from PIL import Image
 
     from selfcascade.cli import main as cli_main
@@ -252,7 +255,7 @@ def test_cli_generate_writes_an_animated_image_for_a_video_model(tmp_path: Path)
     code = cli_main(
         [
             "generate", "--model", str(model), "--prompt", "x", "--width", "128", "--height",
-            "64", "--steps", "2", "--frames", "3", "--out", str(out), "--device", "cpu",
+            "64", "--steps", "2", frames_flag, "3", "--out", str(out), "--device", "cpu",
         ]
     )  # fmt: skip
     assert code == 0
