@@ -62,6 +62,13 @@ export function createApi(getKey) {
   };
 }
 
+// A 429's code says which limit was hit: the model's queue, or the caller's pace or jobs in flight.
+const LIMITS = new Map([
+  ["queue_full", "The queue is full"],
+  ["rate_limited", "Too many requests"],
+  ["too_many_active_jobs", "Too many generations queued or running at once"],
+]);
+
 export function describeError(error) {
   switch (error.status) {
     case 0:
@@ -71,8 +78,11 @@ export function describeError(error) {
       return `Not allowed: ${error.message} (set an API key below).`;
     case 422:
       return `Invalid ${error.param || "request"}: ${stripParam(error.message, error.param)}`;
-    case 429:
-      return `The queue is full (${error.message}). Try again in ${error.retryAfter || "a few"} s.`;
+    case 429: {
+      const limit = LIMITS.get(error.code);
+      const why = limit ? `${limit} (${error.message})` : `Refused for now: ${error.message}`;
+      return `${why}. Try again in ${error.retryAfter || "a few"} s.`;
+    }
     case 503:
       return `The service cannot take jobs right now: ${error.message}`;
     default:

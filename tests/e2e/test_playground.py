@@ -147,6 +147,12 @@ def test_validation_error_names_the_field(page: Any) -> None:
     ("status", "code", "message", "shown"),
     [
         (429, "queue_full", "the queue is full; retry later", "The queue is full"),
+        (429, "rate_limited", "rate limit of 120 requests/minute exceeded", "Too many requests ("),
+        (
+            429, "too_many_active_jobs", "at most 16 queued or running generations per API key",
+            "Too many generations queued or running at once (",
+        ),
+        (429, "some_new_limit", "slow down", "Refused for now: slow down. Try again in 5 s."),
         (503, "redis_unavailable", "the job store (Redis) is unreachable", "cannot take jobs"),
     ],
 )
