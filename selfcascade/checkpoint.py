@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from selfcascade.errors import CheckpointError
 from selfcascade.upsamplers import FeatureUpsamplerSet, UpsamplerSetConfig
@@ -125,7 +125,10 @@ def save_upsamplers(
     tensors = {k: v.detach().contiguous().cpu() for k, v in upsamplers.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    # Not safetensors' save_file: it creates the file 0600, and a checkpoint copied from there
+    # into a read-only mount is then unreadable to a container running as another uid. Written
+    # here, its mode follows the umask, like the run's loss log and training state.
+    tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))
     os.replace(tmp, path)
     return path
 

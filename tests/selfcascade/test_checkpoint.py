@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,21 @@ def test_round_trip_is_exact(saved: tuple[Path, FeatureUpsamplerSet], tiny_sd: A
     assert loaded.upsamplers.config == ups.config
     assert (loaded.scale, loaded.pivot_timestep) == (2.0, 700)
     assert loaded.parameter_count == ups.parameter_count()
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"]
+)
+def test_file_mode_follows_the_umask(tmp_path: Path, tiny_sd: Any, umask: int, mode: int) -> None:
+    """Not 0600: a checkpoint copied into a read-only mount must be readable by another uid."""
+    previous = os.umask(umask)
+    try:
+        path = save_upsamplers(
+            tmp_path / "ups.safetensors", random_set(tiny_sd), tiny_sd.unet, 2, 700
+        )
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_metadata_names_format_base_model_and_architecture(
