@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from redis import Redis
 
 from service.all_in_one import wait_until_ready
 
@@ -49,11 +50,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def start_stack(redis_url: str, data_dir: Path, port: int) -> list[subprocess.Popen[bytes]]:
+def start_stack(
+    redis_url: str, prefix: str, data_dir: Path, port: int
+) -> list[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFCASCADE_")}
     env.update(
         SELFCASCADE_REDIS_URL=redis_url,
-        SELFCASCADE_REDIS_PREFIX=f"bench{uuid.uuid4().hex[:6]}",
+        SELFCASCADE_REDIS_PREFIX=prefix,
         SELFCASCADE_DATA_DIR=str(data_dir),
         PYTHONPATH=str(REPO),
     )
@@ -67,6 +70,18 @@ def start_stack(redis_url: str, data_dir: Path, port: int) -> list[subprocess.Po
         env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
     return [worker, api]
+
+
+def forget(redis_url: str, prefix: str) -> None:
+    """Delete the run's keys: the job store's and RQ's queues and registries carry the prefix
+    (RQ's job hashes do not; they expire with their results)."""
+    redis = Redis.from_url(redis_url)
+    for key in redis.scan_iter(match=f"*{prefix}*", count=1000):
+        redis.delete(key)
+    for name in redis.smembers("rq:queues"):  # type: ignore[union-attr]
+        if prefix in name.decode():
+            redis.srem("rq:queues", name)
+    redis.close()
 
 
 def run_job(client: httpx.Client, body: dict) -> tuple[float, float, dict]:
@@ -117,7 +132,11 @@ async def get_throughput(url: str, path: str, seconds: float, concurrency: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/12",
+        help="a Redis to run on (not one whose databases your tests use); the run's keys go "
+        "under a fresh prefix and are deleted afterwards",
+    )
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
@@ -127,13 +146,15 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="sc-bench-") as tmp:
-        children = start_stack(args.redis_url, Path(tmp), port)
+        children = start_stack(args.redis_url, prefix, Path(tmp), port)
         try:
             wait_until_ready(url, children)
             body = {"prompt": "a bench", "width": args.size, "height": args.size,
                     "steps": args.steps}
             with httpx.Client(base_url=url, timeout=30) as client:
+                model = client.get("/v1/models").json()["data"][0]["name"]  # what it served
                 run_job(client, body)  # warm-up: first-call allocations in the engine
                 samples = [run_job(client, {**body, "seed": i}) for i in range(args.jobs)]
                 job_id = samples[-1][2]["id"]
@@ -148,6 +169,7 @@ def main() -> None:
                 child.terminate()
             for child in children:
                 child.wait(timeout=30)
+            forget(args.redis_url, prefix)
 
     e2e = [s[0] for s in samples]
     engine = [s[1] for s in samples]
@@ -157,7 +179,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
-        "job": {"size": args.size, "steps": args.steps, "model": "tiny", "jobs": args.jobs},
+        "job": {"size": args.size, "steps": args.steps, "model": model, "jobs": args.jobs},
         "end_to_end_s": {"median": statistics.median(e2e), "p95": percentile(e2e, 0.95)},
         "engine_s": {"median": statistics.median(engine), "p95": percentile(engine, 0.95)},
         "overhead_s": {"median": statistics.median(overhead), "p95": percentile(overhead, 0.95),
@@ -174,7 +196,7 @@ def main() -> None:
         ("engine time per job (s)", result["engine_s"]["median"], result["engine_s"]["p95"]),
         ("service overhead (s)", result["overhead_s"]["median"], result["overhead_s"]["p95"]),
     ]
-    print(f"\nservice overhead: {args.jobs} jobs, tiny model, {args.size}px, {args.steps} steps")
+    print(f"\nservice overhead: {args.jobs} jobs, model {model}, {args.size}px, {args.steps} steps")
     print(f"{'metric':<28}{'median':>10}{'p95':>10}")
     for name, median, p95 in rows:
         print(f"{name:<28}{median:>10.3f}{p95:>10.3f}")
