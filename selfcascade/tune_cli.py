@@ -65,7 +65,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from selfcascade.loading import load_pipeline
-    from selfcascade.tuning import StepReport, TuneConfig, tune
+    from selfcascade.tuning import StepReport, TuneConfig, check_paths, tune
 
     config = TuneConfig(
         data_dir=args.data,
@@ -84,16 +84,25 @@ def run_tune(args: argparse.Namespace) -> int:
         clip_frames=args.clip_frames,
     )
     # SelfCascadeError (bad data, bad checkpoint, bad model) is reported by the cli's main.
-    config.validate()  # bad arguments fail before the model loads
+    # Bad arguments and paths fail before the model loads.
+    config.validate()
+    check_paths(config)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
-    with tqdm(total=config.steps, unit="step", dynamic_ncols=True) as bar:
+    # Drawn at the first step, not before: what tune refuses in its set-up (the data, a
+    # training state) then prints one error line, with no stray empty bar above it.
+    bar: tqdm | None = None
 
-        def on_step(report: StepReport) -> None:
-            if bar.n == 0 and report.step > 1:
-                bar.update(report.step - 1)  # resumed: start the bar at the saved step
-            bar.set_postfix(loss=f"{report.loss:.4f}")
-            bar.update(1)
+    def on_step(report: StepReport) -> None:
+        nonlocal bar
+        if bar is None:  # a resumed run's bar starts at the saved step
+            bar = tqdm(total=report.steps, initial=report.step - 1, unit="step", dynamic_ncols=True)
+        bar.set_postfix(loss=f"{report.loss:.4f}")
+        bar.update(1)
 
+    try:
         result = tune(pipe, config, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
     print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
     return 0

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -105,6 +106,22 @@ class TuneConfig:
     def hr_size(self, native_size: int) -> int:
         """The side of the high-resolution training crops (and of the stage tuned for)."""
         return self.crop_size or native_size * self.scale
+
+
+def check_paths(config: TuneConfig) -> None:
+    """Refuse a missing data folder or an --out that cannot be written. Needs no model, so the
+    CLI runs it before loading one; `tune` runs it too. Creates --out."""
+    data = Path(config.data_dir)
+    if not data.is_dir():
+        raise InvalidRequest("data", f"{data} is not a directory")
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidRequest("out", f"{out} is a file; --out names the folder the run writes into")
+    try:  # by writing there: permission bits say nothing of read-only mounts, or of root
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise InvalidRequest("out", f"cannot write into {out}: {exc.strerror or exc}") from None
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -320,6 +337,7 @@ def tune(
 ) -> TuneResult:
     """Train (or resume training) the upsamplers; the base pipeline's weights never change."""
     config.validate()
+    check_paths(config)
     model = TuningModel(pipe)
     crop = config.hr_size(model.native_size)
     multiple = int(pipe.vae_scale_factor) * 2 ** (len(model.unet.config.down_block_types) - 1)
@@ -346,7 +364,6 @@ def tune(
     generator = torch.Generator().manual_seed(config.seed)
 
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = 0
     if config.resume:
         start = _load_state(out, config, model, upsamplers, optimizer, scaler, generator)

@@ -225,6 +225,9 @@ def test_bad_arguments_are_named(tmp_path: Path, data: Path, tiny_sd: Any) -> No
         tune(tiny_sd, config(tmp_path, data, steps=0))
     with pytest.raises(InvalidRequest, match="crop_size"):
         tune(tiny_sd, config(tmp_path, data, crop_size=100))
+    (tmp_path / "a-file").touch()
+    with pytest.raises(InvalidRequest, match="a-file is a file"):
+        tune(tiny_sd, config(tmp_path, data, out_dir=tmp_path / "a-file"))
 
 
 def test_cli_tune_and_resume(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture) -> None:
@@ -235,6 +238,43 @@ def test_cli_tune_and_resume(tmp_path: Path, data: Path, capsys: pytest.CaptureF
     assert "after step 3 (started at 2)" in capsys.readouterr().out
     assert cli_main([*args, "--data", str(tmp_path / "missing"), "--steps", "1"]) != 0
     assert "missing is not a directory" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unusable_out_in_one_line_before_loading_the_model(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    a_file = tmp_path / "README.md"
+    a_file.write_text("notes", encoding="utf-8")
+    # No model there: had it been loaded first, the error would name the model, not --out.
+    args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--steps", "1"]
+    assert cli_main([*args, "--out", str(a_file)]) == 2
+    assert capsys.readouterr().err == (
+        f"selfcascade: error: out: {a_file} is a file; --out names the folder the run writes into\n"
+    )
+    assert cli_main([*args, "--out", str(a_file / "ckx")]) == 2
+    assert capsys.readouterr().err == (
+        f"selfcascade: error: out: cannot write into {a_file / 'ckx'}: Not a directory\n"
+    )
+    assert a_file.read_text(encoding="utf-8") == "notes"
+
+
+def test_cli_bad_data_is_one_error_line_with_no_progress_bar(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "my_images"
+    args = ["tune", "--model", str(tmp_path / "no-model"), "--steps", "1"]
+    assert cli_main([*args, "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"selfcascade: error: data: {missing} is not a directory\n"
+    assert not (tmp_path / "o").exists()  # refused before --out was created
+
+    # Found only once the model says what to look for (images or clips): still no bar.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = save_tiny_sd(tmp_path / "model")
+    args = ["tune", "--model", str(model), "--data", str(empty), "--steps", "1"]
+    assert cli_main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfcascade: error: data: no images") and err.count("\n") == 1
 
 
 def test_cli_generate_uses_and_verifies_the_tuned_checkpoint(
