@@ -109,8 +109,9 @@ class TuneConfig:
 
 
 def check_paths(config: TuneConfig) -> None:
-    """Refuse a missing data folder or an --out that cannot be written. Needs no model, so the
-    CLI runs it before loading one; `tune` runs it too. Creates --out."""
+    """Refuse a missing data folder, an --out that cannot be written, or a --resume with no
+    step left to train. Needs no model, so the CLI runs it before loading one; `tune` runs it
+    too. Creates --out."""
     data = Path(config.data_dir)
     if not data.is_dir():
         raise InvalidRequest("data", f"{data} is not a directory")
@@ -122,6 +123,14 @@ def check_paths(config: TuneConfig) -> None:
         tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
         raise InvalidRequest("out", f"cannot write into {out}: {exc.strerror or exc}") from None
+    if config.resume:
+        step = int(_read_state(out / STATE_FILE)["step"])
+        if step >= config.steps:  # nothing to train: say so rather than report a finished run
+            raise InvalidRequest(
+                "steps",
+                f"the run in {out} is already at step {step}; raise --steps above {step} "
+                "to train further",
+            )
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -389,8 +398,6 @@ def tune(
                 on_step(StepReport(step, config.steps, value))
             if step % config.save_every == 0 or step == config.steps:
                 _save_state(out, config, model, upsamplers, optimizer, scaler, generator, step, k)
-    if start >= config.steps and not checkpoint.is_file():
-        _save_state(out, config, model, upsamplers, optimizer, scaler, generator, start, k)
     return TuneResult(upsamplers, checkpoint, start, config.steps, losses)
 
 
@@ -482,12 +489,7 @@ def _load_state(
     generator: torch.Generator,
 ) -> int:
     path = out / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: no training state at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or truncated files
-        raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
+    state = _read_state(path)
     if state.get("base_config_sha256") != BaseModelIdentity.of(model.unet).config_sha256:
         raise CheckpointError(f"training state {path} was made for another base model")
     # The settings as used, on both sides: a run that left one to its default (None) and one
@@ -504,6 +506,18 @@ def _load_state(
     scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     return int(state["step"])
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: no training state at {path}")
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or truncated files
+        raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a selfcascade training state")
+    return state
 
 
 def _as_used(key: dict[str, Any], native_size: int) -> dict[str, Any]:

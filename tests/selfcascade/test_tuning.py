@@ -146,6 +146,28 @@ def test_resume_refuses_changed_settings_and_missing_state(tmp_path: Path, data:
         tune(pipe, config(tmp_path, data, steps=2, resume=True))
 
 
+def test_resume_with_no_step_left_is_refused_not_reported_as_trained(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=2))
+    saved = (tmp_path / "out" / UPSAMPLERS_FILE).read_bytes()
+    with pytest.raises(InvalidRequest, match=r"already at step 2; raise --steps above 2"):
+        tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=2, resume=True))
+    # No model there: the state's step is read, and the run refused, before any model loads.
+    args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data)]
+    assert cli_main([*args, "--out", str(tmp_path / "out"), "--steps", "1", "--resume"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # was "wrote ... after step 1 (started at 2)", exit 0
+    assert captured.err == (
+        f"selfcascade: error: steps: the run in {tmp_path / 'out'} is already at step 2; "
+        "raise --steps above 2 to train further\n"
+    )
+    assert (tmp_path / "out" / UPSAMPLERS_FILE).read_bytes() == saved
+    torch.save(torch.zeros(1), tmp_path / "out" / STATE_FILE)
+    with pytest.raises(CheckpointError, match="not a selfcascade training state"):
+        tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=3, resume=True))
+
+
 def test_resume_takes_the_default_crop_size_named_explicitly(tmp_path: Path, data: Path) -> None:
     pipe = build_tiny_sd_pipeline(0)
     tune(pipe, config(tmp_path, data, steps=1, crop_size=None))
