@@ -213,11 +213,23 @@ def _check_out(out: Path, video: bool) -> None:
 
 def _check_writable(folder: Path) -> None:
     """Refuse a destination folder that cannot be written, before any compute."""
+    problem = _unwritable(folder)
+    if problem:
+        raise InvalidRequest("out", f"cannot write into {folder}: {problem}")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (made if missing), or None when they can."""
+    if folder.exists() and not folder.is_dir():  # mkdir would only say "File exists"
+        return "it is a file, not a folder"
     try:  # by writing there: permission bits say nothing of read-only mounts, or of root
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
+    except NotADirectoryError:  # its strerror names no folder
+        return "a folder above it is a file"
     except OSError as exc:
-        raise InvalidRequest("out", f"cannot write into {folder}: {exc.strerror or exc}") from None
+        return str(exc.strerror or exc)
+    return None
 
 
 def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:
@@ -231,7 +243,15 @@ def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:
 def _tiny_model(args: argparse.Namespace) -> int:
     from selfcascade.tiny_models import save_tiny_sd
 
-    path = save_tiny_sd(args.path, seed=args.seed)
+    problem = _unwritable(args.path)
+    if problem:
+        raise SelfCascadeError(f"cannot write a model folder at {args.path}: {problem}")
+    try:
+        path = save_tiny_sd(args.path, seed=args.seed)
+    except OSError as exc:  # the disk filled up meanwhile
+        raise SelfCascadeError(
+            f"cannot write a model folder at {args.path}: {exc.strerror or exc}"
+        ) from None
     print(f"wrote a tiny random Stable Diffusion pipeline to {path}")
     return 0
 

@@ -77,6 +77,9 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--device", "mps"], "cannot use device 'mps'"),
         # Unwritable destinations are refused before the generation, not after it.
         (["--width", "64", "--height", "64", "--out", "/proc/no/x.png"], "cannot write into"),
+        # A file where its folder should be: mkdir said only "File exists".
+        (["--width", "64", "--height", "64", "--out", "README.md/x.png"],
+         "cannot write into README.md: it is a file, not a folder"),
     ],
 )
 def test_bad_values_are_one_line_errors_not_tracebacks(
@@ -86,6 +89,23 @@ def test_bad_values_are_one_line_errors_not_tracebacks(
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        # Were NotADirectoryError and PermissionError tracebacks, exit 1.
+        ("README.md", "cannot write a model folder at README.md: it is a file, not a folder"),
+        ("README.md/tiny", "cannot write a model folder at README.md/tiny: a folder above it is "
+         "a file"),
+        ("/sys/selfcascade-tiny", "cannot write a model folder at /sys/selfcascade-tiny: "),
+    ],
+)
+def test_tiny_model_into_an_unwritable_place_is_a_one_line_error(path: str, message: str) -> None:
+    done = run("tiny-model", path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"selfcascade: error: {message}")
+    assert done.stderr.count("\n") == 1
 
 
 def test_a_model_folder_under_home_can_be_named_with_a_tilde(model: Path, tmp_path: Path) -> None:
