@@ -71,8 +71,9 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--upsamplers",
         type=Path,
         nargs="+",
-        help="tuned feature-upsampler checkpoint, or several tuned at different stage sizes "
-        "(each stage uses the one tuned nearest its size)",
+        help="tuned feature-upsampler checkpoint (or the folder `selfcascade tune --out` wrote), "
+        "or several tuned at different stage sizes (each stage uses the one tuned nearest its "
+        "size)",
     )
     p.add_argument("--lr-features", choices=LR_FEATURE_MODES, default="per_step")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")

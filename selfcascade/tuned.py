@@ -71,6 +71,10 @@ logger = logging.getLogger(__name__)
 # attributes diffusers' classes set.
 UNet = Any
 
+# The checkpoint `selfcascade tune` writes into its --out folder (tuning.UPSAMPLERS_FILE; tuning
+# imports this module, so the name cannot come from there).
+UPSAMPLERS_FILE = "upsamplers.safetensors"
+
 # Keyword arguments the UNet passes to a block that must not be applied to the LR state:
 # T2I-adapter residuals are computed for the HR resolution.
 _HR_ONLY_KWARGS = ("additional_residuals",)
@@ -407,7 +411,8 @@ def load_tuned_hook(
 
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     sets = []
-    for path in paths:
+    for given in paths:
+        path = checkpoint_file(given)
         checkpoint = load_upsamplers(path, pipe.unet)
         if len(paths) > 1 and checkpoint.hr_size is None:
             raise CheckpointError(
@@ -426,3 +431,18 @@ def load_tuned_hook(
         )
         sets.append(StageUpsamplers(checkpoint.upsamplers, checkpoint.scale, checkpoint.hr_size))
     return TunedStageHook(sets, lr_features)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """`path`, or the checkpoint inside it when it is the folder `selfcascade tune --out` wrote
+    (what a user has at hand after tuning)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    inside = path / UPSAMPLERS_FILE
+    if not inside.is_file():
+        raise CheckpointError(
+            f"{path} is a folder without {UPSAMPLERS_FILE}, the file `selfcascade tune` writes "
+            "into its --out; give that folder or an upsampler checkpoint file"
+        )
+    return inside

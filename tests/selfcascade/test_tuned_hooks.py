@@ -5,18 +5,27 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from selfcascade.errors import GenerationCancelled
+from selfcascade.checkpoint import save_upsamplers
+from selfcascade.errors import CheckpointError, GenerationCancelled
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.plan import StageSize
 from selfcascade.progress import Progress
 from selfcascade.request import GenerationRequest
-from selfcascade.tuned import StageUpsamplers, TunedStageHook, inject_upsamplers
+from selfcascade.tuned import (
+    UPSAMPLERS_FILE,
+    StageUpsamplers,
+    TunedStageHook,
+    inject_upsamplers,
+    load_tuned_hook,
+)
+from selfcascade.tuning import UPSAMPLERS_FILE as TUNE_WRITES
 from selfcascade.upsamplers import FeatureUpsamplerSet
 from tests.selfcascade.single_thread import single_thread_torch  # noqa: F401 (fixture)
 
@@ -303,3 +312,19 @@ def test_several_sets_need_their_tuning_size(tiny_sd: Any) -> None:
         TunedStageHook([StageUpsamplers(untrained(tiny_sd)), StageUpsamplers(untrained(tiny_sd))])
     with pytest.raises(ValueError, match="at least one"):
         TunedStageHook([])
+
+
+def test_the_folder_tune_writes_loads_as_its_checkpoint(tiny_sd: Any, tmp_path: Path) -> None:
+    assert UPSAMPLERS_FILE == TUNE_WRITES
+    ups = trained(tiny_sd)
+    save_upsamplers(tmp_path / "tuned" / UPSAMPLERS_FILE, ups, tiny_sd.unet, 2, 700)
+    hook = load_tuned_hook(tmp_path / "tuned", tiny_sd)  # was: "... does not exist"
+    loaded = hook.sets[0].upsamplers.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ups.state_dict().items())
+
+
+def test_a_folder_without_the_checkpoint_names_the_file_expected(
+    tiny_sd: Any, tmp_path: Path
+) -> None:
+    with pytest.raises(CheckpointError, match=f"folder without {UPSAMPLERS_FILE}"):
+        load_tuned_hook(tmp_path, tiny_sd)
