@@ -3,6 +3,7 @@
 Registered by `selfcascade.cli` through `add_tune_parser`. Writes into `--out`:
 `upsamplers.safetensors` (what `generate --upsamplers` loads), `training_state.pt` (what
 `--resume` continues from) and `loss.jsonl` (one {"step", "loss", "elapsed_s"} line per step).
+An `--out` that already holds a run needs `--resume` (continue it) or `--overwrite` (start again).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start again at step 0, replacing --out's run"
+    )
     p.add_argument("--save-every", type=int, default=500, help="checkpoint interval in steps")
     p.add_argument("--crop-size", type=int, default=None, help="default: native size x scale")
     p.add_argument(
@@ -79,6 +83,7 @@ def run_tune(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         mixed_precision=not args.no_mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         clip_frames=args.clip_frames,

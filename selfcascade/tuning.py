@@ -68,6 +68,7 @@ class TuneConfig:
     save_every: int = 500
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start again at step 0 over a run already in out_dir
     mixed_precision: bool = True  # only ever used on CUDA
     gradient_checkpointing: bool = False
     # Video models only: frames per training window (None: DEFAULT_CLIP_FRAMES).
@@ -88,6 +89,8 @@ class TuneConfig:
             raise InvalidRequest("save_every", f"must be >= 1, got {self.save_every}")
         if self.clip_frames is not None and self.clip_frames < 1:
             raise InvalidRequest("clip_frames", f"must be >= 1, got {self.clip_frames}")
+        if self.resume and self.overwrite:
+            raise InvalidRequest("overwrite", "cannot be combined with --resume: pick one")
 
     def resume_key(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
@@ -109,9 +112,9 @@ class TuneConfig:
 
 
 def check_paths(config: TuneConfig) -> None:
-    """Refuse a missing data folder, an --out that cannot be written, or a --resume with no
-    step left to train. Needs no model, so the CLI runs it before loading one; `tune` runs it
-    too. Creates --out."""
+    """Refuse a missing data folder, an --out that cannot be written, a --resume with no step
+    left to train, or a fresh run over an earlier one without --overwrite. Needs no model, so the
+    CLI runs it before loading one; `tune` runs it too. Creates --out."""
     data = Path(config.data_dir)
     if not data.is_dir():
         raise InvalidRequest("data", f"{data} is not a directory")
@@ -131,6 +134,29 @@ def check_paths(config: TuneConfig) -> None:
                 f"the run in {out} is already at step {step}; raise --steps above {step} "
                 "to train further",
             )
+    elif not config.overwrite:
+        _refuse_to_replace(out)
+
+
+def _refuse_to_replace(out: Path) -> None:
+    """A fresh run would silently restart at step 0 over an earlier one in `out`: ask which."""
+    state = out / STATE_FILE
+    if state.is_file():
+        try:
+            at = f"at step {int(_read_state(state)['step'])}"
+        except CheckpointError:  # starting again is then the way out: still offer it
+            at = f"with an unreadable {STATE_FILE}"
+        raise InvalidRequest(
+            "out",
+            f"{out} already holds a tuning run {at}: pass --resume to continue it, or "
+            "--overwrite to start again from step 0",
+        )
+    if (out / UPSAMPLERS_FILE).exists():
+        raise InvalidRequest(
+            "out",
+            f"{out} already holds {UPSAMPLERS_FILE} (no {STATE_FILE} to resume): pass "
+            "--overwrite to replace it, or choose another --out",
+        )
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -377,6 +403,11 @@ def tune(
     if config.resume:
         start = _load_state(out, config, model, upsamplers, optimizer, scaler, generator)
         logger.info("resuming from step %d", start)
+    elif config.overwrite:
+        # Gone now, not at the first save: a run stopped before then must not leave the earlier
+        # run's state for --resume to continue against the loss log truncated below.
+        for name in (STATE_FILE, UPSAMPLERS_FILE):
+            (out / name).unlink(missing_ok=True)
     _truncate_loss_log(out / LOSS_LOG, start)
 
     checkpoint = out / UPSAMPLERS_FILE

@@ -24,6 +24,7 @@ from selfcascade.tuning import (
     LOSS_LOG,
     STATE_FILE,
     UPSAMPLERS_FILE,
+    StepReport,
     TuneConfig,
     TuningImages,
     TuningModel,
@@ -166,6 +167,42 @@ def test_resume_with_no_step_left_is_refused_not_reported_as_trained(
     torch.save(torch.zeros(1), tmp_path / "out" / STATE_FILE)
     with pytest.raises(CheckpointError, match="not a selfcascade training state"):
         tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=3, resume=True))
+
+
+def test_a_fresh_run_over_an_earlier_one_needs_resume_or_overwrite(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=2))
+    saved = (out / UPSAMPLERS_FILE).read_bytes()
+    # No model there: refused before any model loads, the earlier run left as it was.
+    args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--steps", "1"]
+    assert cli_main([*args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"selfcascade: error: out: {out} already holds a tuning run at step 2: pass --resume "
+        "to continue it, or --overwrite to start again from step 0\n"
+    )
+    assert (out / UPSAMPLERS_FILE).read_bytes() == saved
+    assert len((out / LOSS_LOG).read_text().splitlines()) == 2
+    with pytest.raises(InvalidRequest, match="overwrite: cannot be combined with --resume"):
+        tune(build_tiny_sd_pipeline(0), config(tmp_path, data, resume=True, overwrite=True))
+
+    # --overwrite starts again; stopped before its first save, it leaves no state to resume.
+    def stop(report: StepReport) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=1, overwrite=True), stop)
+    assert not (out / STATE_FILE).exists() and not (out / UPSAMPLERS_FILE).exists()
+    result = tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=1, overwrite=True))
+    assert result.start_step == 0
+    assert [json.loads(x)["step"] for x in (out / LOSS_LOG).read_text().splitlines()] == [1]
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 1
+
+    # A checkpoint alone (copied there, say) cannot be resumed: only --overwrite is offered.
+    (out / STATE_FILE).unlink()
+    with pytest.raises(InvalidRequest, match=r"holds upsamplers\.safetensors \(no training_state"):
+        tune(build_tiny_sd_pipeline(0), config(tmp_path, data, steps=1))
 
 
 def test_resume_takes_the_default_crop_size_named_explicitly(tmp_path: Path, data: Path) -> None:
