@@ -4,6 +4,8 @@ the text-to-video (UNet3DConditionModel) and AnimateDiff pipelines the video eng
 from __future__ import annotations
 
 import logging
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeAlias
 
@@ -15,6 +17,14 @@ from diffusers import (
     StableDiffusionXLPipeline,
     TextToVideoSDPipeline,
 )
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 from selfcascade.errors import ModelLoadError
 
@@ -75,12 +85,19 @@ def load_pipeline(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source = _local_folder(model) or model
+    folder = _local_folder(model)
+    if folder is None:
+        _check_hub_id(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype, variant=variant, local_files_only=local_files_only
+            folder or model, dtype=torch_dtype, variant=variant, local_files_only=local_files_only
         )
     except (OSError, ValueError) as exc:
+        if folder is None:  # a folder the user meant is as likely as a hub id: answer for both
+            raise ModelLoadError(
+                f"no local folder at {model!r}, and loading it as a hub id failed: "
+                f"{_hub_failure(exc)}"
+            ) from exc
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
     if not isinstance(pipe, SUPPORTED_PIPELINES):
         raise ModelLoadError(
@@ -113,3 +130,41 @@ def _local_folder(model: str) -> str | None:
             f"{model!r} is not a diffusers pipeline folder: model_index.json is missing"
         )
     return str(folder)
+
+
+def _check_hub_id(model: str) -> None:
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ModelLoadError(
+            f"no local folder at {model!r}, and it is not a hub id either ('name' or "
+            "'namespace/name', of letters, digits, '-', '_' and '.')"
+        ) from None
+
+
+def _hub_failure(exc: BaseException) -> str:
+    """Why a hub id did not load, in a few words. diffusers wraps the Hub's answer in a
+    paragraph that ends by pointing at a stack trace, which the CLI does not print."""
+    for cause in _causes(exc):
+        if isinstance(cause, OfflineModeIsEnabled):  # a ConnectionError too: ahead of those
+            return "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"
+        if isinstance(cause, GatedRepoError):  # a RepositoryNotFoundError too
+            return "it is gated: accept its terms on huggingface.co, then log in (hf auth login)"
+        if isinstance(cause, RepositoryNotFoundError):
+            return "no such repository on the Hub (or a private one: log in with hf auth login)"
+        if isinstance(cause, LocalEntryNotFoundError):
+            return "it is not in the local cache, and downloading was not allowed"
+        # Under whichever HTTP client's errors, a failed connection ends in one of these.
+        if isinstance(cause, socket.gaierror | ConnectionError | TimeoutError):
+            return f"the Hub cannot be reached ({cause}) and it is not in the local cache"
+    return " ".join(str(exc).split())
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -130,6 +130,21 @@ def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_a_model_that_is_no_folder_and_no_reachable_hub_id_is_one_short_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "selfcascade.cli", "generate", "--model", "nonexistent/folder",
+         "--prompt", "x", "--width", "64", "--height", "64"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    # Was one long line from diffusers, pointing at a stack trace nobody printed.
+    assert done.stderr == (
+        "selfcascade: error: no local folder at 'nonexistent/folder', and loading it as a hub id "
+        "failed: offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "needs", "extra"),
     [

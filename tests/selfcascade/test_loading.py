@@ -1,7 +1,12 @@
+import socket
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
 import pytest
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 from selfcascade.errors import ModelLoadError
 from selfcascade.loading import load_pipeline, resolve_dtype
@@ -35,5 +40,67 @@ def test_unknown_dtype_is_a_clear_error(tiny_folder: Path) -> None:
 
 
 def test_a_hub_id_that_cannot_be_reached_is_a_model_load_error() -> None:
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError) as caught:
         load_pipeline("selfcascade-tests/does-not-exist", local_files_only=True)
+    assert str(caught.value) == (
+        "no local folder at 'selfcascade-tests/does-not-exist', and loading it as a hub id "
+        "failed: it is not in the local cache, and downloading was not allowed"
+    )
+
+
+def test_neither_a_folder_nor_a_hub_id_says_both() -> None:
+    with pytest.raises(ModelLoadError, match="no local folder at 'a/b/c', and it is not a hub id"):
+        load_pipeline("a/b/c")
+
+
+class ClientConnectError(Exception):
+    """An HTTP client's own connection error (httpx's, requests'), not an OSError."""
+
+
+def http_404() -> Any:
+    return SimpleNamespace(headers={}, request=None)  # all HfHubHTTPError reads of a response
+
+
+def unreachable() -> BaseException:
+    try:
+        raise socket.gaierror(-2, "Name or service not known")
+    except socket.gaierror as exc:
+        try:
+            raise ClientConnectError("[Errno -2] Name or service not known") from exc
+        except ClientConnectError as wrapped:
+            return wrapped
+
+
+def diffusers_wrapping(cause: BaseException) -> Callable[..., NoReturn]:
+    """from_pretrained as diffusers 0.42 fails when the Hub did not answer: a paragraph that
+    points at a stack trace, raised from what the Hub said."""
+
+    def from_pretrained(*args: object, **kwargs: object) -> NoReturn:
+        raise OSError(
+            "Cannot load model x/y: the model is not fully cached locally (...) and an error "
+            "occurred while trying to fetch metadata from the Hub. Please check out the root "
+            "cause in the stacktrace above."
+        ) from cause
+
+    return from_pretrained
+
+
+@pytest.mark.parametrize(
+    ("cause", "reason"),
+    [
+        (OfflineModeIsEnabled("offline"), "offline mode is on (HF_HUB_OFFLINE)"),
+        (RepositoryNotFoundError("404", response=http_404()), "no such repository on the Hub"),
+        (GatedRepoError("403", response=http_404()), "it is gated"),
+        (unreachable(), "the Hub cannot be reached ([Errno -2] Name or service not known)"),
+    ],
+)
+def test_a_hub_id_that_does_not_load_says_why_in_one_short_line(
+    monkeypatch: pytest.MonkeyPatch, cause: BaseException, reason: str
+) -> None:
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", diffusers_wrapping(cause))
+    with pytest.raises(ModelLoadError) as caught:
+        load_pipeline("x/y", device="cpu")
+    message = str(caught.value)
+    assert message.startswith("no local folder at 'x/y', and loading it as a hub id failed: ")
+    assert reason in message
+    assert "stacktrace" not in message and len(message) < 160
