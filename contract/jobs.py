@@ -23,7 +23,8 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 # GIF stores delays in hundredths of a second, and browsers play 10 ms or less as 100 ms: 20 ms
-# frames (worker.video_encoding.gif_delays_ms never goes below that up to 50 fps) are the fastest.
+# frames (selfcascade.video_encoding.gif_delays_ms never goes below that up to 50 fps) are the
+# fastest.
 GIF_MAX_FPS = 50
 
 ImageFormat = Literal["png", "webp", "jpeg"]

@@ -27,6 +27,8 @@ log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
 DEFAULT_MODEL = str(demo_card.MODEL_DIR)
+# A clip's frame rate unless --fps says otherwise: the service's default too.
+DEFAULT_FPS = 8
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -86,10 +88,16 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="video models: frames of the clip (default: the model's 16)",
     )
     p.add_argument(
+        "--fps",
+        type=int,
+        default=DEFAULT_FPS,
+        help=f"video models: frames per second of the clip (default: {DEFAULT_FPS})",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("out.png"),
-        help="image file; for a video model an animated .gif, .png or .webp",
+        help="image file; for a video model .mp4, .webm, or an animated .gif, .png or .webp",
     )
     p.set_defaults(handler=_generate, loads_models=True, extra="worker")
 
@@ -156,7 +164,9 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
-    _check_out(args.out, video=False)
+    if args.fps < 1:
+        raise InvalidRequest("fps", f"must be at least 1, got {args.fps}")
+    _check_out(args.out, video=None)
     _check_writable(args.out.parent)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
@@ -176,11 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         assert isinstance(result, GenerationResult)
         frames = result.images
-    # Pillow writes every frame of a clip as one animated .gif/.png/.webp; no video encoder here.
-    try:
-        frames[0].save(args.out, save_all=len(frames) > 1, append_images=frames[1:])
-    except OSError as exc:  # the disk filled up, or the folder went away meanwhile
-        raise InvalidRequest("out", f"cannot write {args.out}: {exc}") from None
+    _write(args.out, frames, args.fps if isinstance(result, VideoResult) else None)
     kind = f"{len(frames)} frames of " if isinstance(result, VideoResult) else ""
     print(f"wrote {args.out} ({kind}{frames[0].width}x{frames[0].height})")
     stages = " -> ".join(str(s) for s in result.stages)
@@ -194,22 +200,63 @@ def _generate(args: argparse.Namespace) -> int:
 
 # Pillow formats that hold every frame of a clip in one file.
 ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")
+# Clip files the service's encoder writes (selfcascade.video_encoding): by --out's extension.
+ENCODED_CLIPS = {".mp4": "mp4", ".webm": "webm", ".gif": "gif"}
+IMAGE_FILES = ".png, .webp or .jpg"
+CLIP_FILES = ".mp4, .webm, or an animated .gif, .png or .webp"
 
 
-def _check_out(out: Path, video: bool) -> None:
-    """Refuse an --out Pillow cannot write before any compute, not after it."""
+def _check_out(out: Path, video: bool | None) -> None:
+    """Refuse an --out that cannot be written before any compute, not after it. `video` is
+    None before the model has loaded, when an image and a clip are both still possible."""
     from PIL import Image
 
     if out.is_dir():
         raise InvalidRequest("out", f"{out} is a directory; give a file name such as out.png")
-    fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
+    suffix = out.suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    image_ok = fmt in Image.SAVE
+    clip_ok = suffix in ENCODED_CLIPS or fmt in ANIMATED_FORMATS
+    if video is None and not (image_ok or clip_ok):
+        raise InvalidRequest(
+            "out", f"cannot write the extension {out.suffix or '(none)'!r}; use {IMAGE_FILES} "
+            f"(a video model's clip: {CLIP_FILES})"
+        )
+    if video is False and not image_ok:
+        if clip_ok:
+            raise InvalidRequest("out", f"this model makes images, not clips; use {IMAGE_FILES}")
         raise InvalidRequest(
             "out", f"cannot write images with the extension {out.suffix or '(none)'!r}; "
-            "use .png, .webp or .jpg"
+            f"use {IMAGE_FILES}"
         )
-    if video and fmt not in ANIMATED_FORMATS:
-        raise InvalidRequest("out", f"a clip needs an animated .gif, .png or .webp, not {out.name}")
+    if video and not clip_ok:
+        raise InvalidRequest("out", f"a clip needs {CLIP_FILES}, not {out.name}")
+
+
+def _write(out: Path, frames: list, fps: int | None) -> None:
+    """One image, or (given its fps) a clip: .mp4/.webm/.gif through the service's encoder (a gif
+    with its exact frame delays), an animated .png/.webp through Pillow."""
+    encoded = ENCODED_CLIPS.get(out.suffix.lower()) if fps else None
+    try:
+        if encoded and fps:
+            out.write_bytes(_encode(frames, encoded, fps))
+        elif fps:
+            frames[0].save(
+                out, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
+            )
+        else:
+            frames[0].save(out, save_all=len(frames) > 1, append_images=frames[1:])
+    except OSError as exc:  # the disk filled up, or the folder went away meanwhile
+        raise InvalidRequest("out", f"cannot write {out}: {exc}") from None
+
+
+def _encode(frames: list, fmt: str, fps: int) -> bytes:
+    from selfcascade.video_encoding import VideoEncodingError, encode_video
+
+    try:
+        return encode_video(frames, fmt, fps)
+    except VideoEncodingError as exc:  # frames it cannot encode (odd sizes for mp4)
+        raise InvalidRequest("out", str(exc)) from None
 
 
 def _check_writable(folder: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from contract.jobs import GenerationParams, OutputFormat, OutputRecord, OutputRole
 from contract.storage import ResultStorage, object_key
 from contract.storage.base import CONTENT_TYPES
-from worker.video_encoding import encode_video
+from selfcascade.video_encoding import encode_video
 
 PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 POSTER_FORMAT: OutputFormat = "png"

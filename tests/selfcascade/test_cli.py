@@ -67,7 +67,13 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--guidance-scale", "nan"], "guidance_scale"),
         (["--width", "64", "--height", "64", "--pivot-strength", "2"], "pivot_strength"),
         # Caught before any compute: Pillow would only refuse these after the whole generation.
-        (["--width", "64", "--height", "64", "--out", "result"], "out: cannot write images"),
+        (["--width", "64", "--height", "64", "--out", "result"],
+         "out: cannot write the extension '(none)'; use .png, .webp or .jpg (a video model's "
+         "clip: .mp4, .webm, or an animated .gif, .png or .webp)"),
+        # Known once the model has loaded: this one makes images.
+        (["--width", "64", "--height", "64", "--out", "x.mp4"],
+         "out: this model makes images, not clips; use .png, .webp or .jpg"),
+        (["--width", "64", "--height", "64", "--fps", "0"], "fps: must be at least 1, got 0"),
         (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
         (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
         (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),

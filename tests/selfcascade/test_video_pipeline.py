@@ -261,6 +261,48 @@ def test_cli_generate_writes_an_animated_image_for_a_video_model(
     assert code == 0
     with Image.open(out) as clip:
         assert clip.size == (128, 64) and clip.n_frames == 3
+        assert clip.info["duration"] in (120, 130)  # the default 8 fps, in GIF's 10 ms units
+
+
+@pytest.fixture(scope="module")
+def animatediff_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_animatediff(tmp_path_factory.mktemp("cli") / "model")
+
+
+def cli_generate_clip(model: Path, out: Path, *args: str) -> int:
+    from selfcascade.cli import main as cli_main
+
+    return cli_main(
+        [
+            "generate", "--model", str(model), "--prompt", "x", "--width", "128", "--height",
+            "64", "--steps", "2", "--num-frames", "3", "--out", str(out), "--device", "cpu", *args,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "codec"), [("clip.mp4", "h264"), ("clip.webm", "vp9")])
+def test_cli_generate_encodes_a_clip_as_the_service_does(
+    animatediff_folder: Path, tmp_path: Path, name: str, codec: str
+) -> None:
+    import av
+
+    out = tmp_path / name
+    assert cli_generate_clip(animatediff_folder, out, "--fps", "4") == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_image() for frame in container.decode(stream)]
+        assert (stream.codec_context.name, stream.average_rate) == (codec, 4)
+    assert len(frames) == 3 and frames[0].size == (128, 64)
+
+
+def test_cli_generate_names_the_files_a_clip_can_be(
+    animatediff_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_generate_clip(animatediff_folder, tmp_path / "clip.jpg") == 2
+    # Was "an animated .gif, .png or .webp" (and for .mp4: "use .png, .webp or .jpg").
+    assert "a clip needs .mp4, .webm, or an animated .gif, .png or .webp, not clip.jpg" in (
+        capsys.readouterr().err
+    )
 
 
 def test_large_clips_decode_tiled_and_tiling_is_undone(pipe: Any, monkeypatch: Any) -> None:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from contract.jobs import GIF_MAX_FPS, GenerationParams
 from contract.storage.local import LocalResultStorage
+from selfcascade.video_encoding import VideoEncodingError, encode_video, gif_delays_ms
 from worker.outputs import store_video
-from worker.video_encoding import VideoEncodingError, encode_video, gif_delays_ms
 
 
 def clip(count: int, width: int = 48, height: int = 32) -> list[Image.Image]:

@@ -1,4 +1,5 @@
 """Frames -> the bytes of a video file: mp4 (H.264) and webm (VP9) through PyAV, gif through Pillow.
+The worker stores these for video jobs; `selfcascade generate` writes them for a clip's --out.
 
 PyAV's wheels bundle FFmpeg with libx264 and libvpx, so nothing outside PyPI is needed. Both
 video codecs get yuv420p, the one chroma layout every browser and phone decodes; it halves the
