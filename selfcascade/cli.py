@@ -174,7 +174,9 @@ def _generate(args: argparse.Namespace) -> int:
     _check_out(args.out, video=engine.produces_video)
     hooks = _stage_hooks(args, pipe)
 
-    with tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {desc}") as bar:
+    # {l_bar} would show the description a second time; the ‰ counts are no use to read.
+    bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
+    with tqdm(total=1000, unit="‰", bar_format=bar_format) as bar:
 
         def on_progress(p: Progress) -> None:
             bar.set_description_str(f"stage {p.stage}/{p.stages} step {p.step}/{p.steps}")

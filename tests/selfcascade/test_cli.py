@@ -43,6 +43,8 @@ def test_generate_writes_a_png_of_the_requested_size(model: Path, tmp_path: Path
     assert "seed 5" in done.stdout
     assert "pivot strength 0.7;" in done.stdout  # the paper's K for any model but the demo
     assert "UNet evaluations" in done.stdout
+    shown = [line for line in done.stderr.splitlines() if "stage " in line]  # each bar refresh
+    assert shown and all(line.count("stage ") == 1 for line in shown)  # was: the stage text twice
 
 
 @pytest.mark.parametrize("model_args", [[], ["--model", str(ROOT / demo_card.MODEL_DIR)]])
