@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -99,7 +100,9 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=Path("out.png"),
         help="image file; for a video model .mp4, .webm, or an animated .gif, .png or .webp",
     )
-    p.set_defaults(handler=_generate, loads_models=True, extra="worker")
+    # The library names request fields (pivot_strength); errors name the flags instead.
+    flags = {a.dest: a.option_strings for a in p._actions if a.option_strings}
+    p.set_defaults(handler=_generate, loads_models=True, extra="worker", flags=flags)
 
 
 def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
@@ -307,6 +310,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -319,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except SelfCascadeError as exc:
-        print(f"selfcascade: error: {exc}", file=sys.stderr)
+        print(f"selfcascade: error: {_as_typed(exc, args, argv)}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
         # The bare `pip install selfcascade` is the job contract only: each command's third-party
@@ -332,6 +336,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+
+
+def _as_typed(exc: SelfCascadeError, args: argparse.Namespace, argv: list[str]) -> str:
+    """An `InvalidRequest` as the user typed it: `--pivot-strength: ...` for `pivot_strength`,
+    `--frames: ...` where that alias was used. Only commands whose defaults carry `flags`."""
+    flags: dict[str, list[str]] = getattr(args, "flags", {})
+    if not isinstance(exc, InvalidRequest) or exc.param not in flags:
+        return str(exc)
+
+    def typed(dest: str) -> str:
+        options = flags[dest]
+        used = (o for o in options if any(a == o or a.startswith(f"{o}=") for a in argv))
+        return next(used, options[0])  # the first spelling, when abbreviated
+
+    # Field names inside the text too ("steps x pivot_strength"), but only snake_case ones (a
+    # plain "model" or "steps" is an English word there) and never inside a path.
+    message = re.sub(
+        r"(?<![\w/.-])[a-z]+(?:_[a-z]+)+(?![\w/.-])",
+        lambda m: typed(m[0]) if m[0] in flags else m[0],
+        exc.message,
+    )
+    return f"{typed(exc.param)}: {message}"
 
 
 def _quiet_libraries(verbose: bool) -> None:

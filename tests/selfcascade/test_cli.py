@@ -64,30 +64,37 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--width", "100", "--height", "64"], "width: must be a multiple of 8"),
+        (["--width", "100", "--height", "64"], "error: --width: must be a multiple of 8"),
         (["--width", "64", "--height", "64", "--steps", "0"], "steps"),
-        (["--width", "64", "--height", "64", "--guidance-scale", "nan"], "guidance_scale"),
-        (["--width", "64", "--height", "64", "--pivot-strength", "2"], "pivot_strength"),
+        # The flag typed, not the request field behind it (was "guidance_scale: ...").
+        (["--width", "64", "--height", "64", "--guidance-scale", "nan"],
+         "error: --guidance-scale: must be a finite number"),
+        (["--width", "64", "--height", "64", "--pivot-strength", "2"],
+         "error: --pivot-strength: must be in (0, 1]"),
+        (["--width", "128", "--height", "128", "--steps", "4", "--pivot-strength", "0.1"],
+         "error: --pivot-strength: steps x --pivot-strength must be at least 1"),
+        (["--width", "64", "--height", "64", "--frames", "0"], "error: --frames: must be"),
+        (["--width", "64", "--height", "64", "--num-frames=0"], "error: --num-frames: must be"),
         # Caught before any compute: Pillow would only refuse these after the whole generation.
         (["--width", "64", "--height", "64", "--out", "result"],
-         "out: cannot write the extension '(none)'; use .png, .webp or .jpg (a video model's "
+         "--out: cannot write the extension '(none)'; use .png, .webp or .jpg (a video model's "
          "clip: .mp4, .webm, or an animated .gif, .png or .webp)"),
         # Known once the model has loaded: this one makes images.
         (["--width", "64", "--height", "64", "--out", "x.mp4"],
-         "out: this model makes images, not clips; use .png, .webp or .jpg"),
-        (["--width", "64", "--height", "64", "--fps", "0"], "fps: must be at least 1, got 0"),
+         "--out: this model makes images, not clips; use .png, .webp or .jpg"),
+        (["--width", "64", "--height", "64", "--fps", "0"], "--fps: must be at least 1, got 0"),
         (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
         (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
         (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),
         # DDIM's leading spacing would ask for t = 1000 of T = 1000 (an IndexError before).
-        (["--width", "64", "--height", "64", "--steps", "1000"], "steps: must be at most 999"),
+        (["--width", "64", "--height", "64", "--steps", "1000"], ": --steps: must be at most 999"),
         # Known to torch, unusable here (a CPU build): refused at loading, not in pipe.to().
         (["--width", "64", "--height", "64", "--device", "mps"], "cannot use device 'mps'"),
         # Unwritable destinations are refused before the generation, not after it.
         (["--width", "64", "--height", "64", "--out", "/proc/no/x.png"], "cannot write into"),
         # A file where its folder should be: mkdir said only "File exists".
         (["--width", "64", "--height", "64", "--out", "README.md/x.png"],
-         "cannot write into README.md: it is a file, not a folder"),
+         "--out: cannot write into README.md: it is a file, not a folder"),
     ],
 )
 def test_bad_values_are_one_line_errors_not_tracebacks(
