@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
@@ -22,7 +23,11 @@ from selfcascade.request import (
     PAPER_PIVOT_STRENGTH,
     SCHEDULERS,
     UPSAMPLE_MODES,
+    GenerationRequest,
 )
+
+if TYPE_CHECKING:  # it imports torch, which only the commands that load models pay for
+    from selfcascade.tuned import TunedStageHook
 
 log = logging.getLogger("selfcascade")
 
@@ -146,7 +151,6 @@ def _generate(args: argparse.Namespace) -> int:
     from selfcascade.loading import load_pipeline
     from selfcascade.pipeline import GenerationResult
     from selfcascade.progress import Progress
-    from selfcascade.request import GenerationRequest
     from selfcascade.video_pipeline import VideoResult
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
@@ -169,13 +173,19 @@ def _generate(args: argparse.Namespace) -> int:
     request.validate(PIPELINE_SIZE_MULTIPLE)
     if args.fps < 1:
         raise InvalidRequest("fps", f"must be at least 1, got {args.fps}")
+    if args.upsamplers and request.method == "direct":  # the API refuses tuned direct runs too
+        raise InvalidRequest(
+            "upsamplers", "tuned upsamplers work inside self-cascade stages, which a direct run "
+            "has none of; drop --upsamplers or use --method self_cascade"
+        )
     _check_out(args.out, video=None)
     _check_writable(args.out.parent)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
     engine.validate(request)
     _check_out(args.out, video=engine.produces_video)
-    hooks = _stage_hooks(args, pipe)
+    tuned = _tuned_hook(args, pipe)
+    hooks = [tuned] if tuned else []
 
     # {l_bar} would show the description a second time; the ‰ counts are no use to read.
     bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
@@ -197,10 +207,21 @@ def _generate(args: argparse.Namespace) -> int:
     stages = " -> ".join(str(s) for s in result.stages)
     timings = ", ".join(f"{s:.2f}s" for s in result.stage_seconds)
     print(
-        f"seed {seed}; pivot strength {request.pivot_strength}; stages {stages}; "
+        f"seed {seed}; {_method_summary(request, tuned)}; stages {stages}; "
         f"{result.unet_evaluations} UNet evaluations; {timings}"
     )
     return 0
+
+
+def _method_summary(request: GenerationRequest, tuned: TunedStageHook | None) -> str:
+    """What ran: a direct run has no pivot to state; a self-cascade run is tuned or not."""
+    if request.method == "direct":
+        return "direct"
+    if tuned is None:
+        return f"tuning-free; pivot strength {request.pivot_strength}"
+    sets = len(tuned.sets)
+    plural = "s" if sets > 1 else ""
+    return f"tuned ({sets} upsampler set{plural}); pivot strength {request.pivot_strength}"
 
 
 # Pillow formats that hold every frame of a clip in one file.
@@ -285,12 +306,12 @@ def _unwritable(folder: Path) -> str | None:
     return None
 
 
-def _stage_hooks(args: argparse.Namespace, pipe: object) -> list:
+def _tuned_hook(args: argparse.Namespace, pipe: object) -> TunedStageHook | None:
     if not args.upsamplers:
-        return []
+        return None
     from selfcascade.tuned import load_tuned_hook
 
-    return [load_tuned_hook(args.upsamplers, pipe)]
+    return load_tuned_hook(args.upsamplers, pipe)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

@@ -41,10 +41,39 @@ def test_generate_writes_a_png_of_the_requested_size(model: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (128, 96)
     assert "seed 5" in done.stdout
-    assert "pivot strength 0.7;" in done.stdout  # the paper's K for any model but the demo
+    assert "; tuning-free; pivot strength 0.7;" in done.stdout  # the paper's K but for the demo
     assert "UNet evaluations" in done.stdout
     shown = [line for line in done.stderr.splitlines() if "stage " in line]  # each bar refresh
     assert shown and all(line.count("stage ") == 1 for line in shown)  # was: the stage text twice
+
+
+def test_the_summary_says_a_direct_run_has_no_pivot(model: Path, tmp_path: Path) -> None:
+    done = run(
+        "generate", "--model", str(model), "--prompt", "x", "--width", "128", "--height", "96",
+        "--steps", "2", "--seed", "5", "--method", "direct", "--out", str(tmp_path / "d.png"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "seed 5; direct; stages 128x96;" in done.stdout
+    assert "pivot" not in done.stdout
+
+
+def test_a_tuned_run_from_the_folder_tune_writes_says_it_is_tuned(
+    model: Path, tmp_path: Path
+) -> None:
+    from selfcascade.checkpoint import save_upsamplers
+    from selfcascade.loading import load_pipeline
+    from selfcascade.tuned import UPSAMPLERS_FILE
+    from selfcascade.upsamplers import FeatureUpsamplerSet
+
+    unet = load_pipeline(str(model), device="cpu").unet
+    ups = FeatureUpsamplerSet.for_unet(unet.config)
+    save_upsamplers(tmp_path / "tuned" / UPSAMPLERS_FILE, ups, unet, 2, 700)
+    done = run(
+        "generate", "--model", str(model), "--prompt", "x", "--width", "128", "--height", "96",
+        "--steps", "2", "--upsamplers", str(tmp_path / "tuned"), "--out", str(tmp_path / "t.png"),
+    )
+    assert done.returncode == 0, done.stderr  # was: "upsampler checkpoint ... does not exist"
+    assert "; tuned (1 upsampler set); pivot strength 0.7;" in done.stdout
 
 
 @pytest.mark.parametrize("model_args", [[], ["--model", str(ROOT / demo_card.MODEL_DIR)]])
@@ -75,6 +104,9 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
          "error: --pivot-strength: steps x --pivot-strength must be at least 1"),
         (["--width", "64", "--height", "64", "--frames", "0"], "error: --frames: must be"),
         (["--width", "64", "--height", "64", "--num-frames=0"], "error: --num-frames: must be"),
+        # Was ignored, the summary still giving a pivot strength; the API refuses it too.
+        (["--width", "64", "--height", "64", "--method", "direct", "--upsamplers", "u"],
+         "error: --upsamplers: tuned upsamplers work inside self-cascade stages"),
         # Caught before any compute: Pillow would only refuse these after the whole generation.
         (["--width", "64", "--height", "64", "--out", "result"],
          "--out: cannot write the extension '(none)'; use .png, .webp or .jpg (a video model's "
