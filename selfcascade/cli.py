@@ -105,9 +105,13 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=Path("out.png"),
         help="image file; for a video model .mp4, .webm, or an animated .gif, .png or .webp",
     )
-    # The library names request fields (pivot_strength); errors name the flags instead.
-    flags = {a.dest: a.option_strings for a in p._actions if a.option_strings}
-    p.set_defaults(handler=_generate, loads_models=True, extra="worker", flags=flags)
+    p.set_defaults(handler=_generate, loads_models=True, extra="worker", flags=_flags(p))
+
+
+def _flags(p: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """Each option's spellings by the field it sets: the library names fields (pivot_strength),
+    a command's errors name the flags instead (_as_typed)."""
+    return {a.dest: a.option_strings for a in p._actions if a.option_strings}
 
 
 def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
@@ -126,7 +130,8 @@ def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
     except ImportError:  # the tuning module is optional at this layer
         pass
     else:
-        add_tune_parser(commands)
+        tune = add_tune_parser(commands)
+        tune.set_defaults(flags=_flags(tune))
     from selfcascade.client_cli import add_client_parser  # argparse only: always available
 
     add_client_parser(commands)

@@ -160,7 +160,7 @@ def test_resume_with_no_step_left_is_refused_not_reported_as_trained(
     captured = capsys.readouterr()
     assert captured.out == ""  # was "wrote ... after step 1 (started at 2)", exit 0
     assert captured.err == (
-        f"selfcascade: error: steps: the run in {tmp_path / 'out'} is already at step 2; "
+        f"selfcascade: error: --steps: the run in {tmp_path / 'out'} is already at step 2; "
         "raise --steps above 2 to train further\n"
     )
     assert (tmp_path / "out" / UPSAMPLERS_FILE).read_bytes() == saved
@@ -179,7 +179,7 @@ def test_a_fresh_run_over_an_earlier_one_needs_resume_or_overwrite(
     args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--steps", "1"]
     assert cli_main([*args, "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
-        f"selfcascade: error: out: {out} already holds a tuning run at step 2: pass --resume "
+        f"selfcascade: error: --out: {out} already holds a tuning run at step 2: pass --resume "
         "to continue it, or --overwrite to start again from step 0\n"
     )
     assert (out / UPSAMPLERS_FILE).read_bytes() == saved
@@ -308,11 +308,12 @@ def test_cli_refuses_an_unusable_out_in_one_line_before_loading_the_model(
     args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--steps", "1"]
     assert cli_main([*args, "--out", str(a_file)]) == 2
     assert capsys.readouterr().err == (
-        f"selfcascade: error: out: {a_file} is a file; --out names the folder the run writes into\n"
+        f"selfcascade: error: --out: {a_file} is a file; --out names the folder the run "
+        "writes into\n"
     )
     assert cli_main([*args, "--out", str(a_file / "ckx")]) == 2
     assert capsys.readouterr().err == (
-        f"selfcascade: error: out: cannot write into {a_file / 'ckx'}: Not a directory\n"
+        f"selfcascade: error: --out: cannot write into {a_file / 'ckx'}: Not a directory\n"
     )
     assert a_file.read_text(encoding="utf-8") == "notes"
 
@@ -323,7 +324,7 @@ def test_cli_bad_data_is_one_error_line_with_no_progress_bar(
     missing = tmp_path / "my_images"
     args = ["tune", "--model", str(tmp_path / "no-model"), "--steps", "1"]
     assert cli_main([*args, "--data", str(missing), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"selfcascade: error: data: {missing} is not a directory\n"
+    assert capsys.readouterr().err == f"selfcascade: error: --data: {missing} is not a directory\n"
     assert not (tmp_path / "o").exists()  # refused before --out was created
 
     # Found only once the model says what to look for (images or clips): still no bar.
@@ -333,7 +334,7 @@ def test_cli_bad_data_is_one_error_line_with_no_progress_bar(
     args = ["tune", "--model", str(model), "--data", str(empty), "--steps", "1"]
     assert cli_main([*args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("selfcascade: error: data: no images") and err.count("\n") == 1
+    assert err.startswith("selfcascade: error: --data: no images") and err.count("\n") == 1
 
 
 def test_cli_generate_uses_and_verifies_the_tuned_checkpoint(
