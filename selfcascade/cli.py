@@ -111,7 +111,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 def _flags(p: argparse.ArgumentParser) -> dict[str, list[str]]:
     """Each option's spellings by the field it sets: the library names fields (pivot_strength),
     a command's errors name the flags instead (_as_typed)."""
-    return {a.dest: a.option_strings for a in p._actions if a.option_strings}
+    return {a.dest: list(a.option_strings) for a in p._actions if a.option_strings}
 
 
 def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
