@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -33,8 +32,11 @@ log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
 DEFAULT_MODEL = str(demo_card.MODEL_DIR)
-# A clip's frame rate unless --fps says otherwise: the service's default too.
+# A clip's frame rate unless --fps says otherwise, and its bounds: the service's too
+# (contract.jobs, which this library does not import; a test keeps them equal).
 DEFAULT_FPS = 8
+MAX_FPS = 60
+GIF_MAX_FPS = 50
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -176,8 +178,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
-    if args.fps < 1:
-        raise InvalidRequest("fps", f"must be at least 1, got {args.fps}")
+    if not 1 <= args.fps <= MAX_FPS:
+        raise InvalidRequest("fps", f"must be between 1 and {MAX_FPS}, got {args.fps}")
+    if args.fps > GIF_MAX_FPS and args.out.suffix.lower() == ".gif":
+        # GIF delays are hundredths of a second and players slow 10 ms ones to 100 ms.
+        raise InvalidRequest("fps", f"a .gif plays at most {GIF_MAX_FPS} fps, got {args.fps}")
     if args.upsamplers and request.method == "direct":  # the API refuses tuned direct runs too
         raise InvalidRequest(
             "upsamplers", "tuned upsamplers work inside self-cascade stages, which a direct run "
@@ -376,14 +381,8 @@ def _as_typed(exc: SelfCascadeError, args: argparse.Namespace, argv: list[str]) 
         used = (o for o in options if any(a == o or a.startswith(f"{o}=") for a in argv))
         return next(used, options[0])  # the first spelling, when abbreviated
 
-    # Field names inside the text too ("steps x pivot_strength"), but only snake_case ones (a
-    # plain "model" or "steps" is an English word there) and never inside a path.
-    message = re.sub(
-        r"(?<![\w/.-])[a-z]+(?:_[a-z]+)+(?![\w/.-])",
-        lambda m: typed(m[0]) if m[0] in flags else m[0],
-        exc.message,
-    )
-    return f"{typed(exc.param)}: {message}"
+    # Only the param: a field's name inside the text may as well be a path or a value typed.
+    return f"{typed(exc.param)}: {exc.message}"
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -145,18 +145,21 @@ def _check_hub_id(model: str) -> None:
 def _hub_failure(exc: BaseException) -> str:
     """Why a hub id did not load, in a few words. diffusers wraps the Hub's answer in a
     paragraph that ends by pointing at a stack trace, which the CLI does not print."""
-    for cause in _causes(exc):
+    causes = list(_causes(exc))
+    for cause in causes:
         if isinstance(cause, OfflineModeIsEnabled):  # a ConnectionError too: ahead of those
             return "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"
         if isinstance(cause, GatedRepoError):  # a RepositoryNotFoundError too
             return "it is gated: accept its terms on huggingface.co, then log in (hf auth login)"
         if isinstance(cause, RepositoryNotFoundError):
             return "no such repository on the Hub (or a private one: log in with hf auth login)"
-        if isinstance(cause, LocalEntryNotFoundError):
-            return "it is not in the local cache, and downloading was not allowed"
-        # Under whichever HTTP client's errors, a failed connection ends in one of these.
+    # A failed connection anywhere in the chain, ahead of the "not in the local cache" the Hub
+    # library raises from it (a download cut off after the repository was found).
+    for cause in causes:
         if isinstance(cause, socket.gaierror | ConnectionError | TimeoutError):
             return f"the Hub cannot be reached ({cause}) and it is not in the local cache"
+    if any(isinstance(cause, LocalEntryNotFoundError) for cause in causes):
+        return "it is not in the local cache, and downloading was not allowed"
     return " ".join(str(exc).split())
 
 

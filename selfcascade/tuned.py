@@ -71,8 +71,7 @@ logger = logging.getLogger(__name__)
 # attributes diffusers' classes set.
 UNet = Any
 
-# The checkpoint `selfcascade tune` writes into its --out folder (tuning.UPSAMPLERS_FILE; tuning
-# imports this module, so the name cannot come from there).
+# The checkpoint `selfcascade tune` writes into its --out folder (tuning imports it from here).
 UPSAMPLERS_FILE = "upsamplers.safetensors"
 
 # Keyword arguments the UNet passes to a block that must not be applied to the LR state:

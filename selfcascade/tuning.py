@@ -39,14 +39,13 @@ from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
 from selfcascade.errors import CheckpointError, InvalidRequest
 from selfcascade.image_files import image_size, load_rgb
 from selfcascade.request import PAPER_PIVOT_STRENGTH
-from selfcascade.tuned import inject_upsamplers
+from selfcascade.tuned import UPSAMPLERS_FILE, inject_upsamplers
 from selfcascade.tuning_clips import TuningClips
 from selfcascade.upsamplers import FeatureUpsamplerSet
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-UPSAMPLERS_FILE = "upsamplers.safetensors"
 STATE_FILE = "training_state.pt"
 LOSS_LOG = "loss.jsonl"
 # Frames per training window of a video model: enough for the temporal layers to matter, few

@@ -6,6 +6,7 @@ a 503, and only a real bug becomes a 500 (still in the same shape, logged with i
 
 from __future__ import annotations
 
+import email.message
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -98,6 +99,11 @@ _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 _FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
 
 
+# The errors pydantic gives a body that is not an object at all (a model's own validators may
+# also report at the body's location: those keep their words).
+_NOT_AN_OBJECT = {"missing", "model_attributes_type", "dict_type", "model_type"}
+
+
 def _whole_body_error(error: Mapping[str, Any], content_type: str | None) -> tuple[int, str] | None:
     """A problem with the body as a whole, in words a caller can act on: pydantic's speak of
     dictionaries and of a character offset as if it were a field. None for a field's error."""
@@ -106,15 +112,25 @@ def _whole_body_error(error: Mapping[str, Any], content_type: str | None) -> tup
         reason = (error.get("ctx") or {}).get("error", "invalid JSON")
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         return 422, f"the body is not valid JSON: {reason}{where}"
-    if loc != ("body",):
+    if loc != ("body",) or error.get("type") not in _NOT_AN_OBJECT:
         return None
-    if content_type is None or "json" not in content_type.lower():
+    if not _is_json(content_type):
         # FastAPI reads a body as JSON only when it is labelled so (curl -d labels it a form).
         said = f"'{content_type}'" if content_type else "none"
         return 415, f"send the body as JSON with Content-Type: application/json (got {said})"
     if error.get("type") == "missing":
         return 422, "the body is empty; send a JSON object"
     return 422, "the body must be a JSON object"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """As FastAPI decides whether to parse a body as JSON: application/json or */*+json."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    main, sub = message.get_content_maintype(), message.get_content_subtype()
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -156,7 +172,7 @@ def install_error_handlers(app: FastAPI) -> None:
             allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "another")
             message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
         elif message == _FASTAPI_UNPARSEABLE_BODY:
-            message = "the body could not be read as JSON (it must be UTF-8 text)"
+            message = "the body could not be read as JSON"
         return error_response_at(request.url.path, exc.status_code, code, message, None, headers)
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -61,12 +61,14 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
     output_format: ImageFormat = "png"
     user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)  # OpenAI's newer `user`
     stream: bool = False
     # OpenAI's, accepted so its clients' requests are, with no effect on a diffusion model.
     quality: str | None = Field(default=None, max_length=32)
     style: str | None = Field(default=None, max_length=32)
     background: str | None = Field(default=None, max_length=32)
     moderation: str | None = Field(default=None, max_length=32)
+    complexity: str | None = Field(default=None, max_length=32)
     output_compression: Count | None = Field(default=None, ge=0, le=100)
     partial_images: Count | None = Field(default=None, ge=0, le=3)
     # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
@@ -107,7 +109,7 @@ async def create_images(
                 "too many requests are already waiting for their images; retry shortly",
                 None, {"Retry-After": "5"},
             )
-        origin = origin_for(request, caller, user=body.user)
+        origin = origin_for(request, caller, user=body.user or body.safety_identifier)
         admission = request.app.state.admission
         records = await run_in_threadpool(submit, services, admission, caller, params, origin)
         ids = [r.id for r in records]

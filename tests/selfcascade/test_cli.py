@@ -101,7 +101,10 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--pivot-strength", "2"],
          "error: --pivot-strength: must be in (0, 1]"),
         (["--width", "128", "--height", "128", "--steps", "4", "--pivot-strength", "0.1"],
-         "error: --pivot-strength: steps x --pivot-strength must be at least 1"),
+         "error: --pivot-strength: steps x pivot_strength must be at least 1"),
+        (["--width", "64", "--height", "64", "--fps", "61"], "error: --fps: must be between 1"),
+        (["--width", "64", "--height", "64", "--fps", "60", "--out", "c.gif"],
+         "error: --fps: a .gif plays at most 50 fps"),
         (["--width", "64", "--height", "64", "--frames", "0"], "error: --frames: must be"),
         (["--width", "64", "--height", "64", "--num-frames=0"], "error: --num-frames: must be"),
         # Was ignored, the summary still giving a pivot strength; the API refuses it too.
@@ -114,7 +117,7 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         # Known once the model has loaded: this one makes images.
         (["--width", "64", "--height", "64", "--out", "x.mp4"],
          "--out: this model makes images, not clips; use .png, .webp or .jpg"),
-        (["--width", "64", "--height", "64", "--fps", "0"], "--fps: must be at least 1, got 0"),
+        (["--width", "64", "--height", "64", "--fps", "0"], "--fps: must be between 1 and 60"),
         (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
         (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
         (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),
@@ -213,3 +216,10 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
         f"selfcascade: error: `selfcascade {args[0]}` needs {needs}, which is not installed: "
         f"pip install 'selfcascade[{extra}]'\n"
     )
+
+
+def test_the_clip_rate_bounds_are_the_services() -> None:
+    from contract import jobs
+    from selfcascade import cli
+
+    assert (cli.DEFAULT_FPS, cli.MAX_FPS, cli.GIF_MAX_FPS) == (8, jobs.MAX_FPS, jobs.GIF_MAX_FPS)

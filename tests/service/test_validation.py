@@ -136,7 +136,9 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
         (b"prompt=x", "application/x-www-form-urlencoded", 415, "(got 'application/x-www-f"),
         (b"[1, 2]", "application/json", 422, "the body must be a JSON object"),
         (b"", "application/json", 422, "the body is empty; send a JSON object"),
-        (b'{"prompt": "\xff"}', "application/json", 400, "it must be UTF-8 text"),
+        (b'{"prompt": "\xff"}', "application/json", 400, "the body could not be read as JSON"),
+        (b'{"prompt": "x"}', "text/json", 415, "(got 'text/json')"),  # FastAPI reads it not
+        (b"", None, 415, "Content-Type: application/json (got none)"),
     ],
 )
 def test_a_body_that_is_not_a_json_object_is_named_as_such(

@@ -246,7 +246,7 @@ def test_openai_client_gets_n_urls(stack: Stack) -> None:
         n=2,
         size="64x64",  # type: ignore[arg-type]
         response_format="url",
-        extra_body={"steps": 2, "method": "direct", "seed": 5},
+        extra_body={"steps": 2, "method": "direct", "seed": 5, "safety_identifier": "u-1"},
     )
     urls = [d.url for d in result.data or []]
     assert len(urls) == 2 and len(set(urls)) == 2
