@@ -22,7 +22,7 @@ from rq import Queue
 from rq.job import Job
 
 from contract import histograms
-from contract.jobs import JobEvent, JobRecord, JobStatus
+from contract.jobs import ErrorInfo, EventType, JobEvent, JobRecord, JobStatus
 from contract.redis_connection import retry_while_away
 from contract.state import Attempt, JobStore, UnreadableRecord, as_text, decode_record
 from contract.webhook_queue import schedule, wants_webhook, webhook_delivery
@@ -65,6 +65,34 @@ def end_job(
     )
     pay_what_is_owed(store, job_id, queue=queue)
     return ended
+
+
+# The statuses a queued job can be ended with, and the event each one records.
+_QUEUED_ENDINGS: dict[JobStatus, EventType] = {
+    JobStatus.CANCELED: "canceled", JobStatus.FAILED: "failed"
+}
+
+
+def end_queued(
+    store: JobStore,
+    job_id: str,
+    status: JobStatus,
+    queue: Queue | None,
+    error: ErrorInfo | None = None,
+    retry_for_s: float = 0.0,
+) -> bool:
+    """Move a job from `queued` to the terminal `status` (with `error`) and drop its RQ entry
+    from `queue` (None: not known): the API's cancels and retired models, the lost-jobs pass
+    giving up. False when it is no longer queued (a worker took it, or it ended meanwhile)."""
+    now = time.time()
+    event = JobEvent(type=_QUEUED_ENDINGS[status], status=status, at=now, error=error)
+    fields: dict[str, object] = {"finished_at": now}
+    if error is not None:
+        fields["error"] = error
+    return end_job(
+        store, job_id, [JobStatus.QUEUED], status, event, fields, Owed.NEVER_STARTED,
+        queue=queue, retry_for_s=retry_for_s,
+    )
 
 
 def pay_what_is_owed(store: JobStore, job_id: str, *, queue: Queue | None = None) -> bool:

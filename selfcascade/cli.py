@@ -272,16 +272,16 @@ def _check_out(out: Path, video: bool | None) -> None:
 def _write(out: Path, frames: list, fps: int | None) -> None:
     """One image, or (given its fps) a clip: .mp4/.webm/.gif through the service's encoder (a gif
     with its exact frame delays), an animated .png/.webp through Pillow."""
-    encoded = ENCODED_CLIPS.get(out.suffix.lower()) if fps else None
+    encoded = ENCODED_CLIPS.get(out.suffix.lower())
     try:
-        if encoded and fps:
+        if fps is None:
+            frames[0].save(out, save_all=len(frames) > 1, append_images=frames[1:])
+        elif encoded:
             out.write_bytes(_encode(frames, encoded, fps))
-        elif fps:
+        else:
             frames[0].save(
                 out, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
             )
-        else:
-            frames[0].save(out, save_all=len(frames) > 1, append_images=frames[1:])
     except OSError as exc:  # the disk filled up, or the folder went away meanwhile
         raise InvalidRequest("out", f"cannot write {out}: {exc}") from None
 

@@ -110,10 +110,11 @@ class TuneConfig:
         return self.crop_size or native_size * self.scale
 
 
-def check_paths(config: TuneConfig) -> None:
+def check_paths(config: TuneConfig, *, steps_left: bool = True) -> None:
     """Refuse a missing data folder, an --out that cannot be written, a --resume with no step
-    left to train, or a fresh run over an earlier one without --overwrite. Needs no model, so the
-    CLI runs it before loading one; `tune` runs it too. Creates --out."""
+    left to train (unless `steps_left` is False: `tune` asks that of the state it loads anyway),
+    or a fresh run over an earlier one without --overwrite. Needs no model, so the CLI runs it
+    before loading one; `tune` runs it too. Creates --out."""
     data = Path(config.data_dir)
     if not data.is_dir():
         raise InvalidRequest("data", f"{data} is not a directory")
@@ -126,15 +127,20 @@ def check_paths(config: TuneConfig) -> None:
     except OSError as exc:
         raise InvalidRequest("out", f"cannot write into {out}: {exc.strerror or exc}") from None
     if config.resume:
-        step = int(_read_state(out / STATE_FILE)["step"])
-        if step >= config.steps:  # nothing to train: say so rather than report a finished run
-            raise InvalidRequest(
-                "steps",
-                f"the run in {out} is already at step {step}; raise --steps above {step} "
-                "to train further",
-            )
+        if steps_left:
+            _refuse_finished(out, int(_read_state(out / STATE_FILE)["step"]), config.steps)
     elif not config.overwrite:
         _refuse_to_replace(out)
+
+
+def _refuse_finished(out: Path, step: int, steps: int) -> None:
+    """Nothing left to train: say so rather than report a finished run."""
+    if step >= steps:
+        raise InvalidRequest(
+            "steps",
+            f"the run in {out} is already at step {step}; raise --steps above {step} "
+            "to train further",
+        )
 
 
 def _refuse_to_replace(out: Path) -> None:
@@ -371,7 +377,8 @@ def tune(
 ) -> TuneResult:
     """Train (or resume training) the upsamplers; the base pipeline's weights never change."""
     config.validate()
-    check_paths(config)
+    # A training state is read once, below: the optimizer's moments make it large.
+    check_paths(config, steps_left=False)
     model = TuningModel(pipe)
     crop = config.hr_size(model.native_size)
     multiple = int(pipe.vae_scale_factor) * 2 ** (len(model.unet.config.down_block_types) - 1)
@@ -401,6 +408,7 @@ def tune(
     start = 0
     if config.resume:
         start = _load_state(out, config, model, upsamplers, optimizer, scaler, generator)
+        _refuse_finished(out, start, config.steps)
         logger.info("resuming from step %d", start)
     elif config.overwrite:
         # Gone now, not at the first save: a run stopped before then must not leave the earlier

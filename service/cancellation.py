@@ -8,16 +8,12 @@ entry leaves the queue and Redis, so no worker dequeues it and nothing is left t
 
 from __future__ import annotations
 
-import time
-
 from rq import Queue
 
-from contract.endings import Owed, end_job, pay_what_is_owed
-from contract.jobs import ErrorInfo, EventType, JobEvent, JobRecord, JobStatus
+from contract import endings
+from contract.endings import pay_what_is_owed
+from contract.jobs import ErrorInfo, JobRecord, JobStatus
 from service.services import ApiServices
-
-# The statuses a queued job can be ended with here, and the event each one records.
-_ENDINGS: dict[JobStatus, EventType] = {JobStatus.CANCELED: "canceled", JobStatus.FAILED: "failed"}
 
 
 def cancel(services: ApiServices, record: JobRecord) -> bool:
@@ -37,14 +33,8 @@ def end_queued(
 ) -> bool:
     """Move `record`'s job from `queued` to the terminal `status` and drop its RQ entry; False
     when it is no longer queued (a worker took it, or it ended meanwhile)."""
-    now = time.time()
-    event = JobEvent(type=_ENDINGS[status], status=status, at=now, error=error)
-    fields: dict[str, object] = {"finished_at": now}
-    if error is not None:
-        fields["error"] = error
-    return end_job(
-        services.store, record.id, [JobStatus.QUEUED], status, event, fields,
-        Owed.NEVER_STARTED, queue=_queue_of(services, record), retry_for_s=2.0,
+    return endings.end_queued(
+        services.store, record.id, status, _queue_of(services, record), error, retry_for_s=2.0
     )
 
 

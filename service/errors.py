@@ -58,8 +58,8 @@ _OPENAI_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
-    409: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -97,8 +97,6 @@ def error_response_at(
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 # FastAPI's words for a JSON body it could not decode at all (not UTF-8, say).
 _FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
-
-
 # The errors pydantic gives a body that is not an object at all (a model's own validators may
 # also report at the body's location: those keep their words).
 _NOT_AN_OBJECT = {"missing", "model_attributes_type", "dict_type", "model_type"}

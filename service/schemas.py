@@ -54,6 +54,7 @@ def _not_a_boolean(value: object) -> object:
 # Counts are integers (768.0 too), never booleans: pydantic would take `true` as 1.
 Count = Annotated[int, BeforeValidator(_not_a_boolean)]
 
+
 def _tuned_choice(value: object) -> object:
     # Strictly the three documented values: pydantic alone would take "yes", "off" or 1 as a
     # boolean, and answer "AUTO" with an error about its own union members.

@@ -30,6 +30,7 @@ from contract.state import Attempt, JobStore
 log = logging.getLogger(__name__)
 
 _LIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+_KNOWN = frozenset(status.value for status in JobStatus)  # a newer release may write others
 
 
 def make_exception_handler(store: JobStore) -> Any:
@@ -38,7 +39,7 @@ def make_exception_handler(store: JobStore) -> Any:
         if head is None:
             return True
         if head.status not in _LIVE:
-            if head.status in {s.value for s in JobStatus}:
+            if head.status in _KNOWN:
                 pay_what_is_owed(store, job.id)  # its ending landed, its reply was lost
             else:
                 log.error("generation %s: status %r is unknown here", job.id, head.status)

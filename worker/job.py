@@ -119,8 +119,8 @@ def _run(rt: WorkerRuntime, record: JobRecord) -> str:
     }
     if not _start(rt, record, event, fields):
         # Ended between the read and the transition, or another attempt started first.
-        now = rt.store.get(job_id)
-        running_elsewhere = now is not None and now.status is JobStatus.RUNNING
+        head = rt.store.head(job_id)
+        running_elsewhere = head is not None and head.status == JobStatus.RUNNING.value
         return HELD_ELSEWHERE if running_elsewhere else "skipped"
     attempt = Attempt(rt.worker_name, record.attempts + 1)
     log.info(

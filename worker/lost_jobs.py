@@ -25,8 +25,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from contract.endings import Owed, end_job
-from contract.jobs import ErrorCode, ErrorInfo, JobEvent, JobStatus
+from contract.endings import end_queued
+from contract.jobs import ErrorCode, ErrorInfo, JobStatus
 from contract.queueing import enqueue_generation, generation_queue
 from contract.settings import Settings
 from contract.state import JobStore, UnreadableRecord, as_text
@@ -135,18 +135,12 @@ def _push_back_or_give_up(
             enqueue_generation(queue, job_id, settings)
         return
     log.error("generation %s was lost by %d dequeues; failed", job_id, times)
-    now = time.time()
     error = ErrorInfo(
         code=ErrorCode.WORKER_LOST,
         message=f"workers took this job off its queue {times} times and none started it; "
         "their logs say why",
     )
-    event = JobEvent(type="failed", status=JobStatus.FAILED, at=now, error=error)
-    fields = {"finished_at": now, "error": error}
-    end_job(
-        store, job_id, [JobStatus.QUEUED], JobStatus.FAILED, event, fields, Owed.NEVER_STARTED,
-        queue=queue,
-    )
+    end_queued(store, job_id, JobStatus.FAILED, queue, error)
 
 
 def _queue(
