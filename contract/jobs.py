@@ -7,38 +7,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-# The engine's default K / T (the paper's); a model's spec may name its own.
-from selfcascade.request import PAPER_PIVOT_STRENGTH
+# The encoders' bounds, which the command line checks too.
+from selfcascade.output_formats import MAX_FPS
+
+# The engine's bounds, which the API enforces for every model (a model's spec may name its own
+# default K / T, and fewer frames).
+from selfcascade.request import MAX_FRAMES, PAPER_PIVOT_STRENGTH
 
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
-# Video bounds the API enforces for every model; a model's own frame limit is in its ModelSpec.
-MAX_FRAMES = 64  # = selfcascade.request.MAX_FRAMES, the engine's bound (not imported: no torch)
-MAX_FPS = 60
 # The caller's own key-value pairs on a job (an order id, a user id), echoed in every view and
 # webhook: OpenAI's limits, so a client written for theirs fits here.
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
-# GIF stores delays in hundredths of a second, and browsers play 10 ms or less as 100 ms: 20 ms
-# frames (selfcascade.video_encoding.gif_delays_ms never goes below that up to 50 fps) are the
-# fastest.
-GIF_MAX_FPS = 50
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 VideoFormat = Literal["mp4", "webm", "gif"]
 OutputFormat = Literal[ImageFormat, VideoFormat]
 IMAGE_FORMATS: tuple[ImageFormat, ...] = ("png", "webp", "jpeg")
 VIDEO_FORMATS: tuple[VideoFormat, ...] = ("mp4", "webm", "gif")
-# The longest side each format's encoder takes, in px (the worker's Pillow and PyAV, measured):
-# WebP stores 14-bit sizes; libjpeg stops at 65500 although JPEG has 16 bits; GIF has 16 bits;
-# libx264 takes up to 16384 and VP9 up to 65536. PNG (a clip's poster too) has no limit a pixel
-# budget could reach. The API refuses larger sizes before the job spends a whole cascade on them.
-MAX_SIDE_PX: dict[OutputFormat, int] = {
-    "webp": 16383, "jpeg": 65500, "gif": 65535, "mp4": 16384, "webm": 65536,
-}
 # image: a generated picture; video: a clip; poster: a still of a clip (its first frame).
 OutputRole = Literal["image", "video", "poster"]
 

@@ -27,6 +27,7 @@ from contract.jobs import MAX_FPS, MAX_FRAMES
 from contract.modality import Modality, detect_modality
 from contract.webhook_queue import DEFAULT_RECEIVER_CONCURRENCY, signing_key
 from selfcascade.demo import card as demo_card
+from selfcascade.output_formats import DEFAULT_FPS
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 
 
@@ -70,7 +71,7 @@ class ModelSpec(BaseModel):
     produces: Modality | None = None  # None until load_model_specs resolves it
     default_num_frames: int = Field(default=16, ge=1, le=MAX_FRAMES)
     max_num_frames: int = Field(default=MAX_FRAMES, ge=1, le=MAX_FRAMES)
-    default_fps: int = Field(default=8, ge=1, le=MAX_FPS)
+    default_fps: int = Field(default=DEFAULT_FPS, ge=1, le=MAX_FPS)
 
     @field_validator("upsamplers", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
+from selfcascade.output_formats import DEFAULT_FPS, GIF_MAX_FPS, MAX_FPS, size_problem
 from selfcascade.request import (
     LR_FEATURE_MODES,
     METHODS,
@@ -32,11 +33,6 @@ log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
 DEFAULT_MODEL = str(demo_card.MODEL_DIR)
-# A clip's frame rate unless --fps says otherwise, and its bounds: the service's too
-# (contract.jobs, which this library does not import; a test keeps them equal).
-DEFAULT_FPS = 8
-MAX_FPS = 60
-GIF_MAX_FPS = 50
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -189,6 +185,9 @@ def _generate(args: argparse.Namespace) -> int:
             "has none of; drop --upsamplers or use --method self_cascade"
         )
     _check_out(args.out, video=None)
+    problem = size_problem(_out_format(args.out), request.width, request.height)
+    if problem:  # the encoder would refuse it, after the whole cascade
+        raise InvalidRequest(*problem)
     _check_writable(args.out.parent)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
@@ -267,6 +266,14 @@ def _check_out(out: Path, video: bool | None) -> None:
         )
     if video and not clip_ok:
         raise InvalidRequest("out", f"a clip needs {CLIP_FILES}, not {out.name}")
+
+
+def _out_format(out: Path) -> str:
+    """The format --out's extension asks for, by the names selfcascade.output_formats uses."""
+    from PIL import Image
+
+    suffix = out.suffix.lower()
+    return ENCODED_CLIPS.get(suffix) or Image.registered_extensions().get(suffix, "").lower()
 
 
 def _write(out: Path, frames: list, fps: int | None) -> None:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import secrets
 
 from contract.jobs import (
-    GIF_MAX_FPS,
     IMAGE_FORMATS,
     MAX_SEED,
-    MAX_SIDE_PX,
     VIDEO_FORMATS,
     ErrorCode,
     GenerationParams,
     OutputFormat,
 )
 from contract.settings import ModelSpec, Settings
+from selfcascade.output_formats import GIF_MAX_FPS, size_problem
 from service.errors import ApiError
 from service.schemas import GenerationCreate
 
@@ -61,7 +60,10 @@ def normalise(
             f"steps x pivot_strength must be at least 1 for a re-noise stage "
             f"(got {body.steps} x {pivot_strength})",
         )
-    _check_size_for_format(output_format, width, height)
+    # What the encoder itself would refuse, refused before the job spends a whole cascade.
+    problem = size_problem(output_format, width, height)
+    if problem:
+        raise _invalid(*problem)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
     fields = body.model_dump(
         exclude={
@@ -110,18 +112,6 @@ def _media_fields(
             f"and browsers slow shorter ones down to 100 ms); got {fps}: use mp4 or webm",
         )
     return output_format, num_frames, fps
-
-
-def _check_size_for_format(output_format: OutputFormat, width: int, height: int) -> None:
-    """What the encoder itself would refuse, refused before the job spends a whole cascade."""
-    max_side = MAX_SIDE_PX.get(output_format)
-    for param, value in (("width", width), ("height", height)):
-        if max_side is not None and value > max_side:
-            raise _invalid(
-                param, f"{output_format} allows at most {max_side} px per side, got {value}"
-            )
-        if output_format == "mp4" and value % 2:
-            raise _invalid(param, f"mp4 (H.264, 4:2:0) needs an even {param}, got {value}")
 
 
 def _format(

@@ -118,6 +118,11 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         (["--width", "64", "--height", "64", "--out", "x.mp4"],
          "--out: this model makes images, not clips; use .png, .webp or .jpg"),
         (["--width", "64", "--height", "64", "--fps", "0"], "--fps: must be between 1 and 60"),
+        # Sides the encoder refuses, refused before the cascade (was an error after all of it).
+        (["--width", "16384", "--height", "64", "--out", "x.webp"],
+         "error: --width: webp allows at most 16383 px per side, got 16384"),
+        (["--width", "64", "--height", "65504", "--out", "x.JPG"],
+         "error: --height: jpeg allows at most 65500 px per side, got 65504"),
         (["--width", "64", "--height", "64", "--out", "x.foo"], "extension '.foo'"),
         (["--width", "64", "--height", "64", "--out", "tests"], "tests is a directory"),
         (["--width", "64", "--height", "64", "--device", "bogus"], "'bogus' is not a device"),
@@ -217,9 +222,3 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
         f"pip install 'selfcascade[{extra}]'\n"
     )
 
-
-def test_the_clip_rate_bounds_are_the_services() -> None:
-    from contract import jobs
-    from selfcascade import cli
-
-    assert (cli.DEFAULT_FPS, cli.MAX_FPS, cli.GIF_MAX_FPS) == (8, jobs.MAX_FPS, jobs.GIF_MAX_FPS)

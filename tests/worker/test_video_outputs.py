@@ -13,8 +13,9 @@ import av
 import pytest
 from PIL import Image
 
-from contract.jobs import GIF_MAX_FPS, GenerationParams
+from contract.jobs import GenerationParams
 from contract.storage.local import LocalResultStorage
+from selfcascade.output_formats import GIF_MAX_FPS
 from selfcascade.video_encoding import VideoEncodingError, encode_video, gif_delays_ms
 from worker.outputs import store_video
 
