@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
+from selfcascade.folders import why_unwritable
 from selfcascade.output_formats import DEFAULT_FPS, GIF_MAX_FPS, MAX_FPS, size_problem
 from selfcascade.request import (
     LR_FEATURE_MODES,
@@ -304,23 +304,10 @@ def _encode(frames: list, fmt: str, fps: int) -> bytes:
 
 def _check_writable(folder: Path) -> None:
     """Refuse a destination folder that cannot be written, before any compute."""
-    problem = _unwritable(folder)
+    problem = why_unwritable(folder)
     if problem:
         raise InvalidRequest("out", f"cannot write into {folder}: {problem}")
 
-
-def _unwritable(folder: Path) -> str | None:
-    """Why files cannot be written into `folder` (made if missing), or None when they can."""
-    if folder.exists() and not folder.is_dir():  # mkdir would only say "File exists"
-        return "it is a file, not a folder"
-    try:  # by writing there: permission bits say nothing of read-only mounts, or of root
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except NotADirectoryError:  # its strerror names no folder
-        return "a folder above it is a file"
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    return None
 
 
 def _tuned_hook(args: argparse.Namespace, pipe: object) -> TunedStageHook | None:
@@ -334,7 +321,7 @@ def _tuned_hook(args: argparse.Namespace, pipe: object) -> TunedStageHook | None
 def _tiny_model(args: argparse.Namespace) -> int:
     from selfcascade.tiny_models import save_tiny_sd
 
-    problem = _unwritable(args.path)
+    problem = why_unwritable(args.path)
     if problem:
         raise SelfCascadeError(f"cannot write a model folder at {args.path}: {problem}")
     try:

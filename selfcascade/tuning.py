@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from diffusers import DDPMScheduler, UNet3DConditionModel, UNetMotionModel
 
 from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
 from selfcascade.errors import CheckpointError, InvalidRequest
+from selfcascade.folders import why_unwritable
 from selfcascade.image_files import image_size, load_rgb
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 from selfcascade.tuned import UPSAMPLERS_FILE, inject_upsamplers
@@ -119,13 +119,9 @@ def check_paths(config: TuneConfig, *, steps_left: bool = True) -> None:
     if not data.is_dir():
         raise InvalidRequest("data", f"{data} is not a directory")
     out = Path(config.out_dir)
-    if out.exists() and not out.is_dir():
-        raise InvalidRequest("out", f"{out} is a file; --out names the folder the run writes into")
-    try:  # by writing there: permission bits say nothing of read-only mounts, or of root
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as exc:
-        raise InvalidRequest("out", f"cannot write into {out}: {exc.strerror or exc}") from None
+    problem = why_unwritable(out)
+    if problem:
+        raise InvalidRequest("out", f"cannot write into {out}: {problem}")
     if config.resume:
         if steps_left:
             _refuse_finished(out, int(_read_state(out / STATE_FILE)["step"]), config.steps)

@@ -308,12 +308,12 @@ def test_cli_refuses_an_unusable_out_in_one_line_before_loading_the_model(
     args = ["tune", "--model", str(tmp_path / "no-model"), "--data", str(data), "--steps", "1"]
     assert cli_main([*args, "--out", str(a_file)]) == 2
     assert capsys.readouterr().err == (
-        f"selfcascade: error: --out: {a_file} is a file; --out names the folder the run "
-        "writes into\n"
+        f"selfcascade: error: --out: cannot write into {a_file}: it is a file, not a folder\n"
     )
     assert cli_main([*args, "--out", str(a_file / "ckx")]) == 2
     assert capsys.readouterr().err == (
-        f"selfcascade: error: --out: cannot write into {a_file / 'ckx'}: Not a directory\n"
+        f"selfcascade: error: --out: cannot write into {a_file / 'ckx'}: a folder above it is a "
+        "file\n"
     )
     assert a_file.read_text(encoding="utf-8") == "notes"
 
