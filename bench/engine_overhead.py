@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    diffusers_logging.set_verbosity_error()
+    quiet_libraries()
 
     pipe = load_pipeline(args.model) if args.model else build_tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 # A sibling script (bench/ is the script's folder): its SDPA backends and preference.
 from gpu_kernels import BACKENDS, preferring
 
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import build_public_pipeline
 from selfcascade.request import GenerationRequest
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> Report:
     args.torch_dtype = getattr(torch, args.dtype)
     if args.tiny or args.device == "cpu":
         args.torch_dtype = torch.float32  # half precision on a CPU is slow and not what runs
-    diffusers_logging.set_verbosity_error()
+    quiet_libraries()
     import diffusers
 
     standard = TINY_CASES if args.tiny else FULL_CASES

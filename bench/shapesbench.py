@@ -30,11 +30,11 @@ from typing import Any
 import PIL.Image
 import PIL.ImageDraw
 import torch
-from diffusers.utils import logging as diffusers_logging
 
 from selfcascade.demo import card as demo_card
 from selfcascade.demo.metrics import composition_correct, mean_edge_width
 from selfcascade.demo.shapes import parse_caption, render, sample_example
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import PAPER_PIVOT_STRENGTH, GenerationRequest
@@ -282,8 +282,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device=args.device)
     engine = SelfCascadePipeline(pipe)

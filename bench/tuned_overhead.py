@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.public_architectures import SD21_BASE_UNET, SDXL_BASE_UNET
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    diffusers_logging.set_verbosity_error()
+    quiet_libraries()
     torch.set_num_threads(args.threads)
 
     pipe = load_pipeline(args.model) if args.model else build_tiny_sd_pipeline()

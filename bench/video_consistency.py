@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import logging as diffusers_logging
 
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.loading import load_pipeline
 from selfcascade.request import GenerationRequest
 from selfcascade.tiny_models import (
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    diffusers_logging.set_verbosity_error()
+    quiet_libraries()
 
     if args.model:
         models = {args.model: load_pipeline(args.model)}

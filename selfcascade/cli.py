@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
 from selfcascade.folders import why_unwritable
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.output_formats import DEFAULT_FPS, GIF_MAX_FPS, MAX_FPS, size_problem
 from selfcascade.request import (
     LR_FEATURE_MODES,
@@ -342,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     # Only commands that load models pay for importing diffusers (the client never needs it).
-    if getattr(args, "loads_models", False):
-        _quiet_libraries(args.verbose)
+    if getattr(args, "loads_models", False) and not args.verbose:
+        quiet_libraries()
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -378,20 +379,6 @@ def _as_typed(exc: SelfCascadeError, args: argparse.Namespace, argv: list[str]) 
     # Only the param: a field's name inside the text may as well be a path or a value typed.
     return f"{typed(exc.param)}: {exc.message}"
 
-
-def _quiet_libraries(verbose: bool) -> None:
-    if verbose:
-        return
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-    except ImportError:  # a client-only install (httpx, no torch): nothing to quiet
-        return
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import PIL.Image
 
 from selfcascade.demo import card
+from selfcascade.library_logs import quiet_libraries
 from selfcascade.loading import load_pipeline
 from selfcascade.pipeline import SelfCascadePipeline
 from selfcascade.request import GenerationRequest
@@ -62,9 +63,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    upsamplers = [path for path in args.upsamplers if path.is_file()]
+    missing = [str(path) for path in args.upsamplers if not path.is_file()]
+    if missing:  # were dropped silently, and the strip came out tuning-free
+        parser.error(
+            f"--upsamplers: no such file: {', '.join(missing)} (paths are relative to where you "
+            "run this: the repository root for the defaults; `--upsamplers` alone: tuning-free)"
+        )
+    quiet_libraries()
     strip = sample_strip(
-        args.model, upsamplers, args.prompt, args.scale, args.seeds, args.steps, args.guidance
+        args.model, args.upsamplers, args.prompt, args.scale, args.seeds, args.steps,
+        args.guidance,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     strip.save(args.out)
