@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from redis import Redis
 from rq import Queue
@@ -69,11 +70,11 @@ def recover_lost_jobs(
             pipe.hget(store.keys.job(job_id), "status")
             pipe.hget(Job.key_for(job_id), "origin")  # the queue RQ put it on
         replies = pipe.execute()
-    held: dict[str, set[str]] = {}  # queue name -> ids it holds or runs, read once a pass
+    one_pass = _Pass(redis, settings, store, suspects)
     missing: set[str] = set()
     for job_id, status, origin in zip(ids, replies[::2], replies[1::2], strict=True):
         try:
-            if _is_missing(redis, settings, store, job_id, status, origin, held, suspects):
+            if one_pass.is_missing(job_id, status, origin):
                 missing.add(job_id)
         except Exception:
             # One job's trouble must not stop the pass for every other lost job.
@@ -81,86 +82,78 @@ def recover_lost_jobs(
     return missing
 
 
-def _is_missing(
-    redis: Redis,
-    settings: Settings,
-    store: JobStore,
-    job_id: str,
-    status: bytes | None,
-    origin: bytes | None,
-    held: dict[str, set[str]],
-    suspects: set[str],
-) -> bool:
-    """Whether the job is missing for the first time; a suspect missing again is dealt with."""
-    index = store.keys.queued_index()
-    if status is None or as_text(status) != "queued":
-        # Expired, or left over from before the index was exact.
-        redis.eval(_FORGET_UNLESS_QUEUED, 2, store.keys.job(job_id), index, job_id)
-        return False
-    queue = _queue(redis, settings, store, job_id, origin)
-    if queue is not None:
-        if queue.name not in held:
-            held[queue.name] = _held_by(queue)
-        if job_id in held[queue.name]:
+@dataclass
+class _Pass:
+    """One pass over the queued-jobs index: what it needs, and what it reads only once."""
+
+    redis: Redis
+    settings: Settings
+    store: JobStore
+    suspects: set[str]  # missing on the previous pass
+    held: dict[str, set[str]] = field(default_factory=dict)  # queue name -> ids it holds or runs
+
+    def is_missing(self, job_id: str, status: bytes | None, origin: bytes | None) -> bool:
+        """Whether the job is missing for the first time; a suspect missing again is dealt
+        with."""
+        index = self.store.keys.queued_index()
+        if status is None or as_text(status) != "queued":
+            # Expired, or left over from before the index was exact.
+            self.redis.eval(_FORGET_UNLESS_QUEUED, 2, self.store.keys.job(job_id), index, job_id)
             return False
-    if job_id not in suspects:
-        return True
-    if redis.set(f"{index}:repushed:{job_id}", "1", nx=True, ex=REPUSH_GUARD_S):
-        _push_back_or_give_up(redis, settings, store, job_id, queue, known=origin is not None)
-    return False
+        queue = self._queue(job_id, origin)
+        if queue is not None and job_id in self._held_by(queue):
+            return False
+        if job_id not in self.suspects:
+            return True
+        if self.redis.set(f"{index}:repushed:{job_id}", "1", nx=True, ex=REPUSH_GUARD_S):
+            self._push_back_or_give_up(job_id, queue, known=origin is not None)
+        return False
 
+    def _queue(self, job_id: str, origin: bytes | None) -> Queue | None:
+        """The queue RQ enqueued the job on (a legacy shared queue too), else its model's; None
+        when neither can be told (RQ's entry is gone and the record cannot be decoded)."""
+        if origin is not None:
+            return Queue(as_text(origin), connection=self.redis, serializer=JSONSerializer)
+        try:
+            record = self.store.get(job_id)
+        except UnreadableRecord:
+            return None
+        if record is None:
+            return None
+        return generation_queue(
+            self.redis, self.settings, record.params.model, record.origin.priority
+        )
 
-def _push_back_or_give_up(
-    redis: Redis,
-    settings: Settings,
-    store: JobStore,
-    job_id: str,
-    queue: Queue | None,
-    known: bool,
-) -> None:
-    """Put a lost job back on `queue` (`known`: RQ still has its entry; None: which queue is
-    not known), or fail it once it was lost more than MAX_TIMES_LOST times."""
-    job_key = store.keys.job(job_id)
-    times = int(redis.eval(_COUNT_A_LOSS, 1, job_key, TIMES_LOST_FIELD))  # type: ignore[arg-type]
-    if times < 0:
-        return  # it started, or ended, since the pass read it
-    if times <= MAX_TIMES_LOST:
-        if queue is None:
-            log.error("generation %s is lost and its queue cannot be told", job_id)
+    def _held_by(self, queue: Queue) -> set[str]:
+        if queue.name not in self.held:
+            waiting = set(queue.get_job_ids())
+            # Without cleanup(): the reaper's own handlers decide about lapsed leases.
+            running = set(StartedJobRegistry(queue=queue).get_job_ids(cleanup=False))
+            self.held[queue.name] = waiting | running
+        return self.held[queue.name]
+
+    def _push_back_or_give_up(self, job_id: str, queue: Queue | None, known: bool) -> None:
+        """Put a lost job back on `queue` (`known`: RQ still has its entry; None: which queue
+        is not known), or fail it once it was lost more than MAX_TIMES_LOST times."""
+        job_key = self.store.keys.job(job_id)
+        times = int(self.redis.eval(_COUNT_A_LOSS, 1, job_key, TIMES_LOST_FIELD))  # type: ignore[arg-type]
+        if times < 0:
+            return  # it started, or ended, since the pass read it
+        if times <= MAX_TIMES_LOST:
+            if queue is None:
+                log.error("generation %s is lost and its queue cannot be told", job_id)
+                return
+            log.warning("generation %s was lost by a dequeue; back on %s", job_id, queue.name)
+            if known:
+                queue.push_job_id(job_id, at_front=True)  # it has waited its turn already
+            else:
+                enqueue_generation(queue, job_id, self.settings)
             return
-        log.warning("generation %s was lost by a dequeue; back on %s", job_id, queue.name)
-        if known:
-            queue.push_job_id(job_id, at_front=True)  # it has waited its turn already
-        else:
-            enqueue_generation(queue, job_id, settings)
-        return
-    log.error("generation %s was lost by %d dequeues; failed", job_id, times)
-    error = ErrorInfo(
-        code=ErrorCode.WORKER_LOST,
-        message=f"workers took this job off its queue {times} times and none started it; "
-        "their logs say why",
-    )
-    end_queued(store, job_id, JobStatus.FAILED, queue, error)
+        log.error("generation %s was lost by %d dequeues; failed", job_id, times)
+        error = ErrorInfo(
+            code=ErrorCode.WORKER_LOST,
+            message=f"workers took this job off its queue {times} times and none started it; "
+            "their logs say why",
+        )
+        end_queued(self.store, job_id, JobStatus.FAILED, queue, error)
 
-
-def _queue(
-    redis: Redis, settings: Settings, store: JobStore, job_id: str, origin: bytes | str | None
-) -> Queue | None:
-    """The queue RQ enqueued the job on (a legacy shared queue too), else its model's; None
-    when neither can be told (RQ's entry is gone and the record cannot be decoded)."""
-    if origin is not None:
-        return Queue(as_text(origin), connection=redis, serializer=JSONSerializer)
-    try:
-        record = store.get(job_id)
-    except UnreadableRecord:
-        return None
-    if record is None:
-        return None
-    return generation_queue(redis, settings, record.params.model, record.origin.priority)
-
-
-def _held_by(queue: Queue) -> set[str]:
-    waiting = set(queue.get_job_ids())
-    # Without cleanup(): the reaper's own handlers decide about lapsed leases.
-    running = set(StartedJobRegistry(queue=queue).get_job_ids(cleanup=False))
-    return waiting | running
