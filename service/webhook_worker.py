@@ -29,6 +29,45 @@ from service.webhook_delivery import WebhookSender
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.2
+# The pause after a failed claim doubles from POLL_INTERVAL_S up to this: a Redis outage (or a
+# bug met on every claim) must not log and retry five times a second, and Redis coming back is
+# still noticed within seconds.
+MAX_FAILURE_PAUSE_S = 5.0
+# Redis away (stopped, restarting, network down), not a bug: worth a warning, not a traceback.
+REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class ClaimFailures:
+    """Claims failed in a row: how long to pause before the next one, and one log line for the
+    start of a Redis outage and one for its end, as the worker and the API log an outage's
+    events once, not once per try."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.redis_away_since: float | None = None  # monotonic; None while Redis answers
+
+    def pause_s(self) -> float:
+        """POLL_INTERVAL_S after a claim, and after a first failure; then 2x, 4x, ... capped."""
+        return min(POLL_INTERVAL_S * 2 ** max(self.in_a_row - 1, 0), MAX_FAILURE_PAUSE_S)
+
+    def redis_away(self, error: Exception) -> None:
+        self.in_a_row += 1
+        if self.redis_away_since is None:
+            self.redis_away_since = time.monotonic()
+            log.warning(
+                "Redis is unreachable (%s); webhooks wait for it, claiming keeps retrying "
+                "(every %g s at most)", error, MAX_FAILURE_PAUSE_S,
+            )
+
+    def crashed(self) -> None:
+        self.in_a_row += 1
+
+    def claimed(self) -> None:
+        if self.redis_away_since is not None:
+            away_s = time.monotonic() - self.redis_away_since
+            log.info("Redis answers again after %.1f s away; claiming webhooks again", away_s)
+            self.redis_away_since = None
+        self.in_a_row = 0
 
 
 class WebhookDispatcher:
@@ -53,16 +92,24 @@ class WebhookDispatcher:
             ThreadPoolExecutor(self.threads, thread_name_prefix="webhook") as pool,
         ):
             log.info("webhook delivery running (%d threads)", self.threads)
+            failures = ClaimFailures()
             while not self.stop.is_set():
+                claimed: list[Claimed] = []
+                deadline = 0.0
                 try:
                     claimed, deadline = self._claim()
+                except REDIS_AWAY as exc:
+                    failures.redis_away(exc)
                 except Exception:
+                    # A bug: logged in full every time, but backed off like an outage.
                     log.exception("claiming webhooks failed; will retry")
-                    claimed, deadline = [], 0.0
+                    failures.crashed()
+                else:
+                    failures.claimed()
                 for entry in claimed:
                     pool.submit(self._send, sender, entry, deadline)
                 if not claimed:
-                    self.stop.wait(POLL_INTERVAL_S)
+                    self.stop.wait(failures.pause_s())
 
     def _claim(self) -> tuple[list[Claimed], float]:
         """Due entries, one per free thread, and the deadline (monotonic) their sends end by."""
