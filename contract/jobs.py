@@ -65,6 +65,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
+    SERVER_BUSY = "server_busy"  # this API process is at a limit of its own (event streams)
 
 
 class GenerationParams(BaseModel):

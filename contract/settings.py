@@ -164,6 +164,16 @@ class Settings(BaseSettings):
     # it compiles for minutes more). Needs warm_up_on_load.
     torch_compile_scale: int = Field(default=0, ge=0)
     sse_keepalive_s: float = 15.0
+    # Event streams (GET .../events) one API process holds open at once: each holds a Redis
+    # connection of its own while it waits for events. Past this many, a new stream is a 503
+    # `server_busy` with Retry-After (poll GET /v1/generations/{id} instead): status reads and
+    # job creation never queue behind streams, whose connections are a pool of their own.
+    max_event_streams: int = Field(default=500, ge=1)
+    # On SIGTERM, the API stops accepting connections and ends its event streams (an
+    # EventSource reconnects, with Last-Event-ID, to a replica still serving) and its waits
+    # (`Prefer: wait` answers its 202); requests still running after this long are cut off, so
+    # a rolling restart finishes inside Kubernetes' default 30 s grace period.
+    shutdown_grace_s: int = Field(default=20, ge=1)
     # How often each API process says which models it accepts jobs for, and one of them fails
     # the queued jobs of models that no API process lists and no worker holds any longer
     # (removed from the models file: service.retired_models).

@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         sweeper.stop()
         await services.async_redis.aclose()
+        await services.blocking_redis.aclose()
         services.redis.close()
 
     app = FastAPI(

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
-
 from contract.log_format import configure_logging
 from contract.settings import ModelsFileError, settings_from_env
 from service.app import create_app
+from service.serving import serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,13 +22,11 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings)
     except ModelsFileError as exc:  # its one line is the whole story; a traceback would bury it
         raise SystemExit(str(exc)) from None
-    uvicorn.run(
+    serve(
         app,
         host=args.host or settings.host,
         port=args.port or settings.port,
         log_level=args.log_level,
-        access_log=False,
-        log_config=None,  # keep configure_logging's handler (json or text) for uvicorn too
     )
 
 

@@ -89,6 +89,12 @@ class JobCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         s = self.services
+        # This process's own, Redis or not: against SELFCASCADE_MAX_EVENT_STREAMS, when to scale.
+        streams = GaugeMetricFamily(
+            "selfcascade_event_streams_open", "Event streams this API process holds open"
+        )
+        streams.add_metric([], s.open_event_streams)
+        yield streams
         try:
             waiting = {
                 (m.name, p): len(s.queue_for(m.name, p)) for p in PRIORITIES for m in s.models

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import ConnectionPool as AsyncConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 
@@ -16,17 +18,32 @@ from contract.settings import ModelSpec, Settings, load_model_specs
 from contract.state import JobStore
 from contract.storage import ResultStorage, build_storage
 
+# The longest a blocking read waits for events before its caller looks again (is the client
+# still there, is this process shutting down, is a keepalive due).
+BLOCKING_READ_S = 1.0
+# Short asyncio commands (a status read is one HGETALL) in flight at once; a burst beyond waits
+# for a connection up to the timeout instead of failing at once, as redis-py's default pool does.
+ASYNC_POOL_SIZE = 100
+ASYNC_POOL_WAIT_S = 5.0
+
 
 @dataclass
 class ApiServices:
     settings: Settings
     redis: Redis
-    async_redis: AsyncRedis
+    async_redis: AsyncRedis  # short commands
+    # Reads that block until events come (event streams, `Prefer: wait`): a pool of their own,
+    # sized by the limits on both, so that no number of them can take a status read's connection.
+    blocking_redis: AsyncRedis
     keys: RedisKeys
     store: JobStore
     queues: list[Queue]  # every configured model's queues, for depth and metrics
     storage: ResultStorage
     models: list[ModelSpec]
+    # Set when the server starts shutting down (service.serving.DrainingServer): event streams
+    # and waits end at their next look, instead of holding the process until their jobs end.
+    draining: bool = False
+    open_event_streams: int = 0  # counted by the streams themselves (routes.generations)
 
     @classmethod
     def build(cls, settings: Settings) -> ApiServices:
@@ -39,12 +56,27 @@ class ApiServices:
         return cls(
             settings=settings,
             redis=client,
-            # The SSE stream blocks in XREAD up to the keepalive interval: the read timeout sits
-            # just above it, so a Redis that stops answering still ends in a 503, never a hang.
-            async_redis=AsyncRedis.from_url(
-                settings.redis_url,
-                socket_connect_timeout=2.0,
-                socket_timeout=settings.sse_keepalive_s + 5.0,
+            # from_pool: the client owns its pool, and aclose() closes the pool's connections.
+            async_redis=AsyncRedis.from_pool(
+                BlockingConnectionPool.from_url(
+                    settings.redis_url,
+                    max_connections=ASYNC_POOL_SIZE,
+                    timeout=ASYNC_POOL_WAIT_S,
+                    socket_connect_timeout=2.0,
+                    socket_timeout=3.0,
+                )
+            ),
+            # Blocking reads wait BLOCKING_READ_S at most: the read timeout sits above it, so a
+            # Redis that stops answering still ends in a 503 or an error event, never a hang.
+            blocking_redis=AsyncRedis.from_pool(
+                AsyncConnectionPool.from_url(
+                    settings.redis_url,
+                    # A few more than the two limits: a stream counts itself open only once it
+                    # runs, a moment after the route checked the count.
+                    max_connections=settings.max_event_streams + settings.max_waiting_requests + 16,
+                    socket_connect_timeout=2.0,
+                    socket_timeout=BLOCKING_READ_S + 5.0,
+                )
             ),
             keys=keys,
             store=JobStore(client, keys, settings.result_ttl_s),

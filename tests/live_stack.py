@@ -22,6 +22,7 @@ from redis import Redis
 
 from contract.keys import RedisKeys
 from contract.settings import Settings
+from service.serving import DrainingServer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_START_TIMEOUT_S = 120.0
@@ -113,7 +114,10 @@ class ApiServer:
 
     def __init__(self, app: Any, port: int) -> None:
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        # As `selfcascade-api` serves: streams and waits end as the server stops. An app wrapped
+        # in a test's own ASGI layer has no services to read: plain uvicorn then.
+        services = getattr(getattr(app, "state", None), "services", None)
+        self.server = DrainingServer(config, services) if services else uvicorn.Server(config)
         self.url = f"http://127.0.0.1:{port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -6,8 +6,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -26,7 +26,7 @@ from service.errors import ApiError
 from service.idempotency import IdempotencyClaim
 from service.output_file import OutputFileResponse
 from service.schemas import GenerationCreate, GenerationView
-from service.services import ApiServices
+from service.services import BLOCKING_READ_S, ApiServices
 from service.submission import OutcomeUnknown, origin_for, submit
 from service.validation import normalise
 from service.views import client_base_url, generation_view
@@ -41,6 +41,7 @@ _DECIMAL = re.compile(r"[0-9]{1,10}")
 MAX_PREFER_WAIT_S = 60
 REDIS_RETRY_S = 0.5  # a wait's pause before it asks a Redis that just failed again
 REDIS_RETRY_WITHIN_S = 10.0
+BLOCKING_READ_MS = int(BLOCKING_READ_S * 1000)
 T = TypeVar("T")
 
 
@@ -165,8 +166,14 @@ async def generation_events(
     resume_after = _resume_after(last_event_id)
     if not _JOB_ID.match(job_id) or not await _owned_events(services, job_id, caller):
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
+    if services.open_event_streams >= services.settings.max_event_streams:
+        raise ApiError(
+            503, ErrorCode.SERVER_BUSY,
+            f"this API process holds its limit of {services.settings.max_event_streams} open "
+            f"event streams; poll GET /v1/generations/{job_id} instead, or retry shortly",
+            headers={"Retry-After": "5"},
+        )
     stream_key = services.keys.events(job_id)
-    keepalive_ms = int(services.settings.sse_keepalive_s * 1000)
     if resume_after != "0" and await _ended(services, job_id):
         left = await services.async_redis.xread({stream_key: resume_after}, count=1)
         if not left:
@@ -175,15 +182,20 @@ async def generation_events(
             return Response(status_code=204)
 
     async def read(after: str, block_ms: int | None) -> Any:
-        return await services.async_redis.xread({stream_key: after}, block=block_ms, count=100)
+        return await services.blocking_redis.xread(
+            {stream_key: after}, block=block_ms, count=100
+        )
 
-    async def stream() -> AsyncIterator[str]:
+    async def events() -> AsyncGenerator[str, None]:
         after = resume_after
         block_ms = None  # the first read returns at once: a resumed stream may be past the end
-        while not await request.is_disconnected():
+        quiet_since = time.monotonic()
+        # Shutting down ends the stream: the client's EventSource reconnects, with Last-Event-ID,
+        # to a replica that stays (service.serving).
+        while not services.draining and not await request.is_disconnected():
             try:
                 reply = await read(after, block_ms)
-                block_ms = keepalive_ms
+                block_ms = BLOCKING_READ_MS
                 if not reply and await _ended(services, job_id):
                     # Resumed after the terminal event: nothing more will come. The status and
                     # its event are written together, so this last read finds one written since.
@@ -195,16 +207,29 @@ async def generation_events(
                 yield 'event: error\ndata: {"code": "redis_unavailable"}\n\n'
                 return
             if not reply:
-                yield ": keepalive\n\n"
+                if time.monotonic() - quiet_since >= services.settings.sse_keepalive_s:
+                    quiet_since = time.monotonic()
+                    yield ": keepalive\n\n"
                 continue
+            quiet_since = time.monotonic()
             for entry_id, event in decode_events(reply):
                 after = entry_id
                 yield f"id: {entry_id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
                 if event.status.is_terminal:
                     return
 
+    async def counted() -> AsyncIterator[str]:
+        # Counted from its first step: a response never started holds no connection.
+        services.open_event_streams += 1
+        try:
+            async with aclosing(events()) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            services.open_event_streams -= 1
+
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(counted(), media_type="text/event-stream", headers=headers)
 
 
 @router.get("/{job_id}/outputs/{index}", name="download_output", response_model=None)
@@ -327,9 +352,11 @@ async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float)
     after = "0"
     while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
         # Short blocks, well inside the client's read timeout, however quiet the job.
+        if services.draining:
+            return False  # shutting down: the request answers its 202, and the client polls
         try:
-            reply = await services.async_redis.xread(
-                {stream_key: after}, block=min(left_ms, 1000), count=100
+            reply = await services.blocking_redis.xread(
+                {stream_key: after}, block=min(left_ms, BLOCKING_READ_MS), count=100
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             # The job exists whatever Redis does now: wait out a blip instead of answering a
