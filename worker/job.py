@@ -281,7 +281,12 @@ def _generate(
         # Upsamplers act only inside re-noise stages: a single-stage run was not tuned.
         tuned=bool(hooks) and len(result.stages) > 1,
     )
-    _finish(rt, record, JobStatus.SUCCEEDED, attempt, outputs=outputs, metrics=metrics)
+    # The last step seen, written with the ending: its own write may have been lost to a Redis
+    # blip, which left a succeeded job showing the progress of a step long past.
+    final = {"progress": progress.last} if progress.last else {}
+    _finish(
+        rt, record, JobStatus.SUCCEEDED, attempt, outputs=outputs, metrics=metrics, **final
+    )
     return JobStatus.SUCCEEDED.value
 
 

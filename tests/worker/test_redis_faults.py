@@ -114,6 +114,22 @@ def test_a_lost_reply_costs_the_job_neither_its_result_nor_its_count_nor_its_web
     assert finished == {"succeeded": 1}
 
 
+def test_a_lost_last_progress_write_still_ends_the_job_at_full_progress(
+    flaky_runtime: WorkerRuntime, proxy: FlakyRedisProxy, redis_client: Redis
+) -> None:
+    # The write of the last step never reached Redis (a blip): the job used to show
+    # `succeeded` at the progress of the step before.
+    rt = flaky_runtime
+    proxy.lose_request_to(b"EVALSHA", b'"type":"progress"', b'"stage":2', b'"fraction":1.0')
+    job_id = submit(redis_client, rt)
+    work_burst(rt)
+    assert proxy.faults == 1
+    record = JobStore(redis_client, rt.store.keys, 600).get(job_id)
+    assert record is not None and record.status is JobStatus.SUCCEEDED, record
+    assert record.progress is not None
+    assert (record.progress.stage, record.progress.fraction) == (2, 1.0)
+
+
 def test_the_reaper_pays_what_an_ending_whose_reply_was_lost_still_owes(
     settings_for: SettingsFactory, redis_client: Redis
 ) -> None:
