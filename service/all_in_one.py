@@ -73,7 +73,7 @@ def main() -> None:
         wait_until_ready(url, [child.process for child in children if child.process])
         print(f"selfcascade is serving on {url}  (docs: {url}/docs; Ctrl-C stops)", flush=True)
         gone = keep_running(children, env)
-        log.error("the %s process exited (%s); shutting down", gone.name, gone.exit_code)
+        log.error("the %s process %s; shutting down", gone.name, describe_exit(gone.exit_code))
     except KeyboardInterrupt:
         log.info("shutting down")
     finally:
@@ -100,7 +100,8 @@ def _ignore_stop_signals() -> None:
 @dataclass
 class Child:
     """One process of the stack; `restartable` ones are started again when they exit asking
-    for it (contract.exit_codes), as an orchestrator would."""
+    for it (contract.exit_codes) or are killed (the out-of-memory killer), as an orchestrator
+    would."""
 
     name: str
     args: list[str]  # after the interpreter
@@ -120,9 +121,10 @@ class Child:
 def keep_running(children: list[Child], env: dict[str, str], poll_s: float = 0.5) -> Child:
     """Watch the children until one exits for good, and return it.
 
-    A restartable child that exits asking for a restart (a wedged job, a broken CUDA context)
-    is started again: its job's lease lapses and the new worker's reaper retries the job. One
-    that asks again within CRASH_LOOP_S of starting is crash-looping and ends the stack.
+    A restartable child that exits asking for a restart (a wedged job, a broken CUDA context),
+    or that a signal killed (the out-of-memory killer's SIGKILL on a large image), is started
+    again: its job's lease lapses and the new worker's reaper retries the job. One that goes
+    within CRASH_LOOP_S of starting is crash-looping, or failing at start, and ends the stack.
     """
     while True:
         for child in children:
@@ -130,15 +132,26 @@ def keep_running(children: list[Child], env: dict[str, str], poll_s: float = 0.5
             if code is None:
                 continue
             ran_s = time.monotonic() - child.started_at
-            if child.restartable and code in RESTART_EXIT_CODES and ran_s > CRASH_LOOP_S:
+            if child.restartable and _wants_restart(code) and ran_s > CRASH_LOOP_S:
                 log.warning(
-                    "the %s process exited (%d) asking for a restart; starting a new one",
-                    child.name, code,
+                    "the %s process %s; starting a new one", child.name, describe_exit(code)
                 )
                 child.start(env)
                 continue
             return child
         time.sleep(poll_s)
+
+
+def _wants_restart(code: int) -> bool:
+    return code in RESTART_EXIT_CODES or code < 0  # < 0: killed by that signal
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        hint = " (the out-of-memory killer?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited ({code})"
 
 
 def _port_free(host: str, port: int) -> bool:

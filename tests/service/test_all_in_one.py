@@ -79,16 +79,24 @@ def stand_in(code: str) -> list[str]:
     return ["-c", code]
 
 
-def test_a_worker_asking_for_a_restart_is_started_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "first_end",
+    [
+        pytest.param("os._exit(75)", id="asking for a restart (wedged)"),
+        # Was the end of the whole stack, API included: a large image on a small machine.
+        pytest.param("os.kill(os.getpid(), 9)", id="killed (the out-of-memory killer)"),
+    ],
+)
+def test_a_worker_that_goes_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_end: str
 ) -> None:
     monkeypatch.setattr(all_in_one, "CRASH_LOOP_S", 0.0)
     starts = tmp_path / "starts"
-    # Exits 75 (wedged) on its first run, then keeps running like a healthy worker.
+    # Ends on its first run, then keeps running like a healthy worker.
     worker = all_in_one.Child("worker", stand_in(
         f"import os, pathlib, time; p = pathlib.Path({str(starts)!r}); "
         "first = not p.exists(); p.write_text(p.read_text() + 'x' if p.exists() else 'x'); "
-        "os._exit(75) if first else time.sleep(60)"
+        f"{first_end} if first else time.sleep(60)"
     ), restartable=True)
     api = all_in_one.Child("api", stand_in("import time; time.sleep(3); raise SystemExit(3)"))
     children = [worker, api]
@@ -105,10 +113,16 @@ def test_a_worker_asking_for_a_restart_is_started_again(
 
 
 @pytest.mark.parametrize(
-    ("code", "why"), [(75, "asks again right after starting"), (1, "an ordinary failure")]
+    ("code", "why"),
+    [
+        (75, "asks again right after starting"),
+        (-9, "killed right after starting"),
+        (1, "an ordinary failure"),
+    ],
 )
 def test_a_worker_is_not_restarted_when(code: int, why: str) -> None:
-    worker = all_in_one.Child("worker", stand_in(f"import os; os._exit({code})"), restartable=True)
+    end = f"os.kill(os.getpid(), {-code})" if code < 0 else f"os._exit({code})"
+    worker = all_in_one.Child("worker", stand_in(f"import os; {end}"), restartable=True)
     worker.start(dict(os.environ))
     gone = all_in_one.keep_running([worker], dict(os.environ), poll_s=0.05)
     assert gone is worker and gone.exit_code == code, why
