@@ -95,7 +95,8 @@ def error_response_at(
 
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
-# FastAPI's words for a JSON body it could not decode at all (not UTF-8, say).
+# FastAPI's words (a 400) for a body whose reading or decoding raised anything but a JSON syntax
+# error: the exception it raised is the HTTPException's __cause__.
 _FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
 # The errors pydantic gives a body that is not an object at all (a model's own validators may
 # also report at the body's location: those keep their words).
@@ -119,6 +120,21 @@ def _whole_body_error(error: Mapping[str, Any], content_type: str | None) -> tup
     if error.get("type") == "missing":
         return 422, "the body is empty; send a JSON object"
     return 422, "the body must be a JSON object"
+
+
+def _unparseable_body(cause: BaseException | None) -> tuple[int, str]:
+    """What was wrong with a body FastAPI could not decode: a 422 like any other JSON the body
+    cannot be read as (_whole_body_error), 400 only for a body that could not be received."""
+    if isinstance(cause, RecursionError):
+        # json.loads recurses once per array or object: ~1000 levels exhaust Python's stack.
+        return 422, "the body could not be parsed as JSON: it is nested too deeply"
+    if isinstance(cause, UnicodeError):
+        return 422, "the body is not valid JSON: it is not UTF-8 text"
+    if isinstance(cause, ValueError):
+        if "integer string conversion" in str(cause):  # Python's int_max_str_digits (4300)
+            return 422, "the body could not be parsed as JSON: a number in it has too many digits"
+        return 422, "the body could not be parsed as JSON"
+    return 400, "the body could not be read"
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -163,15 +179,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        status = exc.status_code
+        code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST)
         message = str(exc.detail)
         headers = dict(exc.headers or {})
-        if exc.status_code == 405:
+        if status == 405:
             allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "another")
             message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
-        elif message == _FASTAPI_UNPARSEABLE_BODY:
-            message = "the body could not be read as JSON"
-        return error_response_at(request.url.path, exc.status_code, code, message, None, headers)
+        elif status == 400 and message == _FASTAPI_UNPARSEABLE_BODY:
+            status, message = _unparseable_body(exc.__cause__)
+        return error_response_at(request.url.path, status, code, message, None, headers)
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)

@@ -45,14 +45,28 @@ def _not_blank(text: str) -> str:
 Prompt = Annotated[
     str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)
 ]
-def _not_a_boolean(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer, not true or false")
-    return value
 
 
-# Counts are integers (768.0 too), never booleans: pydantic would take `true` as 1.
-Count = Annotated[int, BeforeValidator(_not_a_boolean)]
+def _json_number(kind: str) -> BeforeValidator:
+    """Only a JSON number: pydantic's lax mode would also parse a string ("128", "7.5") and
+    take a boolean as 1 or 0, each a client bug that should not run as a number."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool):  # first: a bool is an int to Python
+            raise ValueError(f"must be {kind}, not true or false")
+        if isinstance(value, str):
+            raise ValueError(f"must be {kind}, not a string")
+        return value
+
+    return BeforeValidator(check)
+
+
+# Counts (sizes, seed, steps, frames, fps; the OpenAI route's n) are integers, 768.0 too: a
+# client computing a size in floating point, as JavaScript does, sends one (768.5 is refused).
+Count = Annotated[int, _json_number("an integer")]
+# Real numbers (guidance_scale, pivot_strength): any JSON number, an integer too, but never a
+# string or a boolean (`true` would be 1.0, itself a valid pivot_strength).
+Real = Annotated[float, _json_number("a number")]
 
 
 def _tuned_choice(value: object) -> object:
@@ -81,11 +95,11 @@ class GenerationCreate(BaseModel):
     height: Count | None = Field(default=None, gt=0)
     seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)  # random when absent, echoed
     steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    guidance_scale: Real = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     method: Literal["self_cascade", "direct"] = "self_cascade"
     tuned: Tuned = "auto"
     # default: the model's (GET /v1/models: default_pivot_strength; the paper's 0.7 for SD)
-    pivot_strength: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    pivot_strength: Real | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
     upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
     # Tuned mode: the pivot's features recomputed every step (official) or once per stage

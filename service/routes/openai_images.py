@@ -6,25 +6,26 @@ them (up to `openai_wait_s`) and answers like OpenAI; on timeout the jobs are ca
 answer is 504 in OpenAI's error shape. The wait holds one of the app's wait slots: with all of
 them taken the request is refused before any job is made (429 with Retry-After). Fields OpenAI
 has but this engine cannot honour (quality, style, background...) are accepted and ignored, as
-OpenAI's own smaller models do.
+OpenAI's own smaller models do. The body of POST /v1/generations is taken too (OpenAI's client
+sends it as `extra_body`), with the same meaning and checks, but for what OpenAI's shape has its
+own way (`size`, `output_format`) and the video-only fields (this route refuses video models).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import re
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from contract.jobs import (
-    MAX_GUIDANCE,
-    MAX_PROMPT_CHARS,
     MAX_SEED,
-    MAX_STEPS,
     ErrorCode,
     GenerationParams,
     ImageFormat,
@@ -35,8 +36,13 @@ from service.auth import Caller
 from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
-from service.routes.generations import redis_retried, wait_for_terminal, wait_slot
-from service.schemas import Count, GenerationCreate, Prompt
+from service.routes.generations import (
+    check_webhook_url,
+    redis_retried,
+    wait_for_terminal,
+    wait_slot,
+)
+from service.schemas import Count, GenerationCreate
 from service.services import ApiServices
 from service.submission import origin_for, submit
 from service.validation import normalise
@@ -48,14 +54,12 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_IMAGES = 4
 
 
-class OpenAIImageRequest(BaseModel):
-    """OpenAI's image request, plus this service's engine fields. Unknown fields are refused, as
-    OpenAI does: a typo in `extra_body` (`stepz`) must not silently run the defaults."""
+class OpenAIImageFields(BaseModel):
+    """OpenAI's own fields of an image request. Unknown fields are refused, as OpenAI does: a
+    typo in `extra_body` (`stepz`) must not silently run the defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Prompt
-    model: str | None = Field(default=None, min_length=1)
     n: Count = Field(default=1, ge=1, le=MAX_IMAGES)
     size: str | None = None  # "WxH"; "auto" or absent: the model's native size
     response_format: Literal["url", "b64_json"] = "url"
@@ -71,12 +75,30 @@ class OpenAIImageRequest(BaseModel):
     complexity: str | None = Field(default=None, max_length=32)
     output_compression: Count | None = Field(default=None, ge=0, le=100)
     partial_images: Count | None = Field(default=None, ge=0, le=3)
-    # Not OpenAI's: sent by its client as `extra_body`, i.e. top-level JSON fields.
-    seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    method: Literal["self_cascade", "direct"] = "self_cascade"
+
+
+# The native body's fields that OpenAI's shape has its own way (size for width and height, its
+# images-only output_format) or that only a video model takes, which this route refuses.
+_NOT_FROM_NATIVE = frozenset({"width", "height", "output_format", "num_frames", "fps"})
+# Every other field of POST /v1/generations (prompt, model, and this service's own, which
+# OpenAI's client sends as `extra_body`, i.e. top-level JSON fields), taken from GenerationCreate
+# itself: the same types, bounds, defaults and validators, and a field added there is taken here.
+NATIVE_FIELDS = tuple(f for f in GenerationCreate.model_fields if f not in _NOT_FROM_NATIVE)
+
+if TYPE_CHECKING:  # what a type checker can know of a model built at import time
+    OpenAIImageRequest = OpenAIImageFields
+else:
+    OpenAIImageRequest = create_model(
+        "OpenAIImageRequest",
+        __base__=OpenAIImageFields,
+        __module__=__name__,
+        __doc__="OpenAI's image request, plus POST /v1/generations' fields that fit it.",
+        **{
+            name: (field.annotation, copy.copy(field))
+            for name, field in GenerationCreate.model_fields.items()
+            if name in NATIVE_FIELDS
+        },
+    )
 
 
 class OpenAIImage(BaseModel):
@@ -101,7 +123,14 @@ async def create_images(
     if body.response_format == "url" and not services.storage.presigns:
         # Links to this API need `read`: refused before any job exists, not at the download.
         caller.require("read", "response_format url hands back download links; b64_json does not")
-    params = _generation_params(body, services)
+    native, params = _generation_params(body, services)
+    # As the native route: the webhook's address resolved (DNS: off the event loop) and refused
+    # before any job exists.
+    target = (
+        await run_in_threadpool(check_webhook_url, request, native.webhook)
+        if native.webhook is not None
+        else None
+    )
     async with wait_slot(request) as granted:
         if not granted:
             raise ApiError(
@@ -109,7 +138,16 @@ async def create_images(
                 "too many requests are already waiting for their images; retry shortly",
                 None, {"Retry-After": "5"},
             )
-        origin = origin_for(request, caller, user=body.user or body.safety_identifier)
+        origin = origin_for(
+            request,
+            caller,
+            user=body.user or body.safety_identifier,
+            priority=native.priority,
+            webhook=native.webhook,
+            webhook_receiver=target.receiver if target is not None else None,
+            webhook_events_filter=native.webhook_events_filter,
+            metadata=native.metadata,
+        )
         admission = request.app.state.admission
         records = await run_in_threadpool(submit, services, admission, caller, params, origin)
         ids = [r.id for r in records]
@@ -130,28 +168,38 @@ async def create_images(
     )
 
 
-def _generation_params(body: OpenAIImageRequest, services: ApiServices) -> list[GenerationParams]:
-    """The n generations' parameters (seeds seed, seed+1, ...); 4xx before anything is queued."""
+def _generation_params(
+    body: OpenAIImageFields, services: ApiServices
+) -> tuple[GenerationCreate, list[GenerationParams]]:
+    """The request as POST /v1/generations' body, and its n generations' parameters (seeds seed,
+    seed+1, ...); 4xx before anything is queued."""
     if body.stream:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "stream: not supported", "stream")
     width, height = _parse_size(body.size)
-    _refuse_video_model(services, body.model)
-    native = GenerationCreate(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        model=body.model,
-        width=width,
-        height=height,
-        seed=body.seed,
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        method=body.method,
-        output_format=body.output_format,
-    )
+    native = _native_body(body, width, height)
+    _refuse_video_model(services, native.model)
     first = normalise(native, services.models, services.settings)
-    return [
+    return native, [
         first.model_copy(update={"seed": (first.seed + i) % (MAX_SEED + 1)}) for i in range(body.n)
     ]
+
+
+def _native_body(
+    body: OpenAIImageFields, width: int | None, height: int | None
+) -> GenerationCreate:
+    """The native body: the fields it shares with this request as given, the size, and
+    OpenAI's output_format."""
+    given: dict[str, Any] = body.model_dump(include=set(NATIVE_FIELDS), exclude_unset=True)
+    try:
+        # Those fields were validated as GenerationCreate's already: this also runs its checks
+        # of a body as a whole, should it ever have any.
+        return GenerationCreate(
+            **given, width=width, height=height, output_format=body.output_format
+        )
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        ) from None
 
 
 def _refuse_video_model(services: ApiServices, name: str | None) -> None:

@@ -78,6 +78,17 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"metadata": {"": "x"}}, "metadata"),
         ({"metadata": {"k" * 65: "x"}}, "metadata"),
         ({"metadata": {f"k{i}": "x" for i in range(17)}}, "metadata"),
+        # Numbers are JSON numbers: a string is refused, never parsed (pydantic's lax mode
+        # would take "128" as 128), as is a boolean (`true` would be 1, or 1.0)
+        ({"width": "128"}, "width"),
+        ({"height": "128"}, "height"),
+        ({"seed": "1"}, "seed"),
+        ({"steps": "4"}, "steps"),
+        ({"guidance_scale": "7.5"}, "guidance_scale"),
+        ({"guidance_scale": True}, "guidance_scale"),
+        ({"pivot_strength": "0.5"}, "pivot_strength"),
+        ({"pivot_strength": True}, "pivot_strength"),  # 1.0 would be a valid strength
+        ({"width": 128.5}, "width"),  # an integral float is a count, a fraction is not
     ],
 )
 def test_each_rule_answers_422_naming_the_param(
@@ -87,6 +98,77 @@ def test_each_rule_answers_422_naming_the_param(
     if change.get("prompt", "") is None:
         del body["prompt"]
     assert_error(client.post("/v1/generations", json=body), 422, "invalid_request", param)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"seed": "1"}, "seed: must be an integer, not a string"),
+        ({"steps": True}, "steps: must be an integer, not true or false"),
+        ({"guidance_scale": "7.5"}, "guidance_scale: must be a number, not a string"),
+        ({"pivot_strength": True}, "pivot_strength: must be a number, not true or false"),
+    ],
+)
+def test_a_number_sent_as_anything_else_says_so(
+    client: httpx.Client, change: dict, says: str
+) -> None:
+    answer = client.post("/v1/generations", json={**VALID, **change})
+    assert answer.json()["error"]["message"] == says
+    # The OpenAI route takes the same fields by the same rules, in OpenAI's shape.
+    [(name, value)] = change.items()
+    openai = client.post("/v1/images/generations", json={"prompt": "x", name: value})
+    assert openai.status_code == 400 and openai.json()["error"]["message"] == says
+
+
+def test_integral_numbers_are_taken_in_either_spelling(client: httpx.Client) -> None:
+    # 128.0 is a count (a client that computes sizes in floating point, as JavaScript does,
+    # sends it so) and 7 a guidance scale.
+    body = {**VALID, "width": 128.0, "seed": 5.0, "steps": 4.0, "guidance_scale": 7}
+    answer = client.post("/v1/generations", json=body)
+    assert answer.status_code == 202, answer.text
+    params = answer.json()["params"]
+    assert (params["width"], params["seed"], params["steps"]) == (128, 5, 4)
+    assert params["guidance_scale"] == 7.0
+
+
+@pytest.mark.parametrize(
+    ("extra_body", "param", "says"),
+    [
+        # The native body's fields, by the native rules (each is refused before a job exists)
+        ({"tuned": True}, "tuned", "tuned: model tiny has no tuned upsamplers; use false or auto"),
+        ({"tuned": "yes"}, "tuned", 'tuned: must be true, false or "auto"'),
+        ({"method": "direct", "tuned": True}, "tuned", "use method self_cascade or tuned false"),
+        ({"pivot_strength": 1.5}, "pivot_strength", "less than or equal to 1"),
+        ({"steps": 2, "pivot_strength": 0.4}, "pivot_strength", "must be at least 1"),
+        ({"scheduler": "pndm"}, "scheduler", "'ddim', 'dpmsolver++' or 'euler'"),
+        ({"upsample_mode": "nearest"}, "upsample_mode", "'bilinear' or 'bicubic'"),
+        ({"lr_features": "per_epoch"}, "lr_features", "'per_step' or 'per_stage'"),
+        ({"metadata": {"order": 7}}, "metadata.order", "valid string"),
+        ({"metadata": {f"k{i}": "x" for i in range(17)}}, "metadata", "at most 16 items"),
+        ({"priority": "urgent"}, "priority", "'interactive' or 'batch'"),
+        ({"webhook": "https://example.com/hook"}, "webhook", "webhooks are disabled"),
+        ({"webhook_events_filter": ["done"]}, "webhook_events_filter.0", "'completed'"),
+        ({"steps": "4"}, "steps", "steps: must be an integer, not a string"),
+        # What OpenAI's shape has its own way, the video-only fields, and a typo
+        ({"width": 128}, "width", "Extra inputs are not permitted"),
+        ({"height": 128}, "height", "Extra inputs are not permitted"),
+        ({"num_frames": 8}, "num_frames", "Extra inputs are not permitted"),
+        ({"fps": 8}, "fps", "Extra inputs are not permitted"),
+        ({"stepz": 2}, "stepz", "Extra inputs are not permitted"),
+        ({"output_format": "gif"}, "output_format", "'png', 'webp' or 'jpeg'"),
+    ],
+)
+def test_the_openai_route_takes_the_native_fields_by_the_native_rules(
+    client: httpx.Client, extra_body: dict, param: str, says: str
+) -> None:
+    body = {"prompt": "x", "size": "128x128", **extra_body}
+    answer = client.post("/v1/images/generations", json=body)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", param, "invalid_request"
+    )
+    assert says in error["message"]
 
 
 def test_a_bad_metadata_key_is_named_in_the_message(client: httpx.Client) -> None:
@@ -136,7 +218,9 @@ def test_body_over_the_limit_is_413(client: httpx.Client) -> None:
         (b"prompt=x", "application/x-www-form-urlencoded", 415, "(got 'application/x-www-f"),
         (b"[1, 2]", "application/json", 422, "the body must be a JSON object"),
         (b"", "application/json", 422, "the body is empty; send a JSON object"),
-        (b'{"prompt": "\xff"}', "application/json", 400, "the body could not be read as JSON"),
+        (b'{"prompt": "\xff"}', "application/json", 422, "not valid JSON: it is not UTF-8 text"),
+        # json.loads gives up (RecursionError) at ~1000 levels: within this 4096-byte limit
+        (b"[" * 2000 + b"]" * 2000, "application/json", 422, "it is nested too deeply"),
         (b'{"prompt": "x"}', "text/json", 415, "(got 'text/json')"),  # FastAPI reads it not
         (b"", None, 415, "Content-Type: application/json (got none)"),
     ],
@@ -151,6 +235,36 @@ def test_a_body_that_is_not_a_json_object_is_named_as_such(
     openai = client.post("/v1/images/generations", content=content, headers=headers)
     assert openai.status_code == (400 if status == 422 else status)  # OpenAI's shape and codes
     assert says in openai.json()["error"]["message"] and openai.json()["error"]["param"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        # As a tester sent it: 40 KB, 20000 levels of arrays
+        (b"[" * 20000 + b"]" * 20000, "could not be parsed as JSON: it is nested too deeply"),
+        # The same inside a field
+        (b'{"prompt": "x", "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        # Python parses no integer of more than 4300 digits (sys.int_info.default_max_str_digits)
+        (
+            b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}",
+            "the body could not be parsed as JSON: a number in it has too many digits",
+        ),
+    ],
+)
+def test_json_that_python_cannot_parse_is_422_saying_why(
+    settings_for: SettingsFactory, content: bytes, says: str
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    with ApiServer(create_app(settings_for()), free_port()) as api, api.client() as client:
+        answer = client.post("/v1/generations", content=content, headers=headers)
+        openai = client.post("/v1/images/generations", content=content, headers=headers)
+    assert_error(answer, 422, "invalid_request", None)
+    assert says in answer.json()["error"]["message"]
+    # The OpenAI route answers bad input as OpenAI does: 400, in its shape.
+    assert openai.status_code == 400, openai.text
+    error = openai.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert says in error["message"]
 
 
 def test_a_validators_message_reads_as_its_own_words(client: httpx.Client) -> None:

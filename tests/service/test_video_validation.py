@@ -62,6 +62,8 @@ def client(settings: Settings) -> Iterator[httpx.Client]:
         ({**VIDEO, "num_frames": 0}, "num_frames", "greater than or equal to 1"),
         ({**VIDEO, "num_frames": 65}, "num_frames", "less than or equal to 64"),
         ({**VIDEO, "num_frames": 2.5}, "num_frames", "integer"),
+        ({**VIDEO, "num_frames": "8"}, "num_frames", "must be an integer, not a string"),
+        ({**VIDEO, "fps": "8"}, "fps", "must be an integer, not a string"),
         ({**VIDEO, "fps": 0}, "fps", "greater than or equal to 1"),
         ({**VIDEO, "fps": 61}, "fps", "less than or equal to 60"),
         ({**VIDEO, "output_format": "avi"}, "output_format", "mp4"),

@@ -267,6 +267,55 @@ def test_openai_errors_come_in_openai_shape(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as raised:  # a typo never runs the defaults
         openai_client(stack).images.generate(prompt="x", extra_body={"stepz": 2})
     assert raised.value.response.json()["error"]["param"] == "stepz"
+    with pytest.raises(openai.BadRequestError) as raised:  # a native field, the native rules
+        openai_client(stack).images.generate(prompt="x", extra_body={"tuned": True})
+    error = raised.value.response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "tuned")
+    assert error["message"] == "tuned: model tiny has no tuned upsamplers; use false or auto"
+
+
+def test_openai_client_sends_the_native_fields_as_extra_body(
+    stack: Stack, receiver: Receiver
+) -> None:
+    native = {
+        "steps": 4, "seed": 21, "negative_prompt": "blur", "guidance_scale": 6,
+        "method": "self_cascade", "tuned": False, "pivot_strength": 0.5, "scheduler": "euler",
+        "upsample_mode": "bicubic", "lr_features": "per_stage", "priority": "batch",
+        "webhook": f"{receiver.url}/openai", "webhook_events_filter": ["start", "completed"],
+        "metadata": {"order": "B-77", "customer": "ada"},
+    }
+    result = openai_client(stack).images.generate(
+        prompt="a lantern", n=2, size="128x128", response_format="url",  # type: ignore[arg-type]
+        extra_body=native,
+    )
+    # Each image is an ordinary generation, its id in its URL: .../v1/generations/<id>/outputs/0
+    ids = [str(d.url).split("/")[-3] for d in result.data or []]
+    assert len(set(ids)) == 2
+    jobs = [stack.client.get(f"/v1/generations/{job_id}").json() for job_id in ids]
+    for job, seed in zip(jobs, (21, 22), strict=True):
+        assert job["status"] == "succeeded"
+        assert job["metadata"] == native["metadata"]
+        assert (job["priority"], job["webhook"]) == ("batch", native["webhook"])
+        assert job["webhook_events_filter"] == ["completed", "start"]
+        params = job["params"]
+        assert params["seed"] == seed and (params["width"], params["height"]) == (128, 128)
+        for name in (
+            "steps", "negative_prompt", "guidance_scale", "method", "tuned", "pivot_strength",
+            "scheduler", "upsample_mode", "lr_features",
+        ):
+            assert params[name] == native[name], name
+
+    def completed() -> set[str]:
+        hooks = receiver.on("/openai")
+        return {
+            json.loads(h.body)["id"] for h in hooks
+            if h.headers["x-selfcascade-event"] == "completed"
+        }
+
+    assert wait_for(lambda: completed() == set(ids), 60, "both completed webhooks", 0.1)
+    hooks = receiver.on("/openai")
+    assert all(json.loads(h.body)["metadata"] == native["metadata"] for h in hooks)
+    assert {h.headers["x-selfcascade-event"] for h in hooks} == {"start", "completed"}
 
 
 def test_metrics_use_inference_server_names(stack: Stack) -> None:
