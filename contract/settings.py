@@ -134,6 +134,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = 64 * 1024
     max_pixels: int = 2048 * 2048
+    # A clip's whole size, frames x width x height: a 16-frame clip at the image budget. Each
+    # frame within max_pixels still let 64 frames of 2048^2 in, hours of a worker's time.
+    max_video_pixels: int = Field(default=2048 * 2048 * 16, ge=1)
     max_queue_length: int = 1000  # waiting jobs per model (both priorities)
     job_timeout_s: int = 1800
     job_retries: int = 2  # extra attempts after a worker died mid-job

@@ -49,6 +49,13 @@ def normalise(
             "width" if width >= height else "height",
             f"{width}x{height} exceeds the pixel budget of {settings.max_pixels} pixels",
         )
+    if num_frames and width * height * num_frames > settings.max_video_pixels:
+        raise _invalid(
+            "num_frames",
+            f"{num_frames} frames of {width}x{height} exceed the video budget of "
+            f"{settings.max_video_pixels} pixels (frames x width x height); fewer frames or a "
+            "smaller size fit",
+        )
     cascades = body.method == "self_cascade" and width * height > (
         spec.native_width * spec.native_height
     )

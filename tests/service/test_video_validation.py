@@ -78,6 +78,22 @@ def test_modality_and_range_rules_answer_422_naming_the_param(
     assert says in answer.json()["error"]["message"]
 
 
+def test_a_clip_past_the_video_budget_is_refused_naming_num_frames(
+    settings_for: SettingsFactory, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Each frame within max_pixels once let 64 frames of 2048^2 in: hours of a worker's time.
+    path = models_file(tmp_path / "video.json", tiny_model_dir)
+    settings = settings_for(models_file=path, max_video_pixels=64 * 64 * 8)
+    with ApiServer(create_app(settings), free_port()) as api, api.client() as client:
+        assert client.post("/v1/generations", json={**VIDEO, "num_frames": 8}).status_code == 202
+        answer = client.post("/v1/generations", json={**VIDEO, "num_frames": 9})
+        assert_error(answer, 422, "invalid_request", "num_frames")
+        assert answer.json()["error"]["message"] == (
+            "num_frames: 9 frames of 64x64 exceed the video budget of 32768 pixels (frames x "
+            "width x height); fewer frames or a smaller size fit"
+        )
+
+
 def test_odd_sizes_are_refused_for_mp4_only(
     settings_for: SettingsFactory, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
