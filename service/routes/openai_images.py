@@ -178,10 +178,21 @@ def _generation_params(
     width, height = _parse_size(body.size)
     native = _native_body(body, width, height)
     _refuse_video_model(services, native.model)
-    first = normalise(native, services.models, services.settings)
+    try:
+        first = normalise(native, services.models, services.settings)
+    except ApiError as exc:
+        raise _as_size(exc) from None
     return native, [
         first.model_copy(update={"seed": (first.seed + i) % (MAX_SEED + 1)}) for i in range(body.n)
     ]
+
+
+def _as_size(exc: ApiError) -> ApiError:
+    """A width or height refused is, in this request, its `size` (there is no width field)."""
+    if exc.param not in ("width", "height"):
+        return exc
+    message = exc.message.removeprefix(f"{exc.param}: ")
+    return ApiError(exc.status, exc.code, f"size ({exc.param}): {message}", "size", exc.headers)
 
 
 def _native_body(

@@ -272,6 +272,12 @@ def test_openai_errors_come_in_openai_shape(stack: Stack) -> None:
     error = raised.value.response.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", "tuned")
     assert error["message"] == "tuned: model tiny has no tuned upsamplers; use false or auto"
+    with pytest.raises(openai.BadRequestError) as raised:  # named as this request names it
+        openai_client(stack).images.generate(prompt="x", size="100x64")  # type: ignore[arg-type]
+    error = raised.value.response.json()["error"]
+    assert (error["param"], error["message"]) == (
+        "size", "size (width): must be a multiple of 8 px for model tiny, got 100"
+    )
 
 
 def test_openai_client_sends_the_native_fields_as_extra_body(
