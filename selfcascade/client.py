@@ -246,6 +246,12 @@ class ServiceClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/generations/{job_id}")
 
+    def models(self) -> list[dict[str, Any]]:
+        """The configured models (GET /v1/models). Needs the key's `read` scope, as reading a
+        job does: a 403 here says before any job exists that this key could not follow one."""
+        data: list[dict[str, Any]] = self._json("GET", "/v1/models")["data"]
+        return data
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/generations/{job_id}/cancel", retry=False)
 

@@ -1,27 +1,41 @@
 """`selfcascade client ...`: generate through a running service, read a job, cancel one.
 
-Registered by `selfcascade.cli`; imports only argparse at the top so building the parser stays
-cheap, and httpx/tqdm (the `client` extra) when a command runs (no torch anywhere). Exit codes:
-0 done, 1 the job or the server said no (one line on stderr), 2 bad arguments or httpx/tqdm
-not installed, 130 interrupted (job canceled).
+Registered by `selfcascade.cli`; imports only the standard library and the choice lists of
+`selfcascade.request` at the top so building the parser stays cheap, and httpx/tqdm (the
+`client` extra) when a command runs (no torch anywhere). Exit codes: 0 done, 1 the job or the
+server said no (one line on stderr), 2 bad arguments or httpx/tqdm not installed, 130
+interrupted (job canceled), 141 stdout closed early (`... | head`: output stops quietly).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfcascade.request import LR_FEATURE_MODES, METHODS, SCHEDULERS, UPSAMPLE_MODES
+
 if TYPE_CHECKING:
-    from selfcascade.client import ServiceClient
+    from selfcascade.client import ClientError, ServiceClient
 
 EXIT_FAILED = 1
 EXIT_BAD_ARGUMENTS = 2
 EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE: what a shell reports for a command whose reader went away (`set -o pipefail`).
+EXIT_BROKEN_PIPE = 141
+# The API's own lists (contract.jobs OutputFormat, Priority, WebhookEvent), spelled out rather
+# than imported: contract.jobs imports pydantic, which building this parser should not pay for.
 OUTPUT_FORMATS = ("png", "webp", "jpeg", "mp4", "webm", "gif")
+PRIORITIES = ("interactive", "batch")
+WEBHOOK_EVENTS = ("start", "progress", "completed")
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 def add_client_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,9 +54,24 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     g.add_argument("--width", type=int, help="default: the model's native width")
     g.add_argument("--height", type=int, help="default: the model's native height")
     g.add_argument("--seed", type=int, help="random when omitted; always printed")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--method", choices=("self_cascade", "direct"))
+    g.add_argument("--steps", type=int, help="default: 50")
+    g.add_argument("--guidance-scale", type=_finite_float, help="default: 7.5")
+    g.add_argument(
+        "--pivot-strength",
+        type=_finite_float,
+        help="K/T (default: the model's default_pivot_strength in GET /v1/models; the paper's "
+        "0.7 for SD)",
+    )
+    g.add_argument("--method", choices=METHODS)
+    g.add_argument("--scheduler", choices=SCHEDULERS, help="default: ddim")
+    g.add_argument("--upsample-mode", choices=UPSAMPLE_MODES, help="default: bilinear")
     g.add_argument("--tuned", choices=("auto", "true", "false"))
+    g.add_argument(
+        "--lr-features",
+        choices=LR_FEATURE_MODES,
+        help="tuned mode: the pivot's features recomputed every step (per_step, the default) "
+        "or once per stage",
+    )
     g.add_argument("--model", help="default: the server's first model")
     g.add_argument("--num-frames", type=int, help="video models: frames of the clip")
     g.add_argument("--fps", type=int, help="video models: frames per second")
@@ -56,23 +85,37 @@ def add_client_parser(commands: argparse._SubParsersAction) -> argparse.Argument
         help="your own string kept with the job and echoed in its views and webhooks "
         "(repeatable)",
     )
+    g.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        help="workers take a model's interactive jobs before its batch ones (default: "
+        "interactive)",
+    )
+    g.add_argument(
+        "--webhook", metavar="URL",
+        help="https URL the server posts the job's events to (a server with a webhook secret)",
+    )
+    g.add_argument(
+        "--webhook-events-filter", nargs="+", choices=WEBHOOK_EVENTS, metavar="EVENT",
+        help=f"which events --webhook gets, of {', '.join(WEBHOOK_EVENTS)} (default: completed)",
+    )
     g.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     g.add_argument(
         "--out", type=Path,
         help="write the image (or clip, its poster beside it) here (implies --wait)",
     )
-    g.set_defaults(handler=_generate)
+    g.set_defaults(handler=_quiet_on_broken_pipe(_generate))
 
     s = actions.add_parser("status", help="show one generation")
     _add_server(s)
     s.add_argument("job_id")
     s.add_argument("--json", action="store_true", help="print the raw JSON view")
-    s.set_defaults(handler=_status)
+    s.set_defaults(handler=_quiet_on_broken_pipe(_status))
 
     c = actions.add_parser("cancel", help="cancel a queued or running generation")
     _add_server(c)
     c.add_argument("job_id")
-    c.set_defaults(handler=_cancel)
+    c.set_defaults(handler=_quiet_on_broken_pipe(_cancel))
     return p
 
 
@@ -102,6 +145,39 @@ def _client(args: argparse.Namespace) -> ServiceClient:
     )
 
 
+def _quiet_on_broken_pipe(handler: Handler) -> Handler:
+    """`handler`, stopping quietly with EXIT_BROKEN_PIPE when stdout's reader has gone (`| head`)
+    instead of a BrokenPipeError traceback. stdout then points at /dev/null, so the flush at
+    interpreter exit has nowhere to fail (Python docs, "Note on SIGPIPE")."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code = handler(args)
+            sys.stdout.flush()  # output piped is buffered: a reader gone shows here, not at exit
+            return code
+        except BrokenPipeError:
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError):  # a stdout without a descriptor (replaced in-process)
+                pass
+            return EXIT_BROKEN_PIPE
+
+    return run
+
+
+def _finite_float(text: str) -> float:
+    """A float JSON can carry: `nan` or `inf` could not even be sent (JSON has neither)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _metadata_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -116,13 +192,21 @@ def _request_body(args: argparse.Namespace) -> dict[str, Any]:
         "height": args.height,
         "seed": args.seed,
         "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "pivot_strength": args.pivot_strength,
         "method": args.method,
+        "scheduler": args.scheduler,
+        "upsample_mode": args.upsample_mode,
+        "lr_features": args.lr_features,
         "model": args.model,
         "num_frames": args.num_frames,
         "fps": args.fps,
         "output_format": _output_format(args),
         "tuned": {"true": True, "false": False, "auto": "auto"}.get(args.tuned or ""),
         "metadata": dict(args.metadata) or None,
+        "priority": args.priority,
+        "webhook": args.webhook,
+        "webhook_events_filter": args.webhook_events_filter,
     }
     return {"prompt": args.prompt, **{k: v for k, v in optional.items() if v is not None}}
 
@@ -159,6 +243,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             try:
+                if args.wait or args.out:
+                    _check_read_scope(client)
                 job = client.create(body)
                 job_id = job["id"]
                 params = job["params"]
@@ -175,6 +261,45 @@ def _generate(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"selfcascade client: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _check_read_scope(client: ServiceClient) -> None:
+    """--wait and --out read the job back (its events, its view, its files), which needs the
+    key's `read` scope, as canceling it does. A key without it is refused here, before a job
+    exists that it could neither follow nor cancel: GET /v1/models needs `read` too."""
+    from selfcascade.client import ClientError
+
+    try:
+        client.models()
+    except ClientError as exc:
+        if exc.status != 403:
+            raise
+        raise ClientError(
+            f"{exc}, which --wait and --out need to follow the job; nothing was submitted: use "
+            "a key with both generate and read, or leave out --wait and --out",
+            exc.status,
+        ) from exc
+
+
+def _refused_to_follow(client: ServiceClient, job_id: str, refusal: ClientError) -> ClientError:
+    """Following the job just made was refused (403: the key lacks `read`): cancel it rather
+    than leave it to run unseen, and say in one line what came of that and what to do."""
+    from selfcascade.client import ClientError
+
+    advice = "use a key with both generate and read"
+    try:
+        job = client.cancel(job_id)
+    except ClientError as exc:
+        if exc.status == 409:
+            outcome = f"{job_id} had already ended"
+        else:  # canceling needs `read` too: a key without it cannot stop its own job
+            outcome = f"could not cancel {job_id} either ({exc}), so it still runs"
+    else:  # a running job stops between two denoising steps, a moment later
+        canceled = job["status"] == "canceled"
+        outcome = f"canceled {job_id}" if canceled else f"cancel requested for {job_id}"
+    return ClientError(
+        f"{refusal}, needed to follow the job; {outcome}: {advice}", refusal.status
+    )
 
 
 def _cancel_on_interrupt(client: ServiceClient, job_id: str | None) -> None:
@@ -197,8 +322,15 @@ def _cancel_on_interrupt(client: ServiceClient, job_id: str | None) -> None:
 
 
 def _follow_and_download(client: ServiceClient, job_id: str, out: Path | None) -> int:
-    _follow(client, job_id)
-    job = client.get(job_id)
+    from selfcascade.client import ClientError
+
+    try:
+        _follow(client, job_id)
+        job = client.get(job_id)
+    except ClientError as exc:
+        if exc.status != 403:
+            raise
+        raise _refused_to_follow(client, job_id, exc) from exc
     if job["status"] != "succeeded":
         error = job.get("error") or {}
         reason = f": {error.get('code')}: {error.get('message')}" if error else ""
