@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
-from selfcascade.folders import why_unwritable
+from selfcascade.folders import replacing, why_unwritable
 from selfcascade.library_logs import quiet_libraries
 from selfcascade.output_formats import DEFAULT_FPS, GIF_MAX_FPS, MAX_FPS, size_problem
 from selfcascade.request import (
@@ -33,6 +34,10 @@ if TYPE_CHECKING:  # it imports torch, which only the commands that load models 
 log = logging.getLogger("selfcascade")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; `selfcascade client` exits so too
+# The largest size this project targets (SDXL at 4096^2): more is hours of compute, and a typo
+# (100000 for 10000) would otherwise plan a dozen stages and run on without a word.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MODEL = str(demo_card.MODEL_DIR)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -80,9 +85,21 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         help="tuned feature-upsampler checkpoint (or the folder `selfcascade tune --out` wrote), "
         "or several tuned at different stage sizes (each stage uses the one tuned nearest its "
-        "size)",
+        "size; two of one size are refused)",
     )
-    p.add_argument("--lr-features", choices=LR_FEATURE_MODES, default="per_step")
+    p.add_argument(
+        "--lr-features",
+        choices=LR_FEATURE_MODES,
+        help="tuned runs: recompute the pivot's features every step or once a stage "
+        f"(default: {GenerationRequest.lr_features})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse sizes of more pixels than this (default: {DEFAULT_MAX_PIXELS}, 4096x4096; "
+        "0: no cap)",
+    )
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
@@ -94,14 +111,12 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--fps",
-        type=int,
-        default=DEFAULT_FPS,
+        type=int,  # None unless typed: an image model refuses it then, as it does --num-frames
         help=f"video models: frames per second of the clip (default: {DEFAULT_FPS})",
     )
     p.add_argument(
         "--out",
-        type=Path,
-        default=Path("out.png"),
+        default="out.png",  # a string: Path("x.png/") would drop the slash that says "folder"
         help="image file; for a video model .mp4, .webm, or an animated .gif, .png or .webp",
     )
     p.set_defaults(handler=_generate, loads_models=True, extra="worker", flags=_flags(p))
@@ -170,30 +185,27 @@ def _generate(args: argparse.Namespace) -> int:
         upsample_mode=args.upsample_mode,
         scheduler=args.scheduler,
         method=args.method,
-        lr_features=args.lr_features,
+        lr_features=args.lr_features or GenerationRequest.lr_features,
         num_frames=args.num_frames,
     )
+    out = _out_path(args.out)
     # Model-independent checks first: a bad value should not wait for a model to load.
     request.validate(PIPELINE_SIZE_MULTIPLE)
-    if not 1 <= args.fps <= MAX_FPS:
-        raise InvalidRequest("fps", f"must be between 1 and {MAX_FPS}, got {args.fps}")
-    if args.fps > GIF_MAX_FPS and args.out.suffix.lower() == ".gif":
-        # GIF delays are hundredths of a second and players slow 10 ms ones to 100 ms.
-        raise InvalidRequest("fps", f"a .gif plays at most {GIF_MAX_FPS} fps, got {args.fps}")
-    if args.upsamplers and request.method == "direct":  # the API refuses tuned direct runs too
-        raise InvalidRequest(
-            "upsamplers", "tuned upsamplers work inside self-cascade stages, which a direct run "
-            "has none of; drop --upsamplers or use --method self_cascade"
-        )
-    _check_out(args.out, video=None)
-    problem = size_problem(_out_format(args.out), request.width, request.height)
+    _check_pixels(request, args.max_pixels)
+    _check_fps(args.fps, out)
+    _check_tuning_flags(args, request)
+    _check_dtype(args.dtype)
+    _check_out(out, video=None)
+    problem = size_problem(_out_format(out), request.width, request.height)
     if problem:  # the encoder would refuse it, after the whole cascade
         raise InvalidRequest(*problem)
-    _check_writable(args.out.parent)
+    _check_writable(out.parent)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     engine = engine_for(pipe)
     engine.validate(request)
-    _check_out(args.out, video=engine.produces_video)
+    if args.fps is not None and not engine.produces_video:  # as the engine refuses num_frames
+        raise InvalidRequest("fps", "this model makes images, not videos")
+    _check_out(out, video=engine.produces_video)
     tuned = _tuned_hook(args, pipe)
     hooks = [tuned] if tuned else []
 
@@ -211,9 +223,10 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         assert isinstance(result, GenerationResult)
         frames = result.images
-    _write(args.out, frames, args.fps if isinstance(result, VideoResult) else None)
+    fps = DEFAULT_FPS if args.fps is None else args.fps
+    _write(out, frames, fps if isinstance(result, VideoResult) else None)
     kind = f"{len(frames)} frames of " if isinstance(result, VideoResult) else ""
-    print(f"wrote {args.out} ({kind}{frames[0].width}x{frames[0].height})")
+    print(f"wrote {out} ({kind}{frames[0].width}x{frames[0].height})")
     stages = " -> ".join(str(s) for s in result.stages)
     timings = ", ".join(f"{s:.2f}s" for s in result.stage_seconds)
     print(
@@ -221,6 +234,58 @@ def _generate(args: argparse.Namespace) -> int:
         f"{result.unet_evaluations} UNet evaluations; {timings}"
     )
     return 0
+
+
+def _out_path(text: str) -> Path:
+    """--out as typed, refused when it ends as a folder's name does ("x.png/", "x/."): Path
+    would drop that end and the image would land in the file x.png, or x."""
+    if os.path.basename(text) in ("", ".", ".."):
+        raise InvalidRequest("out", f"{text} names a folder; give a file name such as out.png")
+    return Path(text)
+
+
+def _check_pixels(request: GenerationRequest, max_pixels: int) -> None:
+    """The API's pixel budget, worded as it is, with how to lift it: without one, a slip of a
+    digit plans a dozen stages and runs for hours."""
+    if max_pixels < 0:
+        raise InvalidRequest("max_pixels", f"must be 0 (no cap) or more, got {max_pixels}")
+    width, height = request.width, request.height
+    if max_pixels and width * height > max_pixels:
+        raise InvalidRequest(
+            "width" if width >= height else "height",  # the longer side, as the API names it
+            f"{width}x{height} exceeds the pixel budget of {max_pixels} pixels; raise it with "
+            "--max-pixels (0 lifts the cap)",
+        )
+
+
+def _check_fps(fps: int | None, out: Path) -> None:
+    if fps is None:  # not typed: a video model's clip gets DEFAULT_FPS
+        return
+    if not 1 <= fps <= MAX_FPS:
+        raise InvalidRequest("fps", f"must be between 1 and {MAX_FPS}, got {fps}")
+    if fps > GIF_MAX_FPS and out.suffix.lower() == ".gif":
+        # GIF delays are hundredths of a second and players slow 10 ms ones to 100 ms.
+        raise InvalidRequest("fps", f"a .gif plays at most {GIF_MAX_FPS} fps, got {fps}")
+
+
+def _check_tuning_flags(args: argparse.Namespace, request: GenerationRequest) -> None:
+    """Tuning flags that would be ignored: refused, so nobody thinks they ran tuned."""
+    if args.upsamplers and request.method == "direct":  # the API refuses tuned direct runs too
+        raise InvalidRequest(
+            "upsamplers", "tuned upsamplers work inside self-cascade stages, which a direct run "
+            "has none of; drop --upsamplers or use --method self_cascade"
+        )
+    if args.lr_features is not None and not args.upsamplers:  # None: not typed, the default
+        raise InvalidRequest("lr_features", "applies to tuned runs; add --upsamplers")
+
+
+def _check_dtype(dtype: str) -> None:
+    """Checked here, not at loading, so that the error names --dtype (and comes before the
+    model loads)."""
+    from selfcascade.loading import DTYPES
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise InvalidRequest("dtype", f"must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def _method_summary(request: GenerationRequest, tuned: TunedStageHook | None) -> str:
@@ -279,17 +344,27 @@ def _out_format(out: Path) -> str:
 
 def _write(out: Path, frames: list, fps: int | None) -> None:
     """One image, or (given its fps) a clip: .mp4/.webm/.gif through the service's encoder (a gif
-    with its exact frame delays), an animated .png/.webp through Pillow."""
+    with its exact frame delays), an animated .png/.webp through Pillow. Written beside `out`
+    and then moved there (`replacing`): a failed write leaves whatever file was there."""
+    from PIL import Image
+
     encoded = ENCODED_CLIPS.get(out.suffix.lower())
+    clip = _encode(frames, encoded, fps) if fps is not None and encoded else None
+    # Named, since Pillow would read it from the file's name, and the partial file's is .part.
+    fmt = Image.registered_extensions().get(out.suffix.lower())
     try:
-        if fps is None:
-            frames[0].save(out, save_all=len(frames) > 1, append_images=frames[1:])
-        elif encoded:
-            out.write_bytes(_encode(frames, encoded, fps))
-        else:
-            frames[0].save(
-                out, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0
-            )
+        with replacing(out) as file:
+            if clip is not None:
+                file.write(clip)
+            elif fps is None:
+                frames[0].save(
+                    file, format=fmt, save_all=len(frames) > 1, append_images=frames[1:]
+                )
+            else:
+                frames[0].save(
+                    file, format=fmt, save_all=True, append_images=frames[1:],
+                    duration=round(1000 / fps), loop=0,
+                )
     except OSError as exc:  # the disk filled up, or the folder went away meanwhile
         raise InvalidRequest("out", f"cannot write {out}: {exc}") from None
 
@@ -336,7 +411,17 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C: the user knows why it stopped, and a traceback of wherever torch was would
+        # bury the one line that matters. Nothing more is claimed: a command with more to say
+        # (tune, its state saved) said it before re-raising.
+        print("selfcascade: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

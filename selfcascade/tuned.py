@@ -410,14 +410,17 @@ def load_tuned_hook(
 
     paths = [paths] if isinstance(paths, str | Path) else list(paths)
     sets = []
+    tuned_at: dict[int, Path] = {}  # each set's file by its hr_size
     for given in paths:
         path = checkpoint_file(given)
         checkpoint = load_upsamplers(path, pipe.unet)
-        if len(paths) > 1 and checkpoint.hr_size is None:
-            raise CheckpointError(
-                f"{path} does not record the size it was tuned at (hr_size), so it cannot be "
-                "one of several upsampler sets; re-save it with that metadata or pass it alone"
-            )
+        if len(paths) > 1:
+            if checkpoint.hr_size is None:
+                raise CheckpointError(
+                    f"{path} does not record the size it was tuned at (hr_size), so it cannot be "
+                    "one of several upsampler sets; re-save it with that metadata or pass it alone"
+                )
+            _refuse_same_size(tuned_at, path, checkpoint.hr_size)
         # Moved now, outside any job's inference_mode, so the weights stay ordinary tensors.
         checkpoint.upsamplers.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
         logger.info(
@@ -430,6 +433,18 @@ def load_tuned_hook(
         )
         sets.append(StageUpsamplers(checkpoint.upsamplers, checkpoint.scale, checkpoint.hr_size))
     return TunedStageHook(sets, lr_features)
+
+
+def _refuse_same_size(tuned_at: dict[int, Path], path: Path, hr_size: int) -> None:
+    """Record `path` as the set tuned at `hr_size`, refusing a second set of that size: a stage
+    gets the set tuned nearest its size, and of two equally near only the first would ever run
+    (the other loaded for nothing, the user none the wiser)."""
+    earlier = tuned_at.setdefault(hr_size, path)
+    if earlier is not path:
+        raise CheckpointError(
+            f"{earlier} and {path} are both tuned at {hr_size} px, so only the first would be "
+            "used; pass one set per stage size"
+        )
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -328,3 +329,19 @@ def test_a_folder_without_the_checkpoint_names_the_file_expected(
 ) -> None:
     with pytest.raises(CheckpointError, match=f"folder without {UPSAMPLERS_FILE}"):
         load_tuned_hook(tmp_path, tiny_sd)
+
+
+def test_two_sets_tuned_at_one_size_are_refused_naming_both(tiny_sd: Any, tmp_path: Path) -> None:
+    def saved(name: str, seed: int, hr_size: int) -> Path:
+        return save_upsamplers(
+            tmp_path / name, trained(tiny_sd, seed), tiny_sd.unet, 2, 700, hr_size=hr_size
+        )
+
+    first, other, second = saved("a.st", 1, 128), saved("b.st", 2, 256), saved("c.st", 3, 128)
+    # Was: a stage tuned nearest 128 px always got the first, the second loaded for nothing.
+    # The worker loads a models file's upsamplers here too, and refuses to start on this.
+    with pytest.raises(CheckpointError, match=re.escape(
+        f"{first} and {second} are both tuned at 128 px, so only the first would be used"
+    )):
+        load_tuned_hook([first, other, second], tiny_sd)
+    assert [s.hr_size for s in load_tuned_hook([first, other], tiny_sd).sets] == [128, 256]
