@@ -4,14 +4,22 @@ Registered by `selfcascade.cli` through `add_tune_parser`. Writes into `--out`:
 `upsamplers.safetensors` (what `generate --upsamplers` loads), `training_state.pt` (what
 `--resume` continues from) and `loss.jsonl` (one {"step", "loss", "elapsed_s"} line per step).
 An `--out` that already holds a run needs `--resume` (continue it) or `--overwrite` (start again).
+Ctrl-C saves the training state at the last completed step, for `--resume` to continue from.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from selfcascade.request import PAPER_PIVOT_STRENGTH
+
+if TYPE_CHECKING:  # it imports torch, which only running the command pays for
+    from selfcascade.tuning import TuneConfig, TuneResult
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it and `selfcascade` exits on Ctrl-C
 
 
 def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -66,10 +74,8 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from selfcascade.loading import load_pipeline
-    from selfcascade.tuning import StepReport, TuneConfig, check_paths, tune
+    from selfcascade.tuning import TuneConfig, TuneInterrupted, check_paths
 
     config = TuneConfig(
         data_dir=args.data,
@@ -93,6 +99,27 @@ def run_tune(args: argparse.Namespace) -> int:
     config.validate()
     check_paths(config)
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    try:
+        result = _tune_with_progress_bar(pipe, config)
+    except TuneInterrupted as stop:
+        # Said here and exited with, not re-raised: the one line that matters, where cli.main's
+        # own "interrupted" would follow it and add nothing. A Ctrl-C before the first step
+        # still reaches cli.main.
+        print(
+            f"selfcascade: interrupted at step {stop.step}; state saved in {stop.out_dir}: "
+            "rerun with --resume to continue",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
+    return 0
+
+
+def _tune_with_progress_bar(pipe: Any, config: TuneConfig) -> TuneResult:
+    from tqdm import tqdm
+
+    from selfcascade.tuning import StepReport, tune
+
     # Drawn at the first step, not before: what tune refuses in its set-up (the data, a
     # training state) then prints one error line, with no stray empty bar above it.
     bar: tqdm | None = None
@@ -105,9 +132,7 @@ def run_tune(args: argparse.Namespace) -> int:
         bar.update(1)
 
     try:
-        result = tune(pipe, config, on_step=on_step)
+        return tune(pipe, config, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
-    print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
-    return 0

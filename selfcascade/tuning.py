@@ -15,14 +15,21 @@ whole window shares one timestep, as every frame of a generated clip does.
 Everything random (crop offsets, VAE posterior samples, noise, timesteps) is drawn from one
 `torch.Generator` that the run owns, so a run resumed from its training state continues exactly
 as an uninterrupted one would.
+
+Ctrl-C saves the training state at the last completed step (loss.jsonl ends there too) and
+raises `TuneInterrupted`; a failed write of the run's files is one `InvalidRequest` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,6 +91,11 @@ class TuneConfig:
             raise InvalidRequest("lr", f"must be a positive number, got {self.lr}")
         if not 0 < self.pivot_strength <= 1:
             raise InvalidRequest("pivot_strength", f"must be in (0, 1], got {self.pivot_strength}")
+        if self.crop_size is not None and self.crop_size < 1:
+            # 0 would silently mean the default (hr_size's `or`), and a negative size reach PIL.
+            raise InvalidRequest(
+                "crop_size", f"must be a positive number of pixels, got {self.crop_size}"
+            )
         if self.save_every < 1:
             raise InvalidRequest("save_every", f"must be >= 1, got {self.save_every}")
         if self.clip_frames is not None and self.clip_frames < 1:
@@ -101,6 +113,9 @@ class TuneConfig:
             "pivot_strength": self.pivot_strength,
             "crop_size": self.crop_size,
             "seed": self.seed,
+            # Resolved: the same folder however it is named. States saved before it was recorded
+            # lack it, and resume unchecked (`_refuse_changed_settings`).
+            "data": str(Path(self.data_dir).resolve()),
             # Only when set, so image runs saved before video tuning existed still resume.
             **({"clip_frames": self.clip_frames} if self.clip_frames is not None else {}),
         }
@@ -366,96 +381,222 @@ class TuneResult:
     losses: list[float]
 
 
+class TuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `tune`: the training state in `out_dir` is at `step`, the last step
+    completed, and loss.jsonl ends there, for --resume to continue from. A KeyboardInterrupt
+    still, for callers that know nothing of tuning."""
+
+    def __init__(self, step: int, out_dir: Path) -> None:
+        super().__init__(f"interrupted at step {step}; state saved in {out_dir}")
+        self.step = step
+        self.out_dir = out_dir
+
+
 def tune(
     pipe: Any,
     config: TuneConfig,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TuneResult:
-    """Train (or resume training) the upsamplers; the base pipeline's weights never change."""
+    """Train (or resume training) the upsamplers; the base pipeline's weights never change.
+    Raises `TuneInterrupted` on Ctrl-C once a step was trained, plain KeyboardInterrupt before."""
     config.validate()
     # A training state is read once, below: the optimizer's moments make it large.
     check_paths(config, steps_left=False)
     model = TuningModel(pipe)
-    crop = config.hr_size(model.native_size)
-    multiple = int(pipe.vae_scale_factor) * 2 ** (len(model.unet.config.down_block_types) - 1)
-    if crop % (multiple * config.scale):
-        raise InvalidRequest(
-            "crop_size", f"must be a multiple of {multiple * config.scale} px, got {crop}"
-        )
-    data: TuningImages | TuningClips
-    if model.is_video:
-        frames = config.clip_frames or DEFAULT_CLIP_FRAMES
-        data = TuningClips.scan(Path(config.data_dir), crop, frames)
-    else:
-        data = TuningImages.scan(Path(config.data_dir), crop)
-    k = model.pivot_timestep(config.pivot_strength)
-    device = model.device
-
-    upsamplers = FeatureUpsamplerSet.for_unet(model.unet.config).to(device)  # float32 always
-    upsamplers.train()
-    optimizer = torch.optim.AdamW(
-        upsamplers.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    amp_dtype = _amp_dtype(device) if config.mixed_precision else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-    generator = torch.Generator().manual_seed(config.seed)
+    _check_fits(config, model)
+    data = _scan_data(config, model)
+    run = _Training.begin(model, config)
 
     out = Path(config.out_dir)
     start = 0
     if config.resume:
-        start = _load_state(out, config, model, upsamplers, optimizer, scaler, generator)
+        start = _load_state(out, config, run)
         _refuse_finished(out, start, config.steps)
         logger.info("resuming from step %d", start)
     elif config.overwrite:
         # Gone now, not at the first save: a run stopped before then must not leave the earlier
         # run's state for --resume to continue against the loss log truncated below.
         for name in (STATE_FILE, UPSAMPLERS_FILE):
-            (out / name).unlink(missing_ok=True)
+            with _writing(out / name):
+                (out / name).unlink(missing_ok=True)
     _truncate_loss_log(out / LOSS_LOG, start)
+    losses = _train(run, data, config, start, on_step)
+    return TuneResult(run.upsamplers, out / UPSAMPLERS_FILE, start, config.steps, losses)
 
-    checkpoint = out / UPSAMPLERS_FILE
+
+def _check_fits(config: TuneConfig, model: TuningModel) -> None:
+    """The settings only the model can judge."""
+    crop = config.hr_size(model.native_size)
+    levels = len(model.unet.config.down_block_types)
+    multiple = int(model.pipe.vae_scale_factor) * 2 ** (levels - 1) * config.scale
+    if crop % multiple:
+        raise InvalidRequest("crop_size", f"must be a multiple of {multiple} px, got {crop}")
+    if config.clip_frames is not None and not model.is_video:
+        # It would be accepted and unused: an image model trains on single images.
+        raise InvalidRequest("clip_frames", "this model makes images, not videos")
+
+
+def _scan_data(config: TuneConfig, model: TuningModel) -> TuningImages | TuningClips:
+    crop = config.hr_size(model.native_size)
+    if model.is_video:
+        frames = config.clip_frames or DEFAULT_CLIP_FRAMES
+        return TuningClips.scan(Path(config.data_dir), crop, frames)
+    return TuningImages.scan(Path(config.data_dir), crop)
+
+
+@dataclass
+class _Training:
+    """What the steps change, and what a training state holds besides the step."""
+
+    model: TuningModel
+    upsamplers: FeatureUpsamplerSet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    amp_dtype: torch.dtype | None
+    pivot_timestep: int
+
+    @classmethod
+    def begin(cls, model: TuningModel, config: TuneConfig) -> _Training:
+        upsamplers = FeatureUpsamplerSet.for_unet(model.unet.config).to(model.device)  # float32
+        upsamplers.train()
+        optimizer = torch.optim.AdamW(
+            upsamplers.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        amp_dtype = _amp_dtype(model.device) if config.mixed_precision else None
+        return cls(
+            model,
+            upsamplers,
+            optimizer,
+            torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16),
+            torch.Generator().manual_seed(config.seed),
+            amp_dtype,
+            model.pivot_timestep(config.pivot_strength),
+        )
+
+    def backward(self, batch: TrainingBatch, step: int) -> float:
+        """The loss and its gradients; nothing a training state holds changes yet."""
+        device_type = self.model.device.type
+        amp = self.amp_dtype
+        with torch.autocast(device_type, dtype=amp or torch.float32, enabled=bool(amp)):
+            loss = self.model.loss(self.upsamplers, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            # Before the update, so the last saved state is never a poisoned one.
+            raise FloatingPointError(f"loss became {value} at step {step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return value
+
+    def update(self) -> None:
+        self.scaler.step(self.optimizer)  # float16 only: skips steps whose gradients overflowed
+        self.scaler.update()
+
+
+def _train(
+    run: _Training,
+    data: TuningImages | TuningClips,
+    config: TuneConfig,
+    start: int,
+    on_step: Callable[[StepReport], None] | None,
+) -> list[float]:
+    """Steps start+1..config.steps, saved every config.save_every and at the last; on Ctrl-C,
+    saved at the last step completed."""
+    out = Path(config.out_dir)
     losses: list[float] = []
+    done = saved = start  # the last step applied and logged; the step the state file holds
+    rng = run.generator.get_state()  # the generator as step `done` left it
     started = time.perf_counter()
-    with (
-        _gradient_checkpointing(model.unet, config.gradient_checkpointing),
-        (out / LOSS_LOG).open("a", encoding="utf-8") as log_file,
+    try:
+        with (
+            _gradient_checkpointing(run.model.unet, config.gradient_checkpointing),
+            _loss_log(out / LOSS_LOG) as log,
+        ):
+            for step in range(start + 1, config.steps + 1):
+                pixels, captions = data.sample(config.batch_size, run.generator)
+                batch = run.model.make_batch(
+                    pixels, captions, config.scale, run.pivot_timestep, run.generator
+                )
+                value = run.backward(batch, step)
+                # Applied and logged whole or not at all: a Ctrl-C waits the moment it takes.
+                with _sigint_held() as held:
+                    run.update()
+                    log({"step": step, "loss": value, "elapsed_s": time.perf_counter() - started})
+                    losses.append(value)
+                    done, rng = step, run.generator.get_state()
+                if held:
+                    raise KeyboardInterrupt
+                if on_step is not None:
+                    on_step(StepReport(step, config.steps, value))
+                if step % config.save_every == 0 or step == config.steps:
+                    _save_state(out, config, run, step)
+                    saved = step
+    except KeyboardInterrupt:
+        # A step cut short drew crops and noise: un-drawn, so --resume draws them again, as an
+        # uninterrupted run would have.
+        run.generator.set_state(rng)
+        if done > saved:
+            # A second Ctrl-C waits for the save: one pressed out of impatience would otherwise
+            # throw away the steps the first one is saving.
+            with _sigint_held():
+                _save_state(out, config, run, done)
+        if done == 0:
+            raise  # nothing trained, nothing to resume
+        raise TuneInterrupted(done, out) from None
+    return losses
+
+
+@contextmanager
+def _sigint_held() -> Iterator[list[int]]:
+    """Ctrl-C inside the block is noted in the list it yields, not raised there, so what the block
+    changes it changes whole. Only where Python's own handler would raise KeyboardInterrupt: in
+    the main thread (the only one signals reach), with no other handler installed."""
+    held: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
-        for step in range(start + 1, config.steps + 1):
-            pixels, captions = data.sample(config.batch_size, generator)
-            batch = model.make_batch(pixels, captions, config.scale, k, generator)
-            value = _train_step(model, upsamplers, optimizer, scaler, batch, amp_dtype, step)
-            losses.append(value)
-            record = {"step": step, "loss": value, "elapsed_s": time.perf_counter() - started}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if on_step is not None:
-                on_step(StepReport(step, config.steps, value))
-            if step % config.save_every == 0 or step == config.steps:
-                _save_state(out, config, model, upsamplers, optimizer, scaler, generator, step, k)
-    return TuneResult(upsamplers, checkpoint, start, config.steps, losses)
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _train_step(
-    model: TuningModel,
-    upsamplers: FeatureUpsamplerSet,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batch: TrainingBatch,
-    amp_dtype: torch.dtype | None,
-    step: int,
-) -> float:
-    device_type = model.device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)):
-        loss = model.loss(upsamplers, batch)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        # Before the update, so the last saved state is never a poisoned one.
-        raise FloatingPointError(f"loss became {value} at step {step}")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)  # float16 only: skips steps whose gradients overflowed
-    scaler.update()
-    return value
+@contextmanager
+def _loss_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Appends one JSON line per step to `path`, flushed at once."""
+    with _writing(path):
+        file = path.open("a", encoding="utf-8")
+
+    def append(record: dict[str, Any]) -> None:
+        with _writing(path):
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+
+    try:
+        yield append
+    except BaseException:
+        # A line that failed to write is still buffered, and closing would fail on it again,
+        # in place of the error already on its way.
+        with contextlib.suppress(OSError):
+            file.close()
+        raise
+    with _writing(path):
+        file.close()
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write of one of the run's files (a full disk, a folder in its way) is the user's
+    to fix: one line naming the file and the system's reason, as `generate` reports its --out."""
+    try:
+        yield
+    except OSError as exc:
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+        raise InvalidRequest("out", f"cannot write {path}: {reason}") from None
 
 
 @contextmanager
@@ -477,81 +618,109 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _save_state(
-    out: Path,
-    config: TuneConfig,
-    model: TuningModel,
-    upsamplers: FeatureUpsamplerSet,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    step: int,
-    pivot_timestep: int,
-) -> None:
+def _save_state(out: Path, config: TuneConfig, run: _Training, step: int) -> None:
     """Weights for serving, then the full training state; each file replaced atomically."""
-    save_upsamplers(
-        out / UPSAMPLERS_FILE,
-        upsamplers,
-        model.unet,
-        scale=config.scale,
-        pivot_timestep=pivot_timestep,
-        hr_size=config.hr_size(model.native_size),
-        extra={"tuning_step": str(step)},
-    )
+    with _writing(out / UPSAMPLERS_FILE):
+        save_upsamplers(
+            out / UPSAMPLERS_FILE,
+            run.upsamplers,
+            run.model.unet,
+            scale=config.scale,
+            pivot_timestep=run.pivot_timestep,
+            hr_size=config.hr_size(run.model.native_size),
+            extra={"tuning_step": str(step)},
+        )
     state = {
         "step": step,
         "resume_key": json.dumps(config.resume_key()),
-        "base_config_sha256": BaseModelIdentity.of(model.unet).config_sha256,
-        "upsamplers": {k: v.detach().cpu() for k, v in upsamplers.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "generator": generator.get_state(),
+        "base_config_sha256": BaseModelIdentity.of(run.model.unet).config_sha256,
+        "upsamplers": {k: v.detach().cpu() for k, v in run.upsamplers.state_dict().items()},
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "generator": run.generator.get_state(),
     }
-    tmp = out / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    # Into memory first, not torch.save(path): its zip writer reports a full disk as a
+    # RuntimeError ("unexpected pos"), where Python's own write says ENOSPC.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with _writing(out / STATE_FILE):
+        _replace_file(out / STATE_FILE, buffer.getvalue())
     logger.info("saved tuning state at step %d to %s", step, out)
 
 
-def _load_state(
-    out: Path,
-    config: TuneConfig,
-    model: TuningModel,
-    upsamplers: FeatureUpsamplerSet,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-) -> int:
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write beside `path`, then rename onto it: a write cut short (a full disk, a second
+    Ctrl-C) leaves the file there whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a folder of that name, say: the error says more
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_state(out: Path, config: TuneConfig, run: _Training) -> int:
     path = out / STATE_FILE
     state = _read_state(path)
-    if state.get("base_config_sha256") != BaseModelIdentity.of(model.unet).config_sha256:
+    if state.get("base_config_sha256") != BaseModelIdentity.of(run.model.unet).config_sha256:
         raise CheckpointError(f"training state {path} was made for another base model")
+    try:
+        saved_key = json.loads(state["resume_key"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+    if not isinstance(saved_key, dict):
+        raise _unreadable(path, None)
+    _refuse_changed_settings(path, saved_key, config, run.model.native_size)
+    try:
+        run.upsamplers.load_state_dict(state["upsamplers"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+        run.generator.set_state(state["generator"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # torch's own: multi-line
+        raise _unreadable(path, exc) from None
+    return int(state["step"])
+
+
+def _refuse_changed_settings(
+    path: Path, saved_key: dict[str, Any], config: TuneConfig, native_size: int
+) -> None:
     # The settings as used, on both sides: a run that left one to its default (None) and one
     # naming that same default are the same run.
-    saved_key = _as_used(json.loads(state["resume_key"]), model.native_size)
-    key = _as_used(config.resume_key(), model.native_size)
-    if saved_key != key:
-        changed = sorted(k for k in saved_key.keys() | key.keys() if saved_key.get(k) != key.get(k))
-        raise CheckpointError(
-            f"cannot resume {path}: settings changed since it was saved ({', '.join(changed)})"
-        )
-    upsamplers.load_state_dict(state["upsamplers"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
-    return int(state["step"])
+    saved = _as_used(saved_key, native_size)
+    key = _as_used(config.resume_key(), native_size)
+    if "data" not in saved:  # saved before the data folder was recorded: taken on trust
+        key.pop("data")
+    if saved == key:
+        return
+    changed = sorted(k for k in saved.keys() | key.keys() if saved.get(k) != key.get(k))
+    was = f"; its --data was {saved['data']}" if "data" in changed else ""
+    raise CheckpointError(
+        f"cannot resume {path}: settings changed since it was saved ({', '.join(changed)}){was}"
+    )
 
 
 def _read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no training state at {path}")
     try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or truncated files
-        raise CheckpointError(f"training state {path} is corrupt or truncated: {exc}") from exc
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path} is not a selfcascade training state")
+        raise _unreadable(path, exc) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _unreadable(path, None)
     return state
+
+
+def _unreadable(path: Path, exc: Exception | None) -> CheckpointError:
+    """One line: torch's reasons run to paragraphs (weights_only's "please file an issue")."""
+    if exc is not None:
+        logger.debug("reading %s failed", path, exc_info=exc)
+    return CheckpointError(
+        f"cannot resume: {path} is not a training state this release can read (corrupt, "
+        "truncated, or not written by `selfcascade tune`)"
+    )
 
 
 def _as_used(key: dict[str, Any], native_size: int) -> dict[str, Any]:
@@ -565,14 +734,18 @@ def _truncate_loss_log(path: Path, step: int) -> None:
     """Drop log lines past `step`: they belong to steps the resumed run will redo."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a half-written last line from an interruption
-    path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    with _writing(path):
+        text = path.read_text(encoding="utf-8")
+        kept = []
+        for line in text.splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line from an interruption
+        truncated = "".join(f"{line}\n" for line in kept)
+        if truncated != text:  # replaced whole: a full disk must not leave it empty
+            _replace_file(path, truncated.encode())
 
 
 def config_summary(config: TuneConfig) -> dict[str, Any]:
