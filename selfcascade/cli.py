@@ -416,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C: the user knows why it stopped, and a traceback of wherever torch was would
         # bury the one line that matters. Nothing more is claimed: a command with more to say
-        # (tune, its state saved) said it before re-raising.
+        # handles its own (tune saves its state, says so and returns 130 itself).
         print("selfcascade: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
