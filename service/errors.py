@@ -80,6 +80,16 @@ def openai_error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """Whether a Redis error is this process's connection pool at its limit, not Redis away:
+    redis-py raises MaxConnectionsError from a full pool, and a ConnectionError of its own words
+    from a blocking pool that waited in vain (ApiServices.async_redis)."""
+    return isinstance(exc, redis.exceptions.MaxConnectionsError) or (
+        isinstance(exc, redis.exceptions.ConnectionError)
+        and str(exc) == "No connection available."
+    )
+
+
 def error_response_at(
     path: str,
     status: int,
@@ -191,6 +201,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response_at(request.url.path, status, code, message, None, headers)
 
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        if pool_exhausted(exc):  # Redis is fine: this process is at its own limit
+            log.warning("redis connection pool exhausted: %s", exc)
+            return error_response_at(
+                request.url.path, 503, ErrorCode.SERVER_BUSY,
+                "this API process has all its Redis connections in use; retry shortly",
+                None, {"Retry-After": "2"},
+            )
         log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
         return error_response_at(
             request.url.path,

@@ -16,8 +16,12 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
 
 from service.app import create_app
+from service.errors import pool_exhausted
 from tests.conftest import free_port
 from tests.live_stack import REPO, ApiServer, wait_for
 from tests.service.conftest import SettingsFactory
@@ -91,6 +95,28 @@ def test_streams_past_the_limit_are_a_503_and_a_closed_one_frees_its_place(
                 pass
 
         anyio.run(check)
+
+
+def test_a_full_connection_pool_is_told_apart_from_redis_being_away(redis_url: str) -> None:
+    # Both are redis-py ConnectionErrors; only the second is "the job store is unreachable".
+    async def check() -> None:
+        pool = BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=0.2)
+        client = AsyncRedis.from_pool(pool)
+        held = await pool.get_connection()
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError) as full:
+                await client.ping()
+            assert pool_exhausted(full.value)
+        finally:
+            await pool.release(held)
+            await client.aclose()
+        away = AsyncRedis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+        with pytest.raises(redis.exceptions.ConnectionError) as gone:
+            await away.ping()
+        assert not pool_exhausted(gone.value)
+        await away.aclose()
+
+    anyio.run(check)
 
 
 def test_a_stopping_api_ends_its_streams_and_waits_and_exits(
