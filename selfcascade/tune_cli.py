@@ -105,11 +105,14 @@ def run_tune(args: argparse.Namespace) -> int:
         # Said here and exited with, not re-raised: the one line that matters, where cli.main's
         # own "interrupted" would follow it and add nothing. A Ctrl-C before the first step
         # still reaches cli.main.
-        print(
-            f"selfcascade: interrupted at step {stop.step}; state saved in {stop.out_dir}: "
-            "rerun with --resume to continue",
-            file=sys.stderr,
-        )
+        if stop.step >= config.steps:  # during the last step's save: nothing left to resume
+            said = f"after its last step ({stop.step}); the run is complete, in {stop.out_dir}"
+        else:
+            said = (
+                f"at step {stop.step}; state saved in {stop.out_dir}: rerun with --resume to "
+                "continue"
+            )
+        print(f"selfcascade: interrupted {said}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
     return 0

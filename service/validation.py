@@ -50,9 +50,10 @@ def normalise(
             f"{width}x{height} exceeds the pixel budget of {settings.max_pixels} pixels",
         )
     if num_frames and width * height * num_frames > settings.max_video_pixels:
+        frames = f"{num_frames} frames" if body.num_frames else f"the model's {num_frames} frames"
         raise _invalid(
             "num_frames",
-            f"{num_frames} frames of {width}x{height} exceed the video budget of "
+            f"{frames} of {width}x{height} exceed the video budget of "
             f"{settings.max_video_pixels} pixels (frames x width x height); fewer frames or a "
             "smaller size fit",
         )

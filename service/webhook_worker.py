@@ -97,7 +97,7 @@ class WebhookDispatcher:
                 claimed: list[Claimed] = []
                 deadline = 0.0
                 try:
-                    claimed, deadline = self._claim()
+                    asked = self._claim()
                 except REDIS_AWAY as exc:
                     failures.redis_away(exc)
                 except Exception:
@@ -105,16 +105,19 @@ class WebhookDispatcher:
                     log.exception("claiming webhooks failed; will retry")
                     failures.crashed()
                 else:
-                    failures.claimed()
+                    if asked is not None:  # None: every thread busy, Redis not asked at all
+                        claimed, deadline = asked
+                        failures.claimed()
                 for entry in claimed:
                     pool.submit(self._send, sender, entry, deadline)
                 if not claimed:
                     self.stop.wait(failures.pause_s())
 
-    def _claim(self) -> tuple[list[Claimed], float]:
-        """Due entries, one per free thread, and the deadline (monotonic) their sends end by."""
+    def _claim(self) -> tuple[list[Claimed], float] | None:
+        """Due entries, one per free thread, and the deadline (monotonic) their sends end by;
+        None when every thread is busy (Redis was not asked: its answer says nothing of it)."""
         if not self._free.acquire(timeout=1):
-            return [], 0.0  # every thread busy
+            return None
         available = 1
         while available < self.threads and self._free.acquire(blocking=False):
             available += 1
@@ -139,8 +142,14 @@ class WebhookDispatcher:
         try:
             sender.deliver(claimed.delivery, deadline)
             finish_claim(self.redis, self.keys, claimed)
+        except REDIS_AWAY as exc:
+            # Left in flight on purpose: the claim lapses and the entry is tried again. An outage
+            # is the claim loop's one warning; no traceback per send caught in it.
+            log.warning(
+                "webhook for generation %s: Redis away (%s); it is tried again once its claim "
+                "lapses", claimed.delivery.job_id, exc,
+            )
         except redis.exceptions.RedisError:
-            # Left in flight on purpose: the claim lapses and the entry is tried again.
             log.exception("webhook for generation %s: Redis failed", claimed.delivery.job_id)
         except Exception as exc:
             # A bug met by this delivery: counted as a failed attempt, so it ends among the dead

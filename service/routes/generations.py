@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -15,6 +15,7 @@ import redis.exceptions
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from contract.jobs import ErrorCode, JobOrigin, JobRecord, JobStatus
 from contract.state import as_text, decode_events, decode_record
@@ -22,7 +23,7 @@ from contract.storage.base import CONTENT_TYPES
 from service.auth import Caller, Principal
 from service.cancellation import cancel
 from service.deps import Services
-from service.errors import ApiError
+from service.errors import ApiError, pool_exhausted
 from service.idempotency import IdempotencyClaim
 from service.output_file import OutputFileResponse
 from service.schemas import GenerationCreate, GenerationView
@@ -166,13 +167,6 @@ async def generation_events(
     resume_after = _resume_after(last_event_id)
     if not _JOB_ID.match(job_id) or not await _owned_events(services, job_id, caller):
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
-    if services.open_event_streams >= services.settings.max_event_streams:
-        raise ApiError(
-            503, ErrorCode.SERVER_BUSY,
-            f"this API process holds its limit of {services.settings.max_event_streams} open "
-            f"event streams; poll GET /v1/generations/{job_id} instead, or retry shortly",
-            headers={"Retry-After": "5"},
-        )
     stream_key = services.keys.events(job_id)
     if resume_after != "0" and await _ended(services, job_id):
         left = await services.async_redis.xread({stream_key: resume_after}, count=1)
@@ -194,20 +188,26 @@ async def generation_events(
         # to a replica that stays (service.serving).
         while not services.draining and not await request.is_disconnected():
             try:
-                reply = await read(after, block_ms)
+                first, reply = block_ms is None, await read(after, block_ms)
                 block_ms = BLOCKING_READ_MS
-                if not reply and await _ended(services, job_id):
-                    # Resumed after the terminal event: nothing more will come. The status and
-                    # its event are written together, so this last read finds one written since.
+                keepalive_due = (
+                    time.monotonic() - quiet_since >= services.settings.sse_keepalive_s
+                )
+                # Whether it ended unseen (resumed after its terminal event; its record
+                # expired): asked on the first read and with each keepalive, not every second.
+                if not reply and (first or keepalive_due) and await _ended(services, job_id):
+                    # The status and its event are written together, so this last read finds
+                    # one written since.
                     reply = await read(after, None)
                     if not reply:
                         return
             # Only a lost or silent Redis is "unavailable"; any other error is a bug to surface.
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                yield 'event: error\ndata: {"code": "redis_unavailable"}\n\n'
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                code = ErrorCode.SERVER_BUSY if pool_exhausted(exc) else ErrorCode.REDIS_UNAVAILABLE
+                yield f'event: error\ndata: {{"code": "{code.value}"}}\n\n'
                 return
             if not reply:
-                if time.monotonic() - quiet_since >= services.settings.sse_keepalive_s:
+                if keepalive_due:
                     quiet_since = time.monotonic()
                     yield ": keepalive\n\n"
                 continue
@@ -218,18 +218,40 @@ async def generation_events(
                 if event.status.is_terminal:
                     return
 
-    async def counted() -> AsyncIterator[str]:
-        # Counted from its first step: a response never started holds no connection.
-        services.open_event_streams += 1
-        try:
-            async with aclosing(events()) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            services.open_event_streams -= 1
+    _take_stream_slot(services, job_id)  # after the last await of this route: see EventStream
+    return EventStream(events(), services)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(counted(), media_type="text/event-stream", headers=headers)
+
+def _take_stream_slot(services: ApiServices, job_id: str) -> None:
+    """One of this process's event-stream slots, or a 503. Checked and taken with no await in
+    between: a burst of streams (a drained replica's clients, all reconnecting here) cannot all
+    pass the check before any of them counts."""
+    if services.open_event_streams >= services.settings.max_event_streams:
+        raise ApiError(
+            503, ErrorCode.SERVER_BUSY,
+            f"this API process holds its limit of {services.settings.max_event_streams} open "
+            f"event streams; poll GET /v1/generations/{job_id} instead, or retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    services.open_event_streams += 1
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events holding a stream slot, which it gives back however the response ends
+    (finished, cut off by the client, cancelled by a shutdown)."""
+
+    def __init__(self, events: AsyncGenerator[str, None], services: ApiServices) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.events = events
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.services.open_event_streams -= 1
+            await self.events.aclose()
 
 
 @router.get("/{job_id}/outputs/{index}", name="download_output", response_model=None)
@@ -343,8 +365,11 @@ async def wait_slot(request: Request) -> AsyncIterator[bool]:
         limiter.release()
 
 
-async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float) -> bool:
-    """Whether the job reaches a terminal status before `deadline` (time.monotonic()).
+async def wait_for_terminal(
+    services: ApiServices, job_id: str, deadline: float, *, end_on_drain: bool = True
+) -> bool:
+    """Whether the job reaches a terminal status before `deadline` (time.monotonic()), or, with
+    `end_on_drain`, before this process starts shutting down.
 
     Reads its events on the asyncio Redis client: a waiting request holds no worker thread.
     """
@@ -352,7 +377,7 @@ async def wait_for_terminal(services: ApiServices, job_id: str, deadline: float)
     after = "0"
     while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
         # Short blocks, well inside the client's read timeout, however quiet the job.
-        if services.draining:
+        if end_on_drain and services.draining:
             return False  # shutting down: the request answers its 202, and the client polls
         try:
             reply = await services.blocking_redis.xread(

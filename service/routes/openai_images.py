@@ -241,7 +241,9 @@ async def _wait_all(
     """Every job's final record; cancels them all and answers 504 when time runs out."""
     deadline = time.monotonic() + timeout_s
     for job_id in job_ids:
-        if not await wait_for_terminal(services, job_id, deadline):
+        # Not ended by a drain: this route has no 202 to answer, and ending the wait would
+        # cancel the jobs; it waits on until they end or the server's grace runs out.
+        if not await wait_for_terminal(services, job_id, deadline, end_on_drain=False):
             # Through a Redis blip too: jobs left queued would run for a client that has gone
             # (and OpenAI's client retries an error into more of them).
             await redis_retried(lambda: _cancel_all(services, job_ids))

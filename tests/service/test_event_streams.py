@@ -4,10 +4,12 @@ instead of living on until their jobs end. Real uvicorn and Redis, no worker: jo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,6 +19,7 @@ import anyio
 import httpx
 import pytest
 import redis.exceptions
+from redis import Redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
@@ -95,6 +98,62 @@ def test_streams_past_the_limit_are_a_503_and_a_closed_one_frees_its_place(
                 pass
 
         anyio.run(check)
+
+
+def test_a_burst_of_streams_gets_no_more_than_the_limit(settings_for: SettingsFactory) -> None:
+    # The check and the count were an await apart: 40 at once got 22 streams past a limit of 2.
+    app = create_app(settings_for(max_event_streams=2))
+    services = app.state.services
+    with ApiServer(app, free_port()) as server, server.client() as client:
+        job_id = client.post("/v1/generations", json=BODY).json()["id"]
+
+        async def check() -> None:
+            limits = httpx.Limits(max_connections=50)
+            client = httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits)
+            async with client, AsyncExitStack() as stack:
+
+                async def open_one() -> int:
+                    # As EventSources reconnecting from a drained replica: with Last-Event-ID.
+                    response = await stack.enter_async_context(
+                        client.stream(
+                            "GET", f"/v1/generations/{job_id}/events",
+                            headers={"Last-Event-ID": "1-0"},
+                        )
+                    )
+                    return response.status_code
+
+                codes = await asyncio.gather(*(open_one() for _ in range(40)))
+            assert (codes.count(200), codes.count(503)) == (2, 38)
+
+        anyio.run(check)
+        wait_for(lambda: services.open_event_streams == 0, 10, "the slots to be given back")
+
+
+def test_a_drain_leaves_the_openai_routes_wait_and_its_jobs_alone(
+    settings_for: SettingsFactory, redis_client: Redis
+) -> None:
+    # That route has no 202 to answer: a drain that ended its wait canceled its jobs and
+    # answered a 504 "not ready within 60s" two seconds in, on every rollout.
+    app = create_app(settings_for())
+    services = app.state.services
+    with ApiServer(app, free_port()) as server, server.client() as client:
+
+        def ask(_: object) -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                return c.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"})
+
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(ask, None)
+            index = services.keys.queued_index()
+            job_id = wait_for(lambda: redis_client.zrange(index, 0, 0), 30, "the job")[0].decode()
+            services.draining = True
+            time.sleep(2.5)  # two looks at least
+            assert not answer.done()
+            assert client.get(f"/v1/generations/{job_id}").json()["status"] == "queued"
+            services.draining = False
+            client.post(f"/v1/generations/{job_id}/cancel")
+            # Its own answer once the job ends: the cancel, not a timeout.
+            assert "canceled" in answer.result(timeout=30).json()["error"]["message"]
 
 
 def test_a_full_connection_pool_is_told_apart_from_redis_being_away(redis_url: str) -> None:

@@ -92,6 +92,11 @@ def test_a_clip_past_the_video_budget_is_refused_naming_num_frames(
             "num_frames: 9 frames of 64x64 exceed the video budget of 32768 pixels (frames x "
             "width x height); fewer frames or a smaller size fit"
         )
+        # Frames not asked for are the model's default, which the message says it counted.
+        default = client.post("/v1/generations", json={**VIDEO, "width": 128})
+        assert default.json()["error"]["message"].startswith(
+            "num_frames: the model's 8 frames of 128x64 exceed the video budget"
+        )
 
 
 def test_odd_sizes_are_refused_for_mp4_only(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.exceptions
 from redis import Redis
 
 import service.webhook_worker
@@ -121,3 +122,29 @@ def test_a_claim_that_keeps_crashing_is_logged_with_its_traceback_but_backed_off
     # Pauses of 0.2, 0.4, 0.8, ... s: four tries in two seconds at most (ten before).
     assert 2 <= len(crashes) <= 4, [r.getMessage() for r in crashes]
     assert all(r.exc_info and r.exc_info[0] is RuntimeError for r in crashes)
+
+
+def test_busy_threads_during_an_outage_are_not_taken_for_redis_answering(
+    own_redis: OwnRedis, key_prefix: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop that found every thread busy never asked Redis: it once logged "Redis answers
+    again" mid-outage and dropped its pause back to the shortest."""
+
+    def away(*args: object, **kwargs: object) -> list[object]:
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(service.webhook_worker, "claim_due", away)
+    dispatcher = WebhookDispatcher(settings(own_redis.url, key_prefix), threads=1)
+    with caplog.at_level(logging.INFO, logger=service.webhook_worker.__name__):
+        thread = dispatcher.start_thread()
+        time.sleep(0.5)  # away, and said so once
+        dispatcher._free.acquire()  # the one thread busy with a send, as long as the outage
+        time.sleep(2.5)
+        dispatcher._free.release()
+        time.sleep(0.5)
+        dispatcher.stop.set()
+        thread.join(timeout=10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "answers again" in line], lines
+    assert len([line for line in lines if "unreachable" in line]) == 1, lines
