@@ -31,14 +31,34 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["operations"], response_model=None)
-def readyz(services: Services) -> JSONResponse | dict[str, object]:
+def readyz(
+    services: Services,
+    model: Annotated[
+        list[str] | None, Query(description="a model a live worker must hold (repeatable)")
+    ] = None,
+) -> JSONResponse | dict[str, object]:
+    """Ready: Redis answers and a live worker holds a model; given `model`, each of those.
+    Workers split across models (SELFCASCADE_WORKER_MODELS) are ready with any of them: a job
+    for a model no worker holds waits, queued, for one."""
+    known = [m.name for m in services.models]
+    unknown = [name for name in model or [] if name not in known]
+    if unknown:
+        return error_response(
+            422,
+            ErrorCode.INVALID_REQUEST,
+            f"unknown model(s): {', '.join(unknown)}; the models file names: {', '.join(known)}",
+            "model",
+        )
     try:
         services.redis.ping()
         workers = live_worker_models(services.redis, services.keys)
     except redis.exceptions.RedisError:
         return error_response(503, ErrorCode.REDIS_UNAVAILABLE, "Redis is unreachable")
-    held = {m for models in workers.values() for m in models}
-    missing = [m.name for m in services.models if m.name not in held]
+    holding = {name: sum(name in held for held in workers.values()) for name in known}
+    required = list(dict.fromkeys(model or []))
+    missing = [name for name in required if not holding[name]]
+    if not required and not any(holding.values()):
+        missing = known
     if missing:
         return error_response(
             503,
@@ -46,7 +66,7 @@ def readyz(services: Services) -> JSONResponse | dict[str, object]:
             f"no live worker holds model(s): {', '.join(missing)}",
             "model",
         )
-    return {"status": "ready", "workers": len(workers)}
+    return {"status": "ready", "workers": len(workers), "models": holding}
 
 
 @router.get("/autoscaling/demand", tags=["operations"], response_model=None)

@@ -55,7 +55,8 @@ export function createApi(getKey) {
   return {
     imageUrl,
     models: () => request("GET", "/v1/models"),
-    readiness: () => request("GET", "/readyz"),
+    readiness: (model) =>
+      request("GET", model ? `/readyz?model=${encodeURIComponent(model)}` : "/readyz"),
     create: (body) => request("POST", "/v1/generations", body),
     get: (id) => request("GET", `/v1/generations/${id}`),
     cancel: (id) => request("POST", `/v1/generations/${id}/cancel`),

@@ -44,11 +44,14 @@ const ui = {
   placeholder: $("placeholder"),
   gallery: $("gallery"),
   modelInfo: $("model-info"),
+  modelChoice: $("model-choice"),
+  modelSelect: $("model"),
   readiness: $("readiness"),
 };
 
 const api = createApi(() => ui.apiKey.value.trim());
 let model = null;
+let models = []; // GET /v1/models' list: the picker's choices
 let current = null; // { id, stop }
 
 function selectedValue(name) {
@@ -60,6 +63,7 @@ function requestBody() {
   const body = {
     prompt: ui.prompt.value,
     method,
+    model: model ? model.name : undefined,
     // Upsamplers work inside self-cascade stages; the API refuses tuned with direct.
     tuned: method === "self_cascade" && ui.tuned.checked,
     steps: numberOrUndefined(ui.steps.value),
@@ -428,7 +432,15 @@ function updateTunedSwitch() {
 async function loadModel() {
   try {
     const { data } = await api.models();
-    if (data.length) applyModel(data[0]);
+    models = data;
+    // A picker only when there is a choice; the one chosen before a key change is kept.
+    const kept = models.find((m) => model && m.name === model.name) || models[0];
+    ui.modelSelect.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+    ui.modelChoice.hidden = models.length < 2;
+    if (kept) {
+      ui.modelSelect.value = kept.name;
+      applyModel(kept);
+    }
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
     ui.modelInfo.textContent = "model list unavailable";
@@ -436,9 +448,10 @@ async function loadModel() {
   }
 }
 
+// Whether a worker holds the chosen model (before the model list: whether any holds one).
 async function checkReadiness() {
   try {
-    await api.readiness();
+    await api.readiness(model ? model.name : undefined);
     ui.readiness.hidden = true;
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
@@ -452,8 +465,14 @@ function init() {
   ui.apiKey.addEventListener("change", () => {
     sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value);
     clearError();
-    loadModel();  // in keys mode even the model list needs the key
+    loadModel().then(checkReadiness);  // in keys mode even the model list needs the key
     renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
+  });
+  ui.modelSelect.addEventListener("change", () => {
+    const chosen = models.find((m) => m.name === ui.modelSelect.value);
+    if (chosen) applyModel(chosen);
+    clearError();
+    checkReadiness();
   });
   for (const radio of ui.form.querySelectorAll('input[name="method"]')) {
     radio.addEventListener("change", updateTunedSwitch);
@@ -473,8 +492,7 @@ function init() {
   ui.image.addEventListener("load", () => document.body.classList.add("has-result"));
   ui.video.addEventListener("loadeddata", () => document.body.classList.add("has-result"));
   renderGallery(ui.gallery, loadRecent(), openJob, api.imageUrl);
-  loadModel();
-  checkReadiness();
+  loadModel().then(checkReadiness);
 }
 
 init();

@@ -84,6 +84,7 @@ def generate_small(page: Any, prompt: str) -> None:
 
 
 def test_presets_come_from_the_model(page: Any) -> None:
+    assert page.is_hidden("#model-choice")  # one model: nothing to choose
     assert page.inner_text("label[for=preset-2x]").endswith("128×128")
     assert page.inner_text("label[for=preset-4x]").endswith("256×256")
     # The tiny model has no tuned upsamplers, so the switch is off and says why.
