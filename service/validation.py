@@ -29,6 +29,11 @@ def normalise(
     if spec is None:
         raise _invalid("model", f"unknown model {name!r}; known: {', '.join(by_name)}")
 
+    if "webhook_events_filter" in body.model_fields_set and body.webhook is None:
+        # Silently dropped before: almost surely a webhook the caller meant to send and forgot.
+        raise _invalid(
+            "webhook_events_filter", "selects the events sent to a webhook; add webhook"
+        )
     if body.tuned is True and body.method == "direct":
         raise _invalid("tuned", "tuned upsamplers work inside self-cascade stages; use method "
                        "self_cascade or tuned false")

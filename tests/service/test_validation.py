@@ -89,6 +89,8 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
         ({"pivot_strength": "0.5"}, "pivot_strength"),
         ({"pivot_strength": True}, "pivot_strength"),  # 1.0 would be a valid strength
         ({"width": 128.5}, "width"),  # an integral float is a count, a fraction is not
+        # Events for a webhook never given: dropped silently before, surely a forgotten webhook.
+        ({"webhook_events_filter": ["start"]}, "webhook_events_filter"),
     ],
 )
 def test_each_rule_answers_422_naming_the_param(
