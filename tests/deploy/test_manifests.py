@@ -56,6 +56,21 @@ def _compose_config(profile: str) -> dict[str, Any]:
     return config
 
 
+def test_compose_pulls_pinned_images_from_registries_that_serve_them() -> None:
+    # MinIO left Docker Hub in September 2026: `minio/minio:latest` stopped every fresh
+    # `compose up` at the pull (api and workers wait on minio-init).
+    services = _compose_config("gpu")["services"]
+    pulled = {name: s["image"] for name, s in services.items() if "build" not in s}
+    built = {s["image"] for s in services.values() if "build" in s}
+    third_party = {name: image for name, image in pulled.items() if image not in built}
+    assert set(third_party) == {"redis", "minio", "minio-init"}, third_party
+    for name, image in third_party.items():
+        assert not image.startswith(("minio/", "docker.io/minio/")), (name, image)
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+    # The webhook sender serves no HTTP: the API image's health check cannot apply to it.
+    assert services["webhooks"]["healthcheck"] == {"test": ["NONE"]}  # compose's "disable"
+
+
 @pytest.mark.parametrize("profile", ["gpu", "cpu"])
 def test_compose_file_validates(profile: str) -> None:
     services = _compose_config(profile)["services"]
