@@ -10,6 +10,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 # /data (SELFCASCADE_DATA_DIR here, in compose and in Kubernetes) is created owned by the app
 # user, so a named volume mounted there starts writable for uid 10001: Docker copies the image
 # folder's ownership into a new volume, while a path missing from the image is made root-owned.
+# A C compiler: Triton builds a small launcher with one when torch.compile first runs, and the
+# PyTorch runtime images have none, so SELFCASCADE_TORCH_COMPILE_SCALE (set by the GPU overlay)
+# would fall back to eager after paying for the tracing (pytorch/pytorch#116696).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 app \
     && mkdir -p /models/hf-cache /data && chown app /models /models/hf-cache /data
 WORKDIR /app

@@ -152,9 +152,12 @@ def test_workers_scale_on_the_jobs_in_flight_the_api_counts(overlay: str) -> Non
 
 
 def _served_models(docs: list[dict[str, Any]]) -> list[str]:
-    """The models file's names; without one, the tiny model (the images bake no demo model
-    unless built with --build-arg MODELS=models)."""
-    if "SELFCASCADE_MODELS_FILE" not in _find(docs, "ConfigMap", "selfcascade-settings")["data"]:
+    """The models file's names; without one, the tiny model, however the worker image was
+    built: the demo model's folder must then point where no image holds one (a worker built
+    with --build-arg MODELS=models holds models/demo, the API image never does)."""
+    settings = _find(docs, "ConfigMap", "selfcascade-settings")["data"]
+    if "SELFCASCADE_MODELS_FILE" not in settings:
+        assert settings["SELFCASCADE_DEMO_MODEL_DIR"] == "/app/no-demo-model"
         return [TINY_MODEL_NAME]
     models = json.loads(_find(docs, "ConfigMap", "selfcascade-models")["data"]["models.json"])
     return [entry["name"] for entry in models["models"]]
@@ -174,6 +177,9 @@ def test_gpu_workers_ask_for_a_gpu_and_outlive_the_job_timeout() -> None:
     # The UNet compiles at load: a valid setting, and the start-up probe waits for it.
     compile_scale = Settings(torch_compile_scale=settings["SELFCASCADE_TORCH_COMPILE_SCALE"])
     assert compile_scale.torch_compile_scale == 4
+    # Triton needs a C compiler, which the PyTorch runtime base images lack: without it the
+    # compile fails at load and the UNet runs eager after all.
+    assert "gcc" in (ROOT / "docker" / "worker.Dockerfile").read_text(encoding="utf-8")
     probe = worker["containers"][0]["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 15 * 60
 
@@ -246,8 +252,22 @@ def test_rendered_core_resources_validate_against_the_kubernetes_schemas(overlay
     docs = _kustomize(overlay)
     core = [doc for doc in docs if doc["kind"] not in CUSTOM_KINDS]
     assert {doc["kind"] for doc in core} >= {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-        "ConfigMap", "Secret",
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
     }
     for doc in core:
         validate(doc, KUBERNETES_VERSION, strict=True)  # raises naming the bad field
+
+
+def test_production_ships_no_secret_and_the_example_names_every_key() -> None:
+    """An applied placeholder Secret replaced the real one (Redis, S3, API keys gone on the next
+    restart, a guessable key valid): only the dev overlay ships one. The keys the manifests read
+    are all in the example env file that production creates its Secret from."""
+    example = (ROOT / "deploy" / "secrets.example.env").read_text(encoding="utf-8")
+    keys = {
+        line.split("=", 1)[0] for line in example.splitlines() if line and not line.startswith("#")
+    }
+    assert not [d for d in _kustomize("gpu") if d["kind"] == "Secret"]
+    [dev] = [d for d in _kustomize("cpu-dev") if d["kind"] == "Secret"]
+    assert set(dev["stringData"]) <= keys
+    auth = _find(_kustomize("gpu"), "TriggerAuthentication", "selfcascade-redis")
+    assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= keys

@@ -23,7 +23,7 @@ SHORT_NAME = re.compile(r"`_([A-Z][A-Z0-9_]*[A-Z0-9])`")
 
 def files() -> list[Path]:
     found = [REPO / "README.md", REPO / "docker-compose.yml", REPO / "models" / "README.md"]
-    found += sorted((REPO / "deploy").rglob("*.yaml"))
+    found += sorted((REPO / "deploy").rglob("*.yaml")) + sorted((REPO / "deploy").rglob("*.env"))
     found += sorted((REPO / "docker").glob("*"))
     found += sorted((REPO / "bench").glob("*.md"))
     return [path for path in found if path.is_file()]
