@@ -271,3 +271,19 @@ def test_production_ships_no_secret_and_the_example_names_every_key() -> None:
     assert set(dev["stringData"]) <= keys
     auth = _find(_kustomize("gpu"), "TriggerAuthentication", "selfcascade-redis")
     assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= keys
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_pod_security_restricted(overlay: str) -> None:
+    """What a namespace enforcing Pod Security "restricted" asks of each pod and container."""
+    for doc in _kustomize(overlay):
+        if doc["kind"] != "Deployment":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        name = doc["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
