@@ -41,14 +41,9 @@ def readyz(
     Workers split across models (SELFCASCADE_WORKER_MODELS) are ready with any of them: a job
     for a model no worker holds waits, queued, for one."""
     known = [m.name for m in services.models]
-    unknown = [name for name in model or [] if name not in known]
-    if unknown:
-        return error_response(
-            422,
-            ErrorCode.INVALID_REQUEST,
-            f"unknown model(s): {', '.join(unknown)}; the models file names: {', '.join(known)}",
-            "model",
-        )
+    refused = _unknown_models(known, model or [])
+    if refused:
+        return refused
     try:
         services.redis.ping()
         workers = live_worker_models(services.redis, services.keys)
@@ -79,14 +74,9 @@ def autoscaling_demand(
     every model in the models file) listens to."""
     known = [m.name for m in services.models]
     models = list(dict.fromkeys(model or known))  # a name given twice counts once
-    unknown = [name for name in models if name not in known]
-    if unknown:
-        return error_response(
-            422,
-            ErrorCode.INVALID_REQUEST,
-            f"unknown model(s): {', '.join(unknown)}; the models file names: {', '.join(known)}",
-            "model",
-        )
+    refused = _unknown_models(known, models)
+    if refused:
+        return refused
     demand = worker_demand(services, models)  # Redis down: the app's 503, Retry-After and all
     return {
         "models": demand.models,
@@ -94,6 +84,19 @@ def autoscaling_demand(
         "running": demand.running,
         "in_flight": demand.in_flight,
     }
+
+
+def _unknown_models(known: list[str], asked: list[str]) -> JSONResponse | None:
+    """A 422 naming the models asked about that the models file does not list, if any."""
+    unknown = [name for name in asked if name not in known]
+    if not unknown:
+        return None
+    return error_response(
+        422,
+        ErrorCode.INVALID_REQUEST,
+        f"unknown model(s): {', '.join(unknown)}; the models file names: {', '.join(known)}",
+        "model",
+    )
 
 
 @router.get("/v1/models", tags=["models"])
