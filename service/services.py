@@ -43,7 +43,7 @@ class ApiServices:
     # Set when the server starts shutting down (service.serving.DrainingServer): event streams
     # and waits end at their next look, instead of holding the process until their jobs end.
     draining: bool = False
-    open_event_streams: int = 0  # counted by the streams themselves (routes.generations)
+    open_event_streams: int = 0  # taken and given back by routes.generations (EventStream)
 
     @classmethod
     def build(cls, settings: Settings) -> ApiServices:
@@ -71,8 +71,9 @@ class ApiServices:
             blocking_redis=AsyncRedis.from_pool(
                 AsyncConnectionPool.from_url(
                     settings.redis_url,
-                    # A few more than the two limits: a stream counts itself open only once it
-                    # runs, a moment after the route checked the count.
+                    # Each stream and each wait holds one while it reads: both are capped (the
+                    # stream slots, the wait limiter), so this pool, a few spare, never runs out
+                    # first.
                     max_connections=settings.max_event_streams + settings.max_waiting_requests + 16,
                     socket_connect_timeout=2.0,
                     socket_timeout=BLOCKING_READ_S + 5.0,

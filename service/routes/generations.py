@@ -88,16 +88,7 @@ def _create(
     """The new generation's record, or the one an earlier request with this key made."""
     caller.require("generate")
     params = normalise(body, services.models, services.settings)
-    target = check_webhook_url(request, body.webhook) if body.webhook is not None else None
-    origin = origin_for(
-        request,
-        caller,
-        priority=body.priority,
-        webhook=body.webhook,
-        webhook_receiver=target.receiver if target is not None else None,
-        webhook_events_filter=body.webhook_events_filter,
-        metadata=body.metadata,
-    )
+    origin = origin_of(request, caller, body)
     job_id = uuid.uuid4().hex
     idem = None
     if idempotency_key:
@@ -315,6 +306,25 @@ def _resume_after(last_event_id: str | None) -> str:
             "Last-Event-ID",
         )
     return last_event_id
+
+
+def origin_of(
+    request: Request, caller: Principal, body: GenerationCreate, user: str | None = None
+) -> JobOrigin:
+    """Who asked, and where and how the job reports back, from a body of this route's shape
+    (the OpenAI route's too); its webhook refused (422) before any job exists. Blocking: the
+    webhook's host is resolved (DNS)."""
+    target = check_webhook_url(request, body.webhook) if body.webhook is not None else None
+    return origin_for(
+        request,
+        caller,
+        user=user,
+        priority=body.priority,
+        webhook=body.webhook,
+        webhook_receiver=target.receiver if target is not None else None,
+        webhook_events_filter=body.webhook_events_filter,
+        metadata=body.metadata,
+    )
 
 
 def check_webhook_url(request: Request, url: str) -> WebhookTarget:

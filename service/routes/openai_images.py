@@ -37,14 +37,14 @@ from service.cancellation import cancel
 from service.deps import Services
 from service.errors import ApiError
 from service.routes.generations import (
-    check_webhook_url,
+    origin_of,
     redis_retried,
     wait_for_terminal,
     wait_slot,
 )
 from service.schemas import Count, GenerationCreate
 from service.services import ApiServices
-from service.submission import origin_for, submit
+from service.submission import submit
 from service.validation import normalise
 from service.views import client_base_url
 
@@ -124,13 +124,9 @@ async def create_images(
         # Links to this API need `read`: refused before any job exists, not at the download.
         caller.require("read", "response_format url hands back download links; b64_json does not")
     native, params = _generation_params(body, services)
-    # As the native route: the webhook's address resolved (DNS: off the event loop) and refused
-    # before any job exists.
-    target = (
-        await run_in_threadpool(check_webhook_url, request, native.webhook)
-        if native.webhook is not None
-        else None
-    )
+    # As the native route's, its webhook refused before any job exists (DNS: off the event loop).
+    user = body.user or body.safety_identifier
+    origin = await run_in_threadpool(origin_of, request, caller, native, user)
     async with wait_slot(request) as granted:
         if not granted:
             raise ApiError(
@@ -138,16 +134,6 @@ async def create_images(
                 "too many requests are already waiting for their images; retry shortly",
                 None, {"Retry-After": "5"},
             )
-        origin = origin_for(
-            request,
-            caller,
-            user=body.user or body.safety_identifier,
-            priority=native.priority,
-            webhook=native.webhook,
-            webhook_receiver=target.receiver if target is not None else None,
-            webhook_events_filter=native.webhook_events_filter,
-            metadata=native.metadata,
-        )
         admission = request.app.state.admission
         records = await run_in_threadpool(submit, services, admission, caller, params, origin)
         ids = [r.id for r in records]
