@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from selfcascade.demo import card as demo_card
 from selfcascade.errors import InvalidRequest, SelfCascadeError
+from selfcascade.exit_codes import EXIT_INTERRUPTED, EXIT_USAGE
 from selfcascade.folders import replacing, why_unwritable
 from selfcascade.library_logs import quiet_libraries
 from selfcascade.output_formats import DEFAULT_FPS, GIF_MAX_FPS, MAX_FPS, size_problem
@@ -33,8 +34,6 @@ if TYPE_CHECKING:  # it imports torch, which only the commands that load models 
 
 log = logging.getLogger("selfcascade")
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; `selfcascade client` exits so too
 # The largest size this project targets (SDXL at 4096^2): more is hours of compute, and a typo
 # (100000 for 10000) would otherwise plan a dozen stages and run on without a word.
 DEFAULT_MAX_PIXELS = 4096 * 4096

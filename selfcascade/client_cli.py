@@ -19,16 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfcascade.exit_codes import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from selfcascade.request import LR_FEATURE_MODES, METHODS, SCHEDULERS, UPSAMPLE_MODES
 
 if TYPE_CHECKING:
     from selfcascade.client import ClientError, ServiceClient
 
-EXIT_FAILED = 1
-EXIT_BAD_ARGUMENTS = 2
-EXIT_INTERRUPTED = 130
-# 128 + SIGPIPE: what a shell reports for a command whose reader went away (`set -o pipefail`).
-EXIT_BROKEN_PIPE = 141
 # The API's own lists (contract.jobs OutputFormat, Priority, WebhookEvent), spelled out rather
 # than imported: contract.jobs imports pydantic, which building this parser should not pay for.
 OUTPUT_FORMATS = ("png", "webp", "jpeg", "mp4", "webm", "gif")
@@ -238,7 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
         body = _request_body(args)
     except ValueError as exc:
         print(f"selfcascade client: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_ARGUMENTS
+        return EXIT_USAGE
     job_id: str | None = None
     try:
         with _client(args) as client:

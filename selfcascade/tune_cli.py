@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfcascade.exit_codes import EXIT_INTERRUPTED
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 
 if TYPE_CHECKING:  # it imports torch, which only running the command pays for
     from selfcascade.tuning import TuneConfig, TuneResult
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it and `selfcascade` exits on Ctrl-C
 
 
 def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
