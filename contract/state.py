@@ -67,7 +67,6 @@ return 1
 """.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN))
 
 
-
 @dataclass(frozen=True)
 class Attempt:
     """One worker's run of a job, as its record names it (`worker`, `attempts`). A worker cut

@@ -384,7 +384,6 @@ def _check_writable(folder: Path) -> None:
         raise InvalidRequest("out", f"cannot write into {folder}: {problem}")
 
 
-
 def _tuned_hook(args: argparse.Namespace, pipe: object) -> TunedStageHook | None:
     if not args.upsamplers:
         return None
@@ -462,7 +461,6 @@ def _as_typed(exc: SelfCascadeError, args: argparse.Namespace, argv: list[str]) 
 
     # Only the param: a field's name inside the text may as well be a path or a value typed.
     return f"{typed(exc.param)}: {exc.message}"
-
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
+from selfcascade.folders import replacing
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -362,15 +364,9 @@ class ServiceClient:
     def _download_once(
         self, url: httpx.URL, destination: Path, size: int | None, sha256: str | None
     ) -> int:
-        partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
-            with partial.open("xb") as out:
-                written, digest = self._stream_into(url, out)
+        with replacing(destination) as out:  # a cut or a bad checksum leaves no file there
+            written, digest = self._stream_into(url, out)
             _check_download(url, written, digest, size, sha256)
-            os.replace(partial, destination)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
         return written
 
     def _stream_into(self, url: httpx.URL, out: IO[bytes]) -> tuple[int, str]:

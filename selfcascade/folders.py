@@ -34,7 +34,7 @@ def why_unwritable(folder: Path) -> str | None:
 @contextmanager
 def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A new file beside `path` to write into, moved onto `path` only once all of it is written
-    (as the client's downloads are): a write that fails (a full disk) leaves neither a truncated
+    (the client's downloads too): a write that fails (a full disk) leaves neither a truncated
     file at `path` nor spoils the one there. The partial file is removed on any failure."""
     # Beside it, so os.replace is a rename on one file system; not tempfile's, made 0600.
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")

@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # it imports torch, which only running the command pays for
     from selfcascade.tuning import TuneConfig, TuneResult
 
 
-
 def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = commands.add_parser(
         "tune",
