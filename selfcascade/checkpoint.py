@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from selfcascade.errors import CheckpointError
+from selfcascade.folders import replace_file
 from selfcascade.upsamplers import FeatureUpsamplerSet, UpsamplerSetConfig
 
 # A diffusers UNet2DConditionModel; mypy cannot see the attributes diffusers' classes set.
@@ -124,12 +124,10 @@ def save_upsamplers(
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in upsamplers.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # Not safetensors' save_file: it creates the file 0600, and a checkpoint copied from there
     # into a read-only mount is then unreadable to a container running as another uid. Written
     # here, its mode follows the umask, like the run's loss log and training state.
-    tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))
-    os.replace(tmp, path)
+    replace_file(path, safetensors_bytes(tensors, metadata=metadata))
     return path
 
 

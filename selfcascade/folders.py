@@ -3,6 +3,7 @@ writing there so that a failure spoils nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -44,4 +45,19 @@ def replacing(path: Path) -> Iterator[IO[bytes]]:
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
+        raise
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` beside `path`, then rename it onto `path`: a write cut short (a full disk, a
+    second Ctrl-C) leaves the file there whole and no partial one behind. The partial file has
+    a fixed name, `<name>.tmp`, so one left by a killed writer is overwritten by the next (the
+    writers of these files, a tuning run and its checkpoints, hold their folder alone)."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a folder of that name, say: the error says more
+            partial.unlink(missing_ok=True)
         raise

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -43,7 +42,7 @@ from diffusers import DDPMScheduler, UNet3DConditionModel, UNetMotionModel
 
 from selfcascade.checkpoint import BaseModelIdentity, save_upsamplers
 from selfcascade.errors import CheckpointError, InvalidRequest
-from selfcascade.folders import why_unwritable
+from selfcascade.folders import replace_file, why_unwritable
 from selfcascade.image_files import image_size, load_rgb
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 from selfcascade.tuned import UPSAMPLERS_FILE, inject_upsamplers
@@ -644,21 +643,8 @@ def _save_state(out: Path, config: TuneConfig, run: _Training, step: int) -> Non
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with _writing(out / STATE_FILE):
-        _replace_file(out / STATE_FILE, buffer.getvalue())
+        replace_file(out / STATE_FILE, buffer.getvalue())
     logger.info("saved tuning state at step %d to %s", step, out)
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write beside `path`, then rename onto it: a write cut short (a full disk, a second
-    Ctrl-C) leaves the file there whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a folder of that name, say: the error says more
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_state(out: Path, config: TuneConfig, run: _Training) -> int:
@@ -745,7 +731,7 @@ def _truncate_loss_log(path: Path, step: int) -> None:
                 continue  # a half-written last line from an interruption
         truncated = "".join(f"{line}\n" for line in kept)
         if truncated != text:  # replaced whole: a full disk must not leave it empty
-            _replace_file(path, truncated.encode())
+            replace_file(path, truncated.encode())
 
 
 def config_summary(config: TuneConfig) -> dict[str, Any]:

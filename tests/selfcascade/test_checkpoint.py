@@ -66,6 +66,21 @@ def test_file_mode_follows_the_umask(tmp_path: Path, tiny_sd: Any, umask: int, m
     assert path.stat().st_mode & 0o777 == mode
 
 
+def test_a_failed_save_leaves_the_checkpoint_there_and_no_partial_file(
+    saved: tuple[Path, FeatureUpsamplerSet], tiny_sd: Any
+) -> None:
+    path, _ = saved
+    before = path.read_bytes()
+    # The new file is written whole, then cannot be renamed onto a non-empty folder of that
+    # name; the saved one beside it is untouched and the partial one is gone.
+    blocked = path.with_name("blocked.safetensors")
+    (blocked / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        save_upsamplers(blocked, random_set(tiny_sd, seed=1), tiny_sd.unet, 2, 700)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["blocked.safetensors", path.name]
+
+
 def test_metadata_names_format_base_model_and_architecture(
     saved: tuple[Path, FeatureUpsamplerSet],
 ) -> None:
