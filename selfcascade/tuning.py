@@ -138,7 +138,7 @@ def check_paths(config: TuneConfig, *, steps_left: bool = True) -> None:
         raise InvalidRequest("out", f"cannot write into {out}: {problem}")
     if config.resume:
         if steps_left:
-            _refuse_finished(out, int(_read_state(out / STATE_FILE)["step"]), config.steps)
+            _refuse_finished(out, _saved_step(out / STATE_FILE), config.steps)
     elif not config.overwrite:
         _refuse_to_replace(out)
 
@@ -158,7 +158,7 @@ def _refuse_to_replace(out: Path) -> None:
     state = out / STATE_FILE
     if state.is_file():
         try:
-            at = f"at step {int(_read_state(state)['step'])}"
+            at = f"at step {_saved_step(state)}"
         except CheckpointError:  # starting again is then the way out: still offer it
             at = f"with an unreadable {STATE_FILE}"
         raise InvalidRequest(
@@ -687,11 +687,17 @@ def _refuse_changed_settings(
     )
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def _saved_step(path: Path) -> int:
+    """The step a training state was saved at, read without reading its tensors: the checks
+    before a run ask only that, and a large model's optimiser moments run to gigabytes."""
+    return int(_read_state(path, mmap=True)["step"])
+
+
+def _read_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no training state at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for corrupt or truncated files
         raise _unreadable(path, exc) from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
