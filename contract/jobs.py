@@ -10,11 +10,18 @@ from pydantic import BaseModel, Field
 # The encoders' bounds, which the command line checks too.
 from selfcascade.output_formats import MAX_FPS
 
-# The engine's bounds, which the API enforces for every model (a model's spec may name its own
-# default K / T, and fewer frames).
-from selfcascade.request import MAX_FRAMES, PAPER_PIVOT_STRENGTH
+# The engine's bounds and choices, which the API enforces for every model (a model's spec may
+# name its own default K / T, and fewer frames).
+from selfcascade.request import (
+    MAX_FRAMES,
+    MAX_SEED,
+    PAPER_PIVOT_STRENGTH,
+    LRFeatureMode,
+    Method,
+    SchedulerName,
+    UpsampleMode,
+)
 
-MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
@@ -83,14 +90,14 @@ class GenerationParams(BaseModel):
     seed: int = Field(ge=0, le=MAX_SEED)
     steps: int = Field(default=50, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    method: Literal["self_cascade", "direct"] = "self_cascade"
+    method: Method = "self_cascade"
     tuned: bool | Literal["auto"] = "auto"
     pivot_strength: float = Field(default=PAPER_PIVOT_STRENGTH, gt=0, le=1, allow_inf_nan=False)
-    scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
-    upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    scheduler: SchedulerName = "ddim"
+    upsample_mode: UpsampleMode = "bilinear"
     # Tuned mode: the pivot's features recomputed every step (official) or once per stage
     # (bench/GPU_NOTES.md: 1.085x -> 1.033x of tuning-free at SD2.1 2048^2); ignored otherwise.
-    lr_features: Literal["per_step", "per_stage"] = "per_step"
+    lr_features: LRFeatureMode = "per_step"
     output_format: OutputFormat = "png"
     # Set for video models only (the validator fills in the model's defaults), None for images.
     num_frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from selfcascade.errors import InvalidRequest
 
@@ -13,10 +13,11 @@ UpsampleMode = Literal["bilinear", "bicubic"]
 SchedulerName = Literal["ddim", "dpmsolver++", "euler"]
 LRFeatureMode = Literal["per_step", "per_stage"]
 
-METHODS: tuple[str, ...] = ("self_cascade", "direct")
-UPSAMPLE_MODES: tuple[str, ...] = ("bilinear", "bicubic")
-SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler")
-LR_FEATURE_MODES: tuple[str, ...] = ("per_step", "per_stage")
+# The same choices as tuples, for argparse and the checks below.
+METHODS: tuple[str, ...] = get_args(Method)
+UPSAMPLE_MODES: tuple[str, ...] = get_args(UpsampleMode)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+LR_FEATURE_MODES: tuple[str, ...] = get_args(LRFeatureMode)
 
 MIN_SIDE = 8
 # K / T: the paper's pivot timestep, K = 700 of T = 1000.
@@ -49,7 +50,6 @@ class GenerationRequest:
     # Video models only: frames of the clip. None means an image request; the video engine then
     # uses its default (`selfcascade.video_pipeline.DEFAULT_FRAMES`).
     num_frames: int | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self, size_multiple: int) -> None:
         """Raise `InvalidRequest` naming the first bad parameter; `size_multiple` is the VAE's."""

@@ -27,10 +27,14 @@ from contract.jobs import (
     GenerationParams,
     JobMetrics,
     JobStatus,
+    LRFeatureMode,
+    Method,
     OutputFormat,
     OutputRole,
     Priority,
     ProgressRecord,
+    SchedulerName,
+    UpsampleMode,
     WebhookEvent,
 )
 
@@ -96,15 +100,15 @@ class GenerationCreate(BaseModel):
     seed: Count | None = Field(default=None, ge=0, le=MAX_SEED)  # random when absent, echoed
     steps: Count = Field(default=50, ge=1, le=MAX_STEPS)
     guidance_scale: Real = Field(default=7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    method: Literal["self_cascade", "direct"] = "self_cascade"
+    method: Method = "self_cascade"
     tuned: Tuned = "auto"
     # default: the model's (GET /v1/models: default_pivot_strength; the paper's 0.7 for SD)
     pivot_strength: Real | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    scheduler: Literal["ddim", "dpmsolver++", "euler"] = "ddim"
-    upsample_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    scheduler: SchedulerName = "ddim"
+    upsample_mode: UpsampleMode = "bilinear"
     # Tuned mode: the pivot's features recomputed every step (official) or once per stage
     # (bench/GPU_NOTES.md: 1.085x -> 1.033x of tuning-free at SD2.1 2048^2); ignored otherwise.
-    lr_features: Literal["per_step", "per_stage"] = "per_step"
+    lr_features: LRFeatureMode = "per_step"
     # default: png for an image model, mp4 for a video model
     output_format: OutputFormat | None = None
     # Video models only (default: the model's own); an image model refuses them.
