@@ -19,11 +19,16 @@ def client_base_url(settings: Settings, request: Request) -> str:
     return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
+def output_url(base_url: str, job_id: str, index: int) -> str:
+    """Where a client downloads a job's output `index` (GET /v1/generations/{id}/outputs/{n})."""
+    return f"{base_url}/v1/generations/{job_id}/outputs/{index}"
+
+
 def generation_view(record: JobRecord, base_url: str, position: int | None) -> GenerationView:
     """`base_url` is the API's address as the client sees it (no trailing slash)."""
     outputs = [
         OutputView(
-            url=f"{base_url}/v1/generations/{record.id}/outputs/{o.index}",
+            url=output_url(base_url, record.id, o.index),
             width=o.width,
             height=o.height,
             format=o.format,

@@ -67,11 +67,11 @@ async def create_generation(
             # No scope check: the caller made this job (a key may generate without `read`).
             reloaded: JobRecord | None = await run_in_threadpool(services.store.get, record.id)
             record = reloaded or record
-        view = await run_in_threadpool(_view, services, request, record)
+        view = _view(services, request, record, await _queue_position(services, record))
     except redis.exceptions.RedisError:
         # The job exists: a Redis blip after its creation still answers 202 with its Location,
         # never a 503 that a client would retry into a second job.
-        return generation_view(record, client_base_url(services.settings, request), None)
+        return _view(services, request, record, None)
     if finished:
         response.status_code = 200
         response.headers["Preference-Applied"] = f"wait={wait_s}"
@@ -119,21 +119,21 @@ async def get_generation(
         record = _visible(decode_record(job_id, raw), caller)
     if record is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no generation {job_id}", "job_id")
-    position = None
-    if record.status is JobStatus.QUEUED:
-        model, priority = record.params.model, record.origin.priority
-        found = await services.async_redis.lpos(services.queue_for(model, priority).key, job_id)
-        position = found if isinstance(found, int) else None
-        if position is not None:
-            for ahead in services.queues_ahead_of(model, priority):
-                position += await services.async_redis.llen(ahead.key)
-    return _view(services, request, record, position)
+    return _view(services, request, record, await _queue_position(services, record))
 
 
 @router.post("/{job_id}/cancel", response_model=GenerationView)
-def cancel_generation(
+async def cancel_generation(
     job_id: str, services: Services, caller: Caller, request: Request, response: Response
 ) -> GenerationView:
+    record = await run_in_threadpool(_cancel, services, job_id, caller, response)
+    return _view(services, request, record, await _queue_position(services, record))
+
+
+def _cancel(
+    services: ApiServices, job_id: str, caller: Principal, response: Response
+) -> JobRecord:
+    """Cancels the job (202 while it is not canceled yet); its record as it reads afterwards."""
     record = _load(services, job_id, caller)
     if record.status.is_terminal and record.status is not JobStatus.CANCELED:
         raise ApiError(
@@ -142,7 +142,7 @@ def cancel_generation(
     cancel(services, record)  # also when canceled already: it finishes what a lost reply cut
     if record.status is not JobStatus.CANCELED:
         response.status_code = 202
-    return _view(services, request, _load(services, job_id, caller))
+    return _load(services, job_id, caller)
 
 
 @router.get("/{job_id}/events")
@@ -342,8 +342,14 @@ def check_webhook_url(request: Request, url: str) -> WebhookTarget:
 
 
 def _preferred_wait(prefer: str | None) -> int:
-    """Seconds from `Prefer: wait=N` (RFC 7240), capped so a request never holds a thread long.
-    Anything else is ignored, as the RFC asks of a preference a server does not understand."""
+    """Seconds from `Prefer: wait=N` (RFC 7240), at most MAX_PREFER_WAIT_S. Anything else is
+    ignored, as the RFC asks of a preference a server does not understand.
+
+    The wait holds a wait slot (max_waiting_requests, each with a connection of the blocking
+    Redis pool), not a thread. The cap keeps it inside the 60 s read timeout common to HTTP
+    clients and reverse proxies (nginx's default), which would cut a longer wait off before its
+    answer, and bounds how long one request keeps a slot that others then go without (they get
+    their 202 at once)."""
     for part in (prefer or "").split(","):
         name, _, value = part.strip().partition("=")
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
@@ -449,13 +455,22 @@ async def _owned_events(services: Services, job_id: str, caller: Principal) -> b
     return raw is not None and JobOrigin.model_validate_json(raw).owner == caller.key_id
 
 
+async def _queue_position(services: ApiServices, record: JobRecord) -> int | None:
+    """How many jobs a worker holding the job's model takes before it: its place in its own
+    queue plus every job in the more urgent queues. None unless it is queued (or once it has
+    left the queue)."""
+    if record.status is not JobStatus.QUEUED:
+        return None
+    model, priority = record.params.model, record.origin.priority
+    found = await services.async_redis.lpos(services.queue_for(model, priority).key, record.id)
+    position = found if isinstance(found, int) else None
+    if position is not None:
+        for ahead in services.queues_ahead_of(model, priority):
+            position += await services.async_redis.llen(ahead.key)
+    return position
+
+
 def _view(
-    services: Services, request: Request, record: JobRecord, position: int | None = -1
+    services: ApiServices, request: Request, record: JobRecord, position: int | None
 ) -> GenerationView:
-    """The public view; `position` -1 means "look it up" (sync callers)."""
-    if record.status is JobStatus.QUEUED and position == -1:
-        model, priority = record.params.model, record.origin.priority
-        position = services.queue_for(model, priority).get_job_position(record.id)
-        if position is not None:
-            position += sum(len(q) for q in services.queues_ahead_of(model, priority))
     return generation_view(record, client_base_url(services.settings, request), position)

@@ -46,7 +46,7 @@ from service.schemas import Count, GenerationCreate
 from service.services import ApiServices
 from service.submission import submit
 from service.validation import normalise
-from service.views import client_base_url
+from service.views import client_base_url, output_url
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
@@ -271,4 +271,4 @@ def _image(
         data = b"".join(services.storage.open(output.key))
         return OpenAIImage(b64_json=base64.b64encode(data).decode())
     url = services.storage.presigned_url(output.key, services.settings.presign_expiry_s)
-    return OpenAIImage(url=url or f"{base_url}/v1/generations/{record.id}/outputs/{output.index}")
+    return OpenAIImage(url=url or output_url(base_url, record.id, output.index))
