@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from redis import Redis
 
 from contract import histograms
-from contract.jobs import JobRecord, JobStatus, WebhookEvent
+from contract.jobs import JobRecord, WebhookEvent
 from contract.keys import RedisKeys
 from contract.state import decode_record
 
@@ -46,12 +46,6 @@ class WebhookDelivery(BaseModel):
     # The job as it was when the event happened: the body shows that moment, not a later one.
     record: JobRecord | None = None
     body: str | None = None  # frozen at the first attempt so every retry sends the same bytes
-
-
-def webhook_event_for(status: JobStatus) -> WebhookEvent:
-    if status is JobStatus.RUNNING:
-        return "start"
-    return "completed" if status.is_terminal else "progress"
 
 
 def enqueue_webhook(

@@ -91,8 +91,9 @@ class CascadeEngine:
         """`pipe` is the resident pipeline (stage 1 runs it as it is); `renoise_cls` the stock
         diffusers pipeline class whose view runs the re-noise stages; stages up to
         `cuda_graph_max_pixels` replay CUDA graphs of the UNet (None: never); with a
-        `compile_backend` ("inductor"), hook-free UNet calls of the shapes the warm-up compiled
-        run `torch.compile`d (selfcascade/compiled_unet.py)."""
+        `compile_backend` ("inductor"), UNet calls of the signatures the warm-up compiled (shape,
+        and the graph keys of the hooks present, so tuned per-step stages too) run
+        `torch.compile`d (selfcascade/compiled_unet.py)."""
         if pipe.vae.config.latent_channels != 4:
             # diffusers' re-noise pipelines recognise an already-encoded latent by 4 channels.
             raise ModelLoadError("self-cascade needs a VAE with 4 latent channels")

@@ -137,16 +137,13 @@ def _add_tiny_model(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_optional_commands(commands: argparse._SubParsersAction) -> None:
-    """Commands that live in their own modules register themselves here."""
-    try:
-        from selfcascade.tune_cli import add_tune_parser
-    except ImportError:  # the tuning module is optional at this layer
-        pass
-    else:
-        tune = add_tune_parser(commands)
-        tune.set_defaults(flags=_flags(tune))
-    from selfcascade.client_cli import add_client_parser  # argparse only: always available
+    """Commands that live in their own modules register themselves here (neither imports torch
+    at the top, so building the parser stays fast)."""
+    from selfcascade.client_cli import add_client_parser
+    from selfcascade.tune_cli import add_tune_parser
 
+    tune = add_tune_parser(commands)
+    tune.set_defaults(flags=_flags(tune))
     add_client_parser(commands)
 
 

@@ -18,7 +18,7 @@ when the warm-up ran a tuned job of its size (and pivot buffer: `LRInputs.pin_al
 
 A signature is the shapes, dtypes and Python values of a call: jobs with another scheduler
 whose timesteps have another dtype (Euler's are floats, DDIM's integers) or without guidance
-(batch 1) run eager. The warm-up uses the model's scheduler (DDIM here) and guidance.
+(batch 1) run eager. The warm-up uses a job's defaults: DDIM and guidance.
 
 The dynamo settings changed here (hook guards, the recompile limit) hold for the process.
 

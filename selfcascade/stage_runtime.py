@@ -21,7 +21,7 @@ from selfcascade.progress import CancelToken, Progress, ProgressCallback
 log = logging.getLogger(__name__)
 
 # Above this many output pixels the VAE decodes in tiles: an SD VAE decode at 4096^2 needs
-# ~38 GiB in one piece and ~1 GiB tiled (shared/GPU.md); at 2048^2 one piece still fits.
+# ~38 GiB in one piece and ~1 GiB tiled (bench/GPU_NOTES.md); at 2048^2 one piece still fits.
 DEFAULT_TILED_DECODE_ABOVE_PIXELS = 2048 * 2048
 
 

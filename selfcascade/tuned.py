@@ -2,12 +2,15 @@
 
 For every UNet call while injected:
 
-1. A forward pre-hook on the UNet takes the pivot latent (the previous stage's clean latent),
-   repeats it to the call's batch (classifier-free guidance doubles it) and runs `conv_in` on it.
-   A video pivot (B, C, F, h, w) is first folded to (B*F, C, h, w), frames into the batch, as
-   UNet3DConditionModel and UNetMotionModel fold their own input; their blocks then see the LR
-   state exactly as they see the HR one (with `num_frames` among the reused keyword arguments),
-   and UNet3DConditionModel's `transformer_in` joins the LR chain ahead of the down blocks.
+1. The pivot latent (the previous stage's clean latent) is copied into a persistent buffer once,
+   when the injection attaches. A forward pre-hook on the UNet records how many times the call's
+   batch repeats it (classifier-free guidance doubles it) and whether this call recomputes the
+   LR features; the first covered block's hook then repeats the buffer to the batch and runs
+   `conv_in` on it. A video pivot (B, C, F, h, w) is first folded to (B*F, C, h, w), frames
+   into the batch, as UNet3DConditionModel and UNetMotionModel fold their own input; their
+   blocks then see the LR state exactly as they see the HR one (with `num_frames` among the
+   reused keyword arguments), and UNet3DConditionModel's `transformer_in` joins the LR chain
+   ahead of the down blocks.
 2. A forward hook on each covered down block / the mid block runs that same block on the LR
    state, with the very keyword arguments the UNet passed for the HR state (timestep embedding
    incl. SDXL add-embeddings, text states, attention masks), giving h_n^LR. Reusing the UNet's own

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -738,7 +738,3 @@ def _truncate_loss_log(path: Path, step: int) -> None:
         truncated = "".join(f"{line}\n" for line in kept)
         if truncated != text:  # replaced whole: a full disk must not leave it empty
             replace_file(path, truncated.encode())
-
-
-def config_summary(config: TuneConfig) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}

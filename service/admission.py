@@ -1,6 +1,7 @@
-"""Backpressure and fairness before a job is created: per-key token bucket, per-key live-job
-cap, global queue depth. Each check is one Lua script, so concurrent requests cannot overdraw.
-"""
+"""Backpressure and fairness before a job is created: a per-key token bucket and a per-key
+live-job cap, each one Lua script, so concurrent requests cannot overdraw them; and a per-model
+queue depth, read with LLEN before enqueueing, so concurrent requests may overshoot it by the
+jobs they add at the same moment (a soft bound on memory, not a quota)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`selfcascade-serve` (`make run`): Redis (embedded when none is configured), one worker and
-the API on one machine, stopped together on Ctrl-C."""
+"""`selfcascade-serve` (`make run`): Redis (embedded when none is configured), one worker, the
+webhook deliverer and the API on one machine, stopped together on Ctrl-C."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry
 
 from contract.settings import Settings
 from service.body_limit import BodySizeLimit
-from service.deps import get_settings
 from service.errors import install_error_handlers
 from service.metrics import JobCollector, RequestMetrics
 from service.playground import mount_playground
@@ -21,8 +20,7 @@ from service.routes import generations, operations
 from service.services import ApiServices
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(settings: Settings) -> FastAPI:
     services = ApiServices.build(settings)
 
     sweeper = RetiredModelSweeper(services)

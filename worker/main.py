@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="selfcascade generation worker")
-    parser.add_argument("--name", help="worker name (default: host-pid-random)")
+    parser.add_argument("--name", help="worker name (default: <hostname>-<8 random hex digits>)")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)

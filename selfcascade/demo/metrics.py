@@ -6,8 +6,8 @@ as a third colour), pixels at least half-way to that colour are object pixels, a
 connected component is classified by its overlap with the ideal circle, square and triangle
 drawn in its bounding box; one that matches none counts as a "blob", which no caption holds. So
 a circle drawn as a cluster of small circles is wrong, and so is a scatter of extra small
-copies, since even small components count (findings/README.md: the pitfalls of a per-colour
-component count).
+copies, since even small components count (the toy-scale findings this project started from
+list these among the pitfalls of a per-colour component count).
 
 Crispness: the mean 10%-90% rise width, in pixels, of the profiles across object edges. A
 natively rendered anti-aliased edge rises in about one pixel; an upscaled one in about `scale`.

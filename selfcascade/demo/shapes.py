@@ -36,7 +36,6 @@ HALF_SIZE_RANGE: dict[int, tuple[float, float]] = {
     2: (0.12, 0.20),
     3: (0.11, 0.16),
 }
-MIN_HALF_SIZE = min(low for low, _ in HALF_SIZE_RANGE.values())
 # Clear space between objects and to the border, so anti-aliased edges never touch.
 GAP = 0.05
 SUPERSAMPLE = 4
