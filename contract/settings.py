@@ -44,7 +44,8 @@ class ModelSpec(BaseModel):
     `produces` is "image" or "video". Left out, it is read from a local folder's
     model_index.json (contract.modality); declare it where the API cannot read the folder (a
     hub id, the API image without the models mounted). `default_pivot_strength` is the K / T a
-    request gets when it names none (default: the paper's 0.7). Video models also take
+    request gets when it names none (default: the paper's 0.7). `variant` picks weight files
+saved under a variant name ("fp16"). Video models also take
     `default_num_frames`, `max_num_frames` and `default_fps`.
     """
 
@@ -68,6 +69,9 @@ class ModelSpec(BaseModel):
     )
     dtype: str = "auto"
     device: str = "auto"
+    # Weight files saved under a variant name: "fp16" loads SDXL's *.fp16.safetensors, half the
+    # download of its full-precision files (selfcascade.loading.load_pipeline).
+    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$")
     produces: Modality | None = None  # None until load_model_specs resolves it
     default_num_frames: int = Field(default=16, ge=1, le=MAX_FRAMES)
     max_num_frames: int = Field(default=MAX_FRAMES, ge=1, le=MAX_FRAMES)

@@ -102,6 +102,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
+        "--variant", help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
+        "*.fp16.safetensors (half the download)",
+    )
+    p.add_argument(
         "--num-frames",
         "--frames",  # this command's first spelling; the API and the client say num_frames
         dest="num_frames",
@@ -196,7 +200,9 @@ def _generate(args: argparse.Namespace) -> int:
     if problem:  # the encoder would refuse it, after the whole cascade
         raise InvalidRequest(*problem)
     _check_writable(out.parent)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    pipe = load_pipeline(
+        args.model, dtype=args.dtype, device=args.device, variant=args.variant
+    )
     engine = engine_for(pipe)
     engine.validate(request)
     if args.fps is not None and not engine.produces_video:  # as the engine refuses num_frames

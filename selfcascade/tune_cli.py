@@ -68,6 +68,10 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     # float32 weights + autocast, as diffusers' own training scripts do: the SDXL VAE overflows
     # in float16, and float16 base weights would gain little over autocast.
     p.add_argument("--dtype", default="float32", help="base model weight dtype (float32)")
+    p.add_argument(
+        "--variant", help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
+        "*.fp16.safetensors (half the download)",
+    )
     p.set_defaults(handler=run_tune, loads_models=True, extra="worker")
     return p
 
@@ -97,7 +101,9 @@ def run_tune(args: argparse.Namespace) -> int:
     # Bad arguments and paths fail before the model loads.
     config.validate()
     check_paths(config)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    pipe = load_pipeline(
+        args.model, dtype=args.dtype, device=args.device, variant=args.variant
+    )
     try:
         result = _tune_with_progress_bar(pipe, config)
     except TuneInterrupted as stop:

@@ -76,7 +76,9 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
     for spec in specs:
         if spec.name == TINY_MODEL_NAME and settings.models_file is None:
             ensure_tiny_model(settings)
-        pipe = load_pipeline(spec.path, dtype=spec.dtype, device=spec.device)
+        pipe = load_pipeline(
+            spec.path, dtype=spec.dtype, device=spec.device, variant=spec.variant
+        )
         engine = engine_for(pipe, **_engine_options(settings))
         spec = _with_modality(spec, engine.produces_video)
         _check_frame_limit(spec, engine.max_num_frames)

@@ -9,8 +9,8 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 from selfcascade.errors import ModelLoadError
-from selfcascade.loading import load_pipeline, resolve_dtype
-from selfcascade.tiny_models import save_tiny_sd
+from selfcascade.loading import folder_variants, load_pipeline, resolve_dtype
+from selfcascade.tiny_models import build_tiny_sd_pipeline, save_tiny_sd
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,35 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_folder_without_model_index_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"model_index\.json is missing"):
         load_pipeline(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def fp16_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Saved as the hub's SDXL repositories save their half-precision files: *.fp16.*"""
+    folder = tmp_path_factory.mktemp("models") / "tiny-fp16"
+    build_tiny_sd_pipeline(0).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    return folder
+
+
+def test_a_variant_folder_loads_with_its_variant_and_says_which_without(
+    fp16_folder: Path, tiny_folder: Path
+) -> None:
+    assert folder_variants(fp16_folder) == {"fp16"}
+    assert folder_variants(tiny_folder) == {None}
+    pipe = load_pipeline(str(fp16_folder), device="cpu", variant="fp16")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    # Without it, diffusers names a .bin file that was never meant to be there; the error says
+    # what the folder holds.
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(str(fp16_folder), device="cpu")
+    assert str(refused.value).endswith(
+        "(its weights are saved as the variant fp16: pass one)"
+    )
+    with pytest.raises(ModelLoadError) as refused:
+        load_pipeline(str(tiny_folder), device="cpu", variant="fp16")
+    assert str(refused.value).endswith(
+        "(its weights are saved without a variant: leave the variant out)"
+    )
 
 
 def test_unknown_dtype_is_a_clear_error(tiny_folder: Path) -> None:

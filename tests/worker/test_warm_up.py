@@ -11,6 +11,7 @@ import torch
 
 from contract.settings import ModelSpec
 from selfcascade import warmup
+from selfcascade.tiny_models import build_tiny_sd_pipeline
 from tests.service.conftest import SettingsFactory
 from worker import resident
 
@@ -109,3 +110,16 @@ def test_the_compiling_warm_up_stays_within_max_pixels(
     resident.load_models([spec(tiny_model_dir)], settings)
     assert "(256x256, 2 steps)" in caplog.text
     assert "(512x512" not in caplog.text
+
+
+def test_a_models_file_variant_reaches_the_loader(
+    settings_for: SettingsFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "tiny-fp16"
+    build_tiny_sd_pipeline(0).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    spec = ModelSpec.model_validate({
+        "name": "tiny", "path": str(folder), "native_width": 64, "native_height": 64,
+        "variant": "fp16",
+    })
+    [model] = resident.load_models([spec], settings_for(warm_up_on_load=False)).values()
+    assert model.spec.name == "tiny"
