@@ -6,6 +6,7 @@ Built once in each entry point and passed down; nothing here reads the environme
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -224,6 +225,11 @@ class Settings(BaseSettings):
     # The API's public address (https://... behind an ingress): the base of the output URLs in
     # responses and webhook bodies. Unset: responses use the address each request came to.
     public_base_url: str | None = None
+    # Browser pages on these origins may call the API (CORS): each exactly as a browser sends
+    # it in Origin, scheme://host[:port] (comma-separated in the environment), or "*" alone for
+    # any page. Keys travel in the Authorization header, never in cookies, so no origin gets
+    # credentials. Empty: no CORS headers at all, only same-origin pages (the playground).
+    cors_origins: Annotated[list[str], NoDecode] = []
 
     log_format: Literal["text", "json"] = "text"
 
@@ -239,7 +245,7 @@ class Settings(BaseSettings):
     def tiny_model_dir(self) -> Path:
         return self.data_dir / "models" / "tiny"
 
-    @field_validator("demo_upsamplers", "worker_models", mode="before")
+    @field_validator("demo_upsamplers", "worker_models", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -267,6 +273,50 @@ class Settings(BaseSettings):
         if value is not None:
             signing_key(value.get_secret_value())
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        # At start-up: an entry a browser's Origin can never equal would fail every call from
+        # that page, with nothing in the logs to say why.
+        if "*" in value and len(value) > 1:
+            raise ValueError("'*' allows every origin: give it alone, not with other origins")
+        for entry in value:
+            if entry != "*" and (problem := _origin_problem(entry)):
+                raise ValueError(f"{entry!r} {problem}")
+        return value
+
+
+# An origin as a browser sends it: lowercase scheme and host, the port only when not the default.
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origin_problem(entry: str) -> str | None:
+    """Why `entry` is not an origin in the one form a browser's Origin header takes, or None."""
+    if "*" in entry:
+        return "is a pattern: list each origin, or give '*' alone for any"
+    if entry == "null":
+        # Sandboxed frames, file: and data: pages all send it: any site can make a page of it.
+        return "is the origin of sandboxed and local pages, which any site can produce"
+    scheme, separator, rest = entry.partition("://")
+    if not separator:
+        host = re.split(r"[/?#]", entry, maxsplit=1)[0]
+        return f"has no scheme: an origin is scheme://host[:port], e.g. 'https://{host}'"
+    authority, *after = re.split(r"[/?#]", rest, maxsplit=1)
+    if after:
+        what = "ends in a slash" if rest == f"{authority}/" else "has a path"
+        return f"{what}, which an origin never has: write '{scheme}://{authority}'"
+    if "@" in authority:
+        return "has user information, which an origin never has"
+    match = _ORIGIN.fullmatch(entry.lower())
+    if match is None or int(match[3] or 0) > 65535:
+        return "is not an origin (scheme://host[:port])"
+    if match[3] and match[3] == _DEFAULT_PORTS.get(match[1]):
+        return f"names its default port, which browsers leave out: write '{match[1]}://{match[2]}'"
+    if entry != entry.lower():
+        return f"is not lowercase, as browsers send it: write '{entry.lower()}'"
+    return None
 
 
 TINY_MODEL_NAME = "tiny"
