@@ -1,10 +1,17 @@
 """The RQ job function: one generation, from queued to a terminal status.
 
 Every outcome is written to the job hash here, so the function returns normally for failures
-too. What escapes it is a bug, or a Redis that stays away through the final write's retries
-(RQ records it; worker.abandoned marks the record failed, or pays what a landed ending owes).
-Writes the job does not depend on (webhooks, histograms) never fail it. The only things that
-make RQ retry the job are a worker dying mid-job (see worker.abandoned).
+too. What escapes it is a bug, or a Redis that stays away through the retries of the start
+(`_start`) or of the final write (`_finish`) (RQ records it; worker.abandoned marks the record
+failed, or pays what a landed ending owes). Writes the job does not depend on (webhooks,
+histograms) never fail it.
+
+Jobs are enqueued with `Retry(max=job_retries)` (contract.queueing), and RQ retries any failed
+execution while retries are left: one whose function raised (above), and one whose worker died
+mid-job (SIGKILL, the OOM killer, the stall watchdog's exit, this module's exit after an
+unrecoverable accelerator error: the reaper finds its lease lapsed, see worker.abandoned). A
+retried run goes on only if the record is still live; one that has ended meanwhile (failed by
+this run or by worker.abandoned's handler) is skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -27,6 +34,7 @@ from contract.exit_codes import EXIT_ACCELERATOR_BROKEN
 from contract.jobs import (
     ErrorCode,
     ErrorInfo,
+    GenerationParams,
     JobEvent,
     JobMetrics,
     JobRecord,
@@ -47,7 +55,10 @@ from worker.engine_errors import (
 )
 from worker.outputs import store_images, store_video
 from worker.progress_reporter import ThrottledProgress
-from worker.resident import WorkerRuntime, runtime
+from worker.resident import ResidentModel, WorkerRuntime, runtime
+
+if TYPE_CHECKING:
+    from selfcascade.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -186,26 +197,55 @@ def _advisory(job_id: str, what: str) -> Iterator[None]:
 def _generate(
     rt: WorkerRuntime, record: JobRecord, started_at: float, attempt: Attempt
 ) -> str:
-    from selfcascade.errors import GenerationCancelled, InvalidRequest
-    from selfcascade.request import GenerationRequest
+    """Run the job on its model and end it: succeeded, failed or canceled (or left to another
+    attempt that holds it now)."""
+    model = _resident_model(rt, record.params)
+    if isinstance(model, str):
+        return _fail(rt, record, attempt, ErrorCode.MODEL_UNAVAILABLE, model)
+    request = _engine_request(record.params)
+    progress = ThrottledProgress(
+        rt.store,
+        record.id,
+        attempt,
+        rt.settings.progress_interval_s,
+        on_written=_progress_webhook(rt, record),
+        on_step=rt.watchdog.beat,
+    )
+    hooks = model.stage_hooks(record.params)
+    cancel = RedisCancelFlag(rt.store, record.id, attempt)
+    try:
+        result = model.engine.generate(
+            request, on_progress=progress, cancel=cancel, stage_hooks=hooks
+        )
+        rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
+        if not _still_ours(rt, record, attempt):
+            return HELD_ELSEWHERE
+        outputs = _store(rt, record, result, model.spec.produces_video)
+    except Exception as exc:
+        return _end_after_error(rt, record, attempt, cancel, exc)
+    return _succeed(rt, record, attempt, result, outputs, started_at, progress, hooks)
 
-    params = record.params
+
+def _resident_model(rt: WorkerRuntime, params: GenerationParams) -> ResidentModel | str:
+    """The model of this worker that runs the job, or why there is none."""
     model = rt.models.get(params.model)
     if model is None:
         # Only a job from the shared queues of releases before per-model queues gets here.
-        return _fail(
-            rt, record, attempt, ErrorCode.MODEL_UNAVAILABLE,
-            f"model {params.model} is not loaded on the worker that took this job",
-        )
+        return f"model {params.model} is not loaded on the worker that took this job"
     video = model.spec.produces_video  # load_models checked it against the engine
     if video != params.is_video:
         held, asked = ("video", "an image") if video else ("images", "a video")
-        return _fail(
-            rt, record, attempt, ErrorCode.MODEL_UNAVAILABLE,
+        return (
             f"model {params.model} produces {held} on this worker but the API accepted {asked} "
-            "job for it: the API's and the worker's models files disagree",
+            "job for it: the API's and the worker's models files disagree"
         )
-    request = GenerationRequest(
+    return model
+
+
+def _engine_request(params: GenerationParams) -> GenerationRequest:
+    from selfcascade.request import GenerationRequest
+
+    return GenerationRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         width=params.width,
@@ -220,55 +260,58 @@ def _generate(
         method=params.method,
         num_frames=params.num_frames,
     )
-    progress = ThrottledProgress(
-        rt.store,
-        record.id,
-        attempt,
-        rt.settings.progress_interval_s,
-        on_written=_progress_webhook(rt, record),
-        on_step=rt.watchdog.beat,
-    )
-    hooks = model.stage_hooks(params)
-    cancel = RedisCancelFlag(rt.store, record.id, attempt)
-    try:
-        result = model.engine.generate(
-            request, on_progress=progress, cancel=cancel, stage_hooks=hooks
-        )
-        rt.watchdog.beat()  # decoded; encoding and uploading get a full allowance of their own
-        if not _still_ours(rt, record, attempt):
-            return HELD_ELSEWHERE
-        outputs = _store(rt, record, result, video)
-    except GenerationCancelled:
+
+
+def _end_after_error(
+    rt: WorkerRuntime, record: JobRecord, attempt: Attempt, cancel: RedisCancelFlag,
+    exc: Exception,
+) -> str:
+    """End a run that raised `exc` as its type says: canceled, failed with the error code it
+    maps to, or left to the attempt that superseded it. Called while `exc` is being handled
+    (log.exception logs it). An unrecoverable accelerator error fails the job, then ends the
+    process for a restart."""
+    from selfcascade.errors import GenerationCancelled, InvalidRequest
+
+    if isinstance(exc, GenerationCancelled):
         if cancel.superseded:
             return HELD_ELSEWHERE  # its new run, or the reaper's verdict, stands
         _finish(rt, record, JobStatus.CANCELED, attempt)
         return JobStatus.CANCELED.value
-    except InvalidRequest as exc:
+    if isinstance(exc, InvalidRequest):
+        return _fail(rt, record, attempt, ErrorCode.INVALID_REQUEST, str(exc))
+    if isinstance(exc, JobTimeoutException):
         return _fail(
-            rt, record, attempt, ErrorCode.INVALID_REQUEST, str(exc))
-    except JobTimeoutException:
-        return _fail(
-            rt, record, attempt, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s")
-    except StorageUnavailable as exc:
+            rt, record, attempt, ErrorCode.TIMEOUT, f"exceeded {rt.settings.job_timeout_s}s"
+        )
+    if isinstance(exc, StorageUnavailable):
         log.error("storing the result of %s failed: %s", record.id, exc)
+        return _fail(rt, record, attempt, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
+    if is_out_of_memory(exc):
+        free_accelerator_memory(exc)
         return _fail(
-            rt, record, attempt, ErrorCode.STORAGE_UNAVAILABLE, str(exc))
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            free_accelerator_memory(exc)
-            return _fail(
             rt, record, attempt, ErrorCode.OUT_OF_MEMORY,
-                "out of memory at this size; a smaller size (or fewer frames) may fit",
-            )
-        log.exception("generation %s failed", record.id)
-        outcome = _fail(
-            rt, record, attempt, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-        if is_fatal_accelerator_error(exc):
-            # The job is recorded as failed; the orchestrator restarts a clean process.
-            log.critical("unrecoverable accelerator error: worker exits for a restart")
-            os._exit(EXIT_ACCELERATOR_BROKEN)
-        return outcome
+            "out of memory at this size; a smaller size (or fewer frames) may fit",
+        )
+    log.exception("generation %s failed", record.id)
+    outcome = _fail(rt, record, attempt, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    if is_fatal_accelerator_error(exc):
+        # The job is recorded as failed; the orchestrator restarts a clean process.
+        log.critical("unrecoverable accelerator error: worker exits for a restart")
+        os._exit(EXIT_ACCELERATOR_BROKEN)
+    return outcome
 
+
+def _succeed(
+    rt: WorkerRuntime,
+    record: JobRecord,
+    attempt: Attempt,
+    result: Any,
+    outputs: list[OutputRecord],
+    started_at: float,
+    progress: ThrottledProgress,
+    hooks: list[Any],
+) -> str:
+    """End the job succeeded, with its outputs and metrics."""
     inference_s = result.total_seconds
     with _advisory(record.id, "the inference histogram"):
         histograms.observe(rt.store.redis, rt.store.keys, histograms.INFERENCE, inference_s)
