@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.jobs import ErrorCode
 from contract.state import UnreadableRecord
@@ -231,11 +232,47 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The last resort, for an error in a middleware outside UnexpectedErrors (a route's is
+        # answered there). It answers from Starlette's outermost middleware, outside
+        # RequestContext, which adds the id to every other response: the one answer worth
+        # quoting needs it too. CORS headers it lacks, and uvicorn then closes the connection.
         log.exception("unhandled error", exc_info=exc)
-        # This handler answers from Starlette's outermost middleware, outside RequestContext,
-        # which adds the id to every other response: the one answer worth quoting needs it too.
         request_id = request.scope.get("state", {}).get("request_id")
         headers = {"X-Request-ID": request_id} if request_id else None
         return error_response_at(
             request.url.path, 500, ErrorCode.INTERNAL, "internal error", None, headers
         )
+
+
+class UnexpectedErrors:
+    """A 500 in the error shape for an exception no handler took, answered inside the other
+    middlewares rather than by Starlette's outermost ServerErrorMiddleware: the answer then
+    carries its X-Request-ID and CORS headers like any other (a page on another origin reads
+    the error, not "Failed to fetch"), is counted in the metrics, and the connection stays open
+    (ServerErrorMiddleware re-raises, and uvicorn closes a connection whose app raised, so a
+    client's next request on it was reset)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:
+                raise  # a response cut off midway cannot turn into a 500: the connection ends
+            log.exception("unhandled error", exc_info=exc)
+            path = scope.get("path", "")
+            await error_response_at(path, 500, ErrorCode.INTERNAL, "internal error")(
+                scope, receive, send
+            )

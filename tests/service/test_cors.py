@@ -129,6 +129,32 @@ def test_errors_carry_the_allow_origin_so_the_page_can_read_them(
         assert "retry-after" in listed(answers[429].headers["access-control-expose-headers"])
 
 
+@pytest.mark.parametrize("allowed", [APP, "*"])
+def test_an_unexpected_error_carries_the_allow_origin_too(
+    settings_for: SettingsFactory, allowed: str
+) -> None:
+    """A route's unexpected error is answered inside the middlewares (service.errors), not by
+    Starlette's outermost one: the page reads the error and its X-Request-ID, not "Failed to
+    fetch", and the connection stays open for its next request."""
+    app = create_app(settings_for(cors_origins=allowed))
+
+    @app.get("/v1/broken")
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with ApiServer(app, free_port()) as server, server.client() as client:
+        answer = client.get("/v1/broken", headers={"Origin": APP})
+        assert answer.status_code == 500
+        assert answer.headers["access-control-allow-origin"] == allowed
+        assert "x-request-id" in listed(answer.headers["access-control-expose-headers"])
+        assert answer.headers["x-request-id"]
+        assert answer.json()["error"]["code"] == "internal_error"
+        other = client.get("/v1/broken", headers={"Origin": OTHER})
+        assert other.status_code == 500
+        if allowed == APP:
+            assert "access-control-allow-origin" not in other.headers
+
+
 def test_any_origin_with_a_star_and_still_no_credentials(settings_for: SettingsFactory) -> None:
     with api(settings_for, cors_origins="*", auth_mode="keys", api_keys=KEYS) as client:
         answer = preflight(client, OTHER, "POST", "/v1/generations", "authorization,content-type")
