@@ -96,7 +96,8 @@ def enqueue_generation(
         job_id,
         job_id=job_id,
         job_timeout=settings.job_timeout_s,
-        # Retries only ever happen for abandoned jobs: the job function catches its own errors.
+        # RQ retries a run that raised (a Redis outage past the worker's retry windows) or whose
+        # worker died mid-job (the reaper fails its lapsed lease); engine errors end the job.
         retry=Retry(max=settings.job_retries) if settings.job_retries > 0 else None,
         result_ttl=600,
         failure_ttl=settings.result_ttl_s,

@@ -144,7 +144,8 @@ class Settings(BaseSettings):
     max_video_pixels: int = Field(default=2048 * 2048 * 16, ge=1)
     max_queue_length: int = 1000  # waiting jobs per model (both priorities)
     job_timeout_s: int = 1800
-    job_retries: int = 2  # extra attempts after a worker died mid-job
+    # Extra attempts after a worker died mid-job or lost Redis for longer than it retries.
+    job_retries: int = 2
     # A running job's lease: a worker that stops renewing it for this long is presumed dead.
     worker_lease_s: int = 30
     reaper_interval_s: float = 5.0
