@@ -161,7 +161,9 @@ def test_a_run_whose_job_another_attempt_took_over_stops_and_records_nothing(
     """Cut off past its lease, a worker finds its job requeued and started elsewhere: it stops
     between two steps (its result would be dropped), and writes neither files nor record."""
     rt = runtime_for()
-    job_id = submit_plain(rt, steps=60)
+    # Long enough (three stages up to 256^2) to be mid-run at its next ownership check, 1 s on:
+    # 60 steps at 64^2 often ended first, and the test failed on a quiet machine.
+    job_id = submit_plain(rt, steps=100, width=256, height=256)
     outcome: list[str] = []
     # The job function itself (RQ's worker wants the main thread for its signal handlers).
     runner = threading.Thread(target=lambda: outcome.append(run_generation(job_id)))
