@@ -46,8 +46,8 @@ class ModelSpec(BaseModel):
     model_index.json (contract.modality); declare it where the API cannot read the folder (a
     hub id, the API image without the models mounted). `default_pivot_strength` is the K / T a
     request gets when it names none (default: the paper's 0.7). `variant` picks weight files
-saved under a variant name ("fp16"). Video models also take
-    `default_num_frames`, `max_num_frames` and `default_fps`.
+    saved under a variant name ("fp16"). Video models also take `default_num_frames`,
+    `max_num_frames` and `default_fps`.
     """
 
     # A misspelt key ("upsampler", "default_pivot_strenght") would otherwise be dropped, and the
@@ -289,7 +289,8 @@ class Settings(BaseSettings):
 
 
 # An origin as a browser sends it: lowercase scheme and host, the port only when not the default.
-_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+# Hosts as browsers send them: lowercase, punycode for IDN, `_` allowed (compose service names).
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9_.-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
@@ -313,6 +314,8 @@ def _origin_problem(entry: str) -> str | None:
     match = _ORIGIN.fullmatch(entry.lower())
     if match is None or int(match[3] or 0) > 65535:
         return "is not an origin (scheme://host[:port])"
+    if match[3] and match[3].startswith("0"):
+        return "has a port with a leading zero, which browsers never send: write it without"
     if match[3] and match[3] == _DEFAULT_PORTS.get(match[1]):
         return f"names its default port, which browsers leave out: write '{match[1]}://{match[2]}'"
     if entry != entry.lower():

@@ -4,6 +4,7 @@ the text-to-video (UNet3DConditionModel) and AnimateDiff pipelines the video eng
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,9 @@ def load_pipeline(
     return pipe
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
 def _variant_hint(folder: Path, variant: str | None) -> str:
     """What the weight files in `folder` say about a failed load when none is of the variant
     asked for: diffusers' own message then names a file that was never meant to be there
@@ -124,21 +128,26 @@ def _variant_hint(folder: Path, variant: str | None) -> str:
     saved = folder_variants(folder)
     if not saved or variant in saved:
         return ""  # the failure is something else
-    named = sorted(v for v in saved if v is not None)
+    named = ", ".join(sorted(v for v in saved if v is not None))
     if named:
-        plain = " and without one" if None in saved else ""
-        return f" (its weights are saved as the variant {', '.join(named)}{plain}: pass one)"
+        if None in saved:
+            return (f" (its weights are saved as the variant {named} and without one: pass "
+                    f"{named} or leave the variant out)")
+        return f" (its weights are saved as the variant {named}: pass it)"
     return " (its weights are saved without a variant: leave the variant out)"
 
 
 def folder_variants(folder: Path) -> set[str | None]:
     """The variants the weight files of a pipeline folder are saved under (None: no variant),
-    read from their names: `<name>[-00001-of-00002][.<variant>].safetensors` (or `.bin`)."""
+    read from their names: `<name>[.<variant>].safetensors` (or `.bin`), sharded as
+    `<name>[.<variant>]-00001-of-00002.safetensors` (diffusers and transformers today) or
+    `<name>-00001-of-00002[.<variant>].safetensors` (their earlier order)."""
     variants: set[str | None] = set()
     for weights in folder.glob("*/*"):
         parts = weights.name.split(".")
         if parts[-1] in ("safetensors", "bin"):
-            variants.add(parts[-2] if len(parts) > 2 else None)
+            variant = _SHARD.sub("", parts[-2]) if len(parts) > 2 else None
+            variants.add(variant or None)
     return variants
 
 

@@ -248,7 +248,7 @@ class UnexpectedErrors:
     """A 500 in the error shape for an exception no handler took, answered inside the other
     middlewares rather than by Starlette's outermost ServerErrorMiddleware: the answer then
     carries its X-Request-ID and CORS headers like any other (a page on another origin reads
-    the error, not "Failed to fetch"), is counted in the metrics, and the connection stays open
+    the error, not "Failed to fetch"), its latency is observed, and the connection stays open
     (ServerErrorMiddleware re-raises, and uvicorn closes a connection whose app raised, so a
     client's next request on it was reset)."""
 

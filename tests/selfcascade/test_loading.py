@@ -42,6 +42,31 @@ def fp16_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(
+    ("names", "variants"),
+    [
+        (["diffusion_pytorch_model.safetensors"], {None}),
+        (["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"],
+         {"fp16", None}),
+        # Sharded: the variant before the shard number (diffusers and transformers today)...
+        ([f"diffusion_pytorch_model.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)],
+         {"fp16"}),
+        # ... or after it (their earlier order), and a plain sharded set.
+        ([f"diffusion_pytorch_model-0000{i}-of-00002.fp16.safetensors" for i in (1, 2)],
+         {"fp16"}),
+        ([f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)], {None}),
+        (["diffusion_pytorch_model.safetensors.index.fp16.json", "config.json"], set()),
+    ],
+)
+def test_the_variants_of_a_folder_are_read_from_its_weight_file_names(
+    tmp_path: Path, names: list[str], variants: set[str | None]
+) -> None:
+    for name in names:
+        (tmp_path / "unet").mkdir(exist_ok=True)
+        (tmp_path / "unet" / name).touch()
+    assert folder_variants(tmp_path) == variants
+
+
 def test_a_variant_folder_loads_with_its_variant_and_says_which_without(
     fp16_folder: Path, tiny_folder: Path
 ) -> None:
@@ -54,7 +79,7 @@ def test_a_variant_folder_loads_with_its_variant_and_says_which_without(
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(str(fp16_folder), device="cpu")
     assert str(refused.value).endswith(
-        "(its weights are saved as the variant fp16: pass one)"
+        "(its weights are saved as the variant fp16: pass it)"
     )
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(str(tiny_folder), device="cpu", variant="fp16")

@@ -214,6 +214,7 @@ def test_a_value_that_is_not_an_origin_stops_the_api_at_start(
     ("null", "is the origin of sandboxed and local pages"),
     ("https://user@app.example.com", "has user information"),
     ("https://app.example.com:99999", "is not an origin (scheme://host[:port])"),
+    ("http://localhost:05173", "has a port with a leading zero, which browsers never send"),
 ])
 def test_each_kind_of_bad_entry_is_named(value: str, problem: str) -> None:
     with pytest.raises(ValidationError, match="cors_origins") as refused:
@@ -222,8 +223,11 @@ def test_each_kind_of_bad_entry_is_named(value: str, problem: str) -> None:
 
 
 def test_origins_are_read_as_a_comma_separated_list() -> None:
-    value = " https://app.example.com , http://localhost:5173,, http://[::1]:8080 "
+    # An IPv6 literal, a compose service name with `_`, an IDN host in punycode.
+    value = (" https://app.example.com , http://localhost:5173,, http://[::1]:8080 ,"
+             "http://web_ui:3000,https://xn--bcher-kva.example")
     assert Settings(cors_origins=value).cors_origins == [  # type: ignore[arg-type]
         "https://app.example.com", "http://localhost:5173", "http://[::1]:8080",
+        "http://web_ui:3000", "https://xn--bcher-kva.example",
     ]
     assert Settings().cors_origins == []
