@@ -18,6 +18,7 @@ CORS_REQUEST_HEADERS = (
 )
 CORS_EXPOSED_HEADERS = (
     "Location", "Retry-After", "X-Request-ID", "Preference-Applied", "ETag", "Content-Range",
+    "WWW-Authenticate",
 )
 # A preflight is cached per URL, and every job has URLs of its own, so a long cache saves little;
 # 10 min covers following one job, and bounds how long a page whose origin was taken off the

@@ -19,9 +19,14 @@ def client_base_url(settings: Settings, request: Request) -> str:
     return (settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
+def job_url(base_url: str, job_id: str) -> str:
+    """Where a client reads a job (GET /v1/generations/{id}): the Location of its creation."""
+    return f"{base_url}/v1/generations/{job_id}"
+
+
 def output_url(base_url: str, job_id: str, index: int) -> str:
     """Where a client downloads a job's output `index` (GET /v1/generations/{id}/outputs/{n})."""
-    return f"{base_url}/v1/generations/{job_id}/outputs/{index}"
+    return f"{job_url(base_url, job_id)}/outputs/{index}"
 
 
 def generation_view(record: JobRecord, base_url: str, position: int | None) -> GenerationView:

@@ -30,7 +30,7 @@ from service.schemas import GenerationCreate, GenerationView
 from service.services import BLOCKING_READ_S, ApiServices
 from service.submission import OutcomeUnknown, origin_for, submit
 from service.validation import normalise
-from service.views import client_base_url, generation_view
+from service.views import client_base_url, generation_view, job_url
 from service.webhook_targets import WebhookPolicy, WebhookTarget, WebhookTargetRefused
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -60,7 +60,9 @@ async def create_generation(
     # take the shared pool, the wait itself is on the asyncio Redis client (wait_for_terminal).
     wait_s = _preferred_wait(prefer)  # before the job exists: a bad header costs nothing
     record = await run_in_threadpool(_create, body, services, caller, request, idempotency_key)
-    response.headers["Location"] = f"/v1/generations/{record.id}"
+    # Absolute, like the output URLs: a page on another origin (CORS) resolving a relative one
+    # against its own address would send the request, and its key, to its own server.
+    response.headers["Location"] = job_url(client_base_url(services.settings, request), record.id)
     try:
         finished = wait_s > 0 and await _waited(request, services, record.id, wait_s)
         if finished:

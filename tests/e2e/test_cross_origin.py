@@ -41,17 +41,17 @@ async function create(api, key, body) {
            requestId: response.headers.get("X-Request-ID"), job: await response.json() };
 }
 
-async function poll(api, key, location) {
+async function poll(key, location) {
   for (;;) {
-    const job = await (await fetch(api + location, { headers: auth(key) })).json();
+    const job = await (await fetch(location, { headers: auth(key) })).json();
     if (["succeeded", "failed", "canceled"].includes(job.status)) return job;
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }
 
 // Server-sent events with a key: fetch and a ReadableStream, read until the server ends it.
-async function streamedEvents(api, key, location) {
-  const response = await fetch(`${api}${location}/events`, { headers: auth(key) });
+async function streamedEvents(key, location) {
+  const response = await fetch(`${location}/events`, { headers: auth(key) });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let text = "";
   for (;;) {
@@ -72,7 +72,7 @@ async function download(key, url) {
 async function integrate(api, key, body) {
   const created = await create(api, key, body);
   const [job, events] = await Promise.all([
-    poll(api, key, created.location), streamedEvents(api, key, created.location),
+    poll(key, created.location), streamedEvents(key, created.location),
   ]);
   return { created, job, events, output: await download(key, job.outputs[0].url) };
 }
@@ -149,7 +149,8 @@ def test_a_page_on_a_listed_origin_creates_follows_and_downloads_a_job(
                            [stack.url, KEY, BODY])
     created, job = result["created"], result["job"]
     assert created["status"] == 202, created
-    assert created["location"] == f"/v1/generations/{created['job']['id']}"
+    # Absolute: the page follows it as it is (a relative one would resolve against the page).
+    assert created["location"] == f"{stack.url}/v1/generations/{created['job']['id']}"
     assert created["requestId"]
     assert job["status"] == "succeeded", (job, stack.worker.log()[-3000:])
     assert result["events"][0] == "queued" and result["events"][-1] == "succeeded"

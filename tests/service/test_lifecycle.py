@@ -57,7 +57,8 @@ def stack(
 def post(stack: Stack, body: dict) -> dict:
     response = stack.client.post("/v1/generations", json=body)
     assert response.status_code == 202, response.text
-    assert response.headers["location"] == f"/v1/generations/{response.json()['id']}"
+    base = str(stack.client.base_url).rstrip("/")
+    assert response.headers["location"] == f"{base}/v1/generations/{response.json()['id']}"
     return response.json()  # type: ignore[no-any-return]
 
 

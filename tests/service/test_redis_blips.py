@@ -77,7 +77,7 @@ def test_a_redis_blip_while_a_request_waits_still_answers_with_its_job(
         answer = client.post("/v1/generations", json=BODY, headers={"Prefer": "wait=3"})
         # Not a 503 (which a client retries into a second job): the job, to poll.
         assert answer.status_code == 202, answer.text
-        assert answer.headers["location"] == f"/v1/generations/{answer.json()['id']}"
+        assert answer.headers["location"] == f"{api.url}/v1/generations/{answer.json()['id']}"
     assert job_ids(redis_client, settings) == [answer.json()["id"]]
 
 
