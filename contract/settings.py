@@ -30,6 +30,7 @@ from contract.webhook_queue import DEFAULT_RECEIVER_CONCURRENCY, signing_key
 from selfcascade.demo import card as demo_card
 from selfcascade.output_formats import DEFAULT_FPS
 from selfcascade.request import PAPER_PIVOT_STRENGTH
+from selfcascade.weight_variants import variant_problem
 
 
 class ModelSpec(BaseModel):
@@ -72,7 +73,7 @@ class ModelSpec(BaseModel):
     device: str = "auto"
     # Weight files saved under a variant name: "fp16" loads SDXL's *.fp16.safetensors, half the
     # download of its full-precision files (selfcascade.loading.load_pipeline).
-    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    variant: str | None = None
     produces: Modality | None = None  # None until load_model_specs resolves it
     default_num_frames: int = Field(default=16, ge=1, le=MAX_FRAMES)
     max_num_frames: int = Field(default=MAX_FRAMES, ge=1, le=MAX_FRAMES)
@@ -84,6 +85,14 @@ class ModelSpec(BaseModel):
         if value is None:
             return []
         return [value] if isinstance(value, str) else value
+
+    @field_validator("variant")
+    @classmethod
+    def _variant_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else variant_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _default_frames_within_max(self) -> ModelSpec:
@@ -298,16 +307,23 @@ def _origin_problem(entry: str) -> str | None:
     """Why `entry` is not an origin in the one form a browser's Origin header takes, or None."""
     if "*" in entry:
         return "is a pattern: list each origin, or give '*' alone for any"
+    if any(c.isspace() or c == ";" for c in entry):
+        return "holds several origins or a space: separate origins with commas"
     if entry == "null":
         # Sandboxed frames, file: and data: pages all send it: any site can make a page of it.
         return "is the origin of sandboxed and local pages, which any site can produce"
     scheme, separator, rest = entry.partition("://")
     if not separator:
         host = re.split(r"[/?#]", entry, maxsplit=1)[0]
-        return f"has no scheme: an origin is scheme://host[:port], e.g. 'https://{host}'"
+        # A page on this machine is almost always served over plain http.
+        local = host.split(":")[0] in ("localhost", "127.0.0.1") or host.startswith("[::1]")
+        return (f"has no scheme: an origin is scheme://host[:port], e.g. "
+                f"'{'http' if local else 'https'}://{host}'")
     authority, *after = re.split(r"[/?#]", rest, maxsplit=1)
     if after:
-        what = "ends in a slash" if rest == f"{authority}/" else "has a path"
+        cut = rest[len(authority)]
+        what = ("ends in a slash" if rest == f"{authority}/" else
+                {"/": "has a path", "?": "has a query", "#": "has a fragment"}[cut])
         return f"{what}, which an origin never has: write '{scheme}://{authority}'"
     if "@" in authority:
         return "has user information, which an origin never has"

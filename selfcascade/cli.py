@@ -28,6 +28,7 @@ from selfcascade.request import (
     UPSAMPLE_MODES,
     GenerationRequest,
 )
+from selfcascade.weight_variants import parse_variant
 
 if TYPE_CHECKING:  # it imports torch, which only the commands that load models pay for
     from selfcascade.tuned import TunedStageHook
@@ -102,7 +103,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--variant", help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
+        "--variant", type=parse_variant,
+        help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
         "*.fp16.safetensors (half the download)",
     )
     p.add_argument(

@@ -101,8 +101,9 @@ def load_pipeline(
                 f"no local folder at {model!r}, and loading it as a hub id failed: "
                 f"{_hub_failure(exc)}"
             ) from exc
-        hint = _variant_hint(Path(folder), variant)
-        raise ModelLoadError(f"could not load model {model!r}: {exc}{hint}") from exc
+        # diffusers' own message then names a file never meant to be there (".bin").
+        why = _other_variant(Path(folder), variant) or str(exc)
+        raise ModelLoadError(f"could not load model {model!r}: {why}") from exc
     if not isinstance(pipe, SUPPORTED_PIPELINES):
         raise ModelLoadError(
             f"model {model!r} is a {type(pipe).__name__}; supported: "
@@ -121,20 +122,20 @@ def load_pipeline(
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
 
-def _variant_hint(folder: Path, variant: str | None) -> str:
-    """What the weight files in `folder` say about a failed load when none is of the variant
-    asked for: diffusers' own message then names a file that was never meant to be there
-    ("no file named diffusion_pytorch_model.bin")."""
+def _other_variant(folder: Path, variant: str | None) -> str | None:
+    """Why a load failed when none of `folder`'s weight files is of the variant asked for (the
+    CLI's --variant, a models file's "variant"), or None when some are."""
     saved = folder_variants(folder)
     if not saved or variant in saved:
-        return ""  # the failure is something else
-    named = ", ".join(sorted(v for v in saved if v is not None))
-    if named:
-        if None in saved:
-            return (f" (its weights are saved as the variant {named} and without one: pass "
-                    f"{named} or leave the variant out)")
-        return f" (its weights are saved as the variant {named}: pass it)"
-    return " (its weights are saved without a variant: leave the variant out)"
+        return None  # the failure is something else
+    asked = f"the variant {variant!r} was" if variant else "no variant was"
+    names = sorted(v for v in saved if v is not None)
+    if not names:
+        return f"{asked} asked for, but its weights are saved without one: leave the variant out"
+    plain = " (and without one)" if None in saved else ""
+    return (f"{asked} asked for, but its weights are saved as the variant "
+            f"{', '.join(map(repr, names))}{plain}: give it (--variant {names[0]}, or "
+            f'"variant": "{names[0]}" in a models file)')
 
 
 def folder_variants(folder: Path) -> set[str | None]:

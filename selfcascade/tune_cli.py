@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfcascade.exit_codes import EXIT_INTERRUPTED
 from selfcascade.request import PAPER_PIVOT_STRENGTH
+from selfcascade.weight_variants import parse_variant
 
 if TYPE_CHECKING:  # it imports torch, which only running the command pays for
     from selfcascade.tuning import TuneConfig, TuneResult
@@ -69,7 +70,8 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     # in float16, and float16 base weights would gain little over autocast.
     p.add_argument("--dtype", default="float32", help="base model weight dtype (float32)")
     p.add_argument(
-        "--variant", help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
+        "--variant", type=parse_variant,
+        help="load weight files saved under this variant name, e.g. fp16 for SDXL's "
         "*.fp16.safetensors (half the download)",
     )
     p.set_defaults(handler=run_tune, loads_models=True, extra="worker")

@@ -14,6 +14,7 @@ from contract.jobs import GenerationParams
 from contract.settings import TINY_MODEL_NAME, ModelSpec, Settings
 from contract.state import JobStore
 from contract.storage import ResultStorage
+from selfcascade.errors import ModelLoadError
 from worker.stall_watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,13 @@ def load_models(specs: list[ModelSpec], settings: Settings) -> dict[str, Residen
     for spec in specs:
         if spec.name == TINY_MODEL_NAME and settings.models_file is None:
             ensure_tiny_model(settings)
-        pipe = load_pipeline(
-            spec.path, dtype=spec.dtype, device=spec.device, variant=spec.variant
-        )
+        try:
+            pipe = load_pipeline(
+                spec.path, dtype=spec.dtype, device=spec.device, variant=spec.variant
+            )
+        except ModelLoadError as exc:  # which entry: a models file may list several
+            source = f" of {settings.models_file}" if settings.models_file else ""
+            raise ModelLoadError(f"model {spec.name!r}{source}: {exc}") from exc
         engine = engine_for(pipe, **_engine_options(settings))
         spec = _with_modality(spec, engine.produces_video)
         _check_frame_limit(spec, engine.max_num_frames)

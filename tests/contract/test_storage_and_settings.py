@@ -86,6 +86,14 @@ def test_models_file_and_default(tmp_path: Path) -> None:
     with pytest.raises(ModelsFileError, match=r"entry 0 \('bad name!'\): name: String should"):
         load_model_specs(Settings(models_file=models))
 
+    models.write_text(json.dumps([{"name": "sdxl", "path": "x", "native_width": 1,
+                                   "native_height": 1, "variant": "fp 16"}]))
+    with pytest.raises(ModelsFileError, match=(
+        r"entry 0 \('sdxl'\): variant: Value error, 'fp 16' is not a variant name: letters, "
+        r"digits, '-' or '_', at most 32 of them \(e\.g\. fp16\)"
+    )):
+        load_model_specs(Settings(models_file=models))
+
 
 ENTRY = {"name": "demo", "path": "x", "native_width": 64, "native_height": 64}
 

@@ -166,6 +166,10 @@ def test_the_default_model_is_the_demo_with_its_own_pivot_strength(
         # Was "dtype must be auto or one of ...", from loading, naming no flag.
         (["--width", "64", "--height", "64", "--dtype", "float64"],
          "error: --dtype: must be auto or one of float32, float16, bfloat16, got 'float64'"),
+        # Was passed to diffusers after seconds of loading, to fail naming a file.
+        (["--width", "64", "--height", "64", "--variant", "../fp16"],
+         "error: argument --variant: '../fp16' is not a variant name: letters, digits, '-' or "
+         "'_', at most 32 of them (e.g. fp16)"),
     ],
 )
 def test_bad_values_are_one_line_errors_not_tracebacks(

@@ -75,16 +75,19 @@ def test_a_variant_folder_loads_with_its_variant_and_says_which_without(
     pipe = load_pipeline(str(fp16_folder), device="cpu", variant="fp16")
     assert isinstance(pipe, StableDiffusionPipeline)
     # Without it, diffusers names a .bin file that was never meant to be there; the error says
-    # what the folder holds.
+    # what the folder holds and how to ask for it, in place of that.
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(str(fp16_folder), device="cpu")
-    assert str(refused.value).endswith(
-        "(its weights are saved as the variant fp16: pass it)"
+    assert str(refused.value) == (
+        f"could not load model {str(fp16_folder)!r}: no variant was asked for, but its weights "
+        "are saved as the variant 'fp16': give it (--variant fp16, or \"variant\": \"fp16\" in a "
+        "models file)"
     )
     with pytest.raises(ModelLoadError) as refused:
         load_pipeline(str(tiny_folder), device="cpu", variant="fp16")
     assert str(refused.value).endswith(
-        "(its weights are saved without a variant: leave the variant out)"
+        ": the variant 'fp16' was asked for, but its weights are saved without one: leave the "
+        "variant out"
     )
 
 

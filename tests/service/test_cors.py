@@ -98,7 +98,10 @@ def test_a_post_from_a_listed_origin_exposes_its_location(settings_for: Settings
             "Origin": APP, "Authorization": f"Bearer {KEY}",
         })
         assert created.status_code == 202, created.text
-        assert created.headers["location"] == f"/v1/generations/{created.json()['id']}"
+        # Absolute: resolved against the page's own address, a relative one would send the
+        # request, key and all, to the page's server.
+        base = str(client.base_url).rstrip("/")
+        assert created.headers["location"] == f"{base}/v1/generations/{created.json()['id']}"
         assert created.headers["access-control-allow-origin"] == APP
         exposed = listed(created.headers["access-control-expose-headers"])
         assert {"location", "retry-after", "x-request-id", "preference-applied"} <= exposed
@@ -215,6 +218,14 @@ def test_a_value_that_is_not_an_origin_stops_the_api_at_start(
     ("https://user@app.example.com", "has user information"),
     ("https://app.example.com:99999", "is not an origin (scheme://host[:port])"),
     ("http://localhost:05173", "has a port with a leading zero, which browsers never send"),
+    # Several origins in one entry: only commas separate them.
+    ("http://127.0.0.1:8765 http://localhost:8765", "separate origins with commas"),
+    ("http://127.0.0.1:8765;http://localhost:8765", "separate origins with commas"),
+    ("https://app.example.com?x=1", "has a query, which an origin never has"),
+    ("https://app.example.com#f", "has a fragment, which an origin never has"),
+    # A page on this machine is almost always plain http.
+    ("127.0.0.1:8765", "has no scheme: an origin is scheme://host[:port], e.g. "
+     "'http://127.0.0.1:8765'"),
 ])
 def test_each_kind_of_bad_entry_is_named(value: str, problem: str) -> None:
     with pytest.raises(ValidationError, match="cors_origins") as refused:

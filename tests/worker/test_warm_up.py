@@ -11,6 +11,7 @@ import torch
 
 from contract.settings import ModelSpec
 from selfcascade import warmup
+from selfcascade.errors import ModelLoadError
 from selfcascade.tiny_models import build_tiny_sd_pipeline
 from tests.service.conftest import SettingsFactory
 from worker import resident
@@ -123,3 +124,18 @@ def test_a_models_file_variant_reaches_the_loader(
     })
     [model] = resident.load_models([spec], settings_for(warm_up_on_load=False)).values()
     assert model.spec.name == "tiny"
+
+
+def test_a_model_that_fails_to_load_is_named_by_its_entry(
+    settings_for: SettingsFactory, tmp_path: Path
+) -> None:
+    folder = tmp_path / "tiny-fp16"
+    build_tiny_sd_pipeline(0).save_pretrained(folder, safe_serialization=True, variant="fp16")
+    spec = ModelSpec(name="sdxl", path=str(folder), native_width=64, native_height=64)
+    settings = settings_for(warm_up_on_load=False)
+    with pytest.raises(ModelLoadError) as refused:  # a models file may list several
+        resident.load_models([spec], settings)
+    assert str(refused.value).startswith(
+        f"model 'sdxl' of {settings.models_file}: could not load model {str(folder)!r}: no "
+        "variant was asked for, but its weights are saved as the variant 'fp16'"
+    )
