@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from contract.settings import Settings
@@ -35,7 +36,8 @@ def create_app(settings: Settings) -> FastAPI:
         await services.blocking_redis.aclose()
         services.redis.close()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI with /docs and /redoc served from its own static files, not a CDN.
+    app = FastAPIOffline(
         title="selfcascade",
         version="0.1.0",
         summary="Higher-resolution image generation with self-cascade diffusion",
