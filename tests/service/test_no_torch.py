@@ -15,12 +15,13 @@ service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "worker") if m in sys.modules)
 assert not heavy, heavy
 # Of the algorithm package the API reads only plain-Python defaults: the paper's pivot strength
-# (selfcascade.request, with its error type), the encoders' limits, the demo model's card, and
-# the package's own log filters (its __init__, logging only).
+# (selfcascade.request, with its error type), the encoders' limits, the demo model's card, the
+# rule for weight variants' names, and the package's own log filters (its __init__, logging only).
 algorithm = sorted(m for m in sys.modules if m.split(".")[0] == "selfcascade")
 assert algorithm == [
     "selfcascade", "selfcascade.demo", "selfcascade.demo.card", "selfcascade.errors",
     "selfcascade.library_logs", "selfcascade.output_formats", "selfcascade.request",
+    "selfcascade.weight_variants",
 ], algorithm
 """
 
