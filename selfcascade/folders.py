@@ -33,31 +33,31 @@ def why_unwritable(folder: Path) -> str | None:
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[IO[bytes]]:
+def replacing(path: Path, partial: Path | None = None) -> Iterator[IO[bytes]]:
     """A new file beside `path` to write into, moved onto `path` only once all of it is written
     (the client's downloads too): a write that fails (a full disk) leaves neither a truncated
-    file at `path` nor spoils the one there. The partial file is removed on any failure."""
-    # Beside it, so os.replace is a rename on one file system; not tempfile's, made 0600.
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    file at `path` nor spoils the one there. The partial file is removed on any failure.
+
+    By default the partial file's name is new each time; a writer that holds its folder alone
+    may name it (`replace_file`), so that one a killed writer left is overwritten by the next."""
+    if partial is None:
+        # Beside it, so os.replace is a rename on one file system; not tempfile's, made 0600.
+        partial, mode = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part"), "xb"
+    else:
+        mode = "wb"
     try:
-        with partial.open("xb") as out:
+        with partial.open(mode) as out:
             yield out
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write `data` beside `path`, then rename it onto `path`: a write cut short (a full disk, a
-    second Ctrl-C) leaves the file there whole and no partial one behind. The partial file has
-    a fixed name, `<name>.tmp`, so one left by a killed writer is overwritten by the next (the
-    writers of these files, a tuning run and its checkpoints, hold their folder alone)."""
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        partial.write_bytes(data)
         os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(OSError):  # a folder of that name, say: the error says more
             partial.unlink(missing_ok=True)
         raise
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """`data` written to `path` through `replacing`, the partial file named `<name>.tmp`: a
+    write cut short (a full disk, a second Ctrl-C) leaves the file there whole. For the files a
+    tuning run and its checkpoints write, each in a folder of its own."""
+    with replacing(path, partial=path.with_name(path.name + ".tmp")) as out:
+        out.write(data)

@@ -183,6 +183,7 @@ def test_a_full_disk_under_the_loss_log_is_one_error_line_naming_it(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
 ) -> None:
     model = save_tiny_sd(tmp_path / "model")
+    capsys.readouterr()  # saving's progress bars (when a test before has not quieted them)
     out = tmp_path / "out"
     out.mkdir()
     (out / LOSS_LOG).symlink_to("/dev/full")  # opens, and every write is ENOSPC
