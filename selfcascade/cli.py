@@ -416,11 +416,11 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         # Ctrl-C: the user knows why it stopped, and a traceback of wherever torch was would
-        # bury the one line that matters. Nothing more is claimed: a command with more to say
-        # handles its own (tune saves its state, says so and returns 130 itself).
-        print("selfcascade: interrupted", file=sys.stderr)
+        # bury the one line that matters. Nothing more is claimed than the interrupt says (tune's
+        # says where its state was saved; a plain one says nothing).
+        print(f"selfcascade: {str(stop) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -10,11 +10,9 @@ Ctrl-C saves the training state at the last completed step, for `--resume` to co
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfcascade.exit_codes import EXIT_INTERRUPTED
 from selfcascade.request import PAPER_PIVOT_STRENGTH
 from selfcascade.weight_variants import parse_variant
 
@@ -80,7 +78,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def run_tune(args: argparse.Namespace) -> int:
     from selfcascade.loading import load_pipeline
-    from selfcascade.tuning import TuneConfig, TuneInterrupted, check_paths
+    from selfcascade.tuning import TuneConfig, check_paths
 
     config = TuneConfig(
         data_dir=args.data,
@@ -106,21 +104,8 @@ def run_tune(args: argparse.Namespace) -> int:
     pipe = load_pipeline(
         args.model, dtype=args.dtype, device=args.device, variant=args.variant
     )
-    try:
-        result = _tune_with_progress_bar(pipe, config)
-    except TuneInterrupted as stop:
-        # Said here and exited with, not re-raised: the one line that matters, where cli.main's
-        # own "interrupted" would follow it and add nothing. A Ctrl-C before the first step
-        # still reaches cli.main.
-        if stop.step >= config.steps:  # during the last step's save: nothing left to resume
-            said = f"after its last step ({stop.step}); the run is complete, in {stop.out_dir}"
-        else:
-            said = (
-                f"at step {stop.step}; state saved in {stop.out_dir}: rerun with --resume to "
-                "continue"
-            )
-        print(f"selfcascade: interrupted {said}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # Ctrl-C raises TuneInterrupted, whose line cli.main prints.
+    result = _tune_with_progress_bar(pipe, config)
     print(f"wrote {result.checkpoint} after step {result.steps} (started at {result.start_step})")
     return 0
 

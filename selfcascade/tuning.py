@@ -383,10 +383,15 @@ class TuneResult:
 class TuneInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped `tune`: the training state in `out_dir` is at `step`, the last step
     completed, and loss.jsonl ends there, for --resume to continue from. A KeyboardInterrupt
-    still, for callers that know nothing of tuning."""
+    still, for callers that know nothing of tuning; its message is the line `selfcascade`
+    prints for it (cli.main)."""
 
-    def __init__(self, step: int, out_dir: Path) -> None:
-        super().__init__(f"interrupted at step {step}; state saved in {out_dir}")
+    def __init__(self, step: int, steps: int, out_dir: Path) -> None:
+        if step >= steps:  # during the last step's save: nothing left to resume
+            said = f"after its last step ({step}); the run is complete, in {out_dir}"
+        else:
+            said = f"at step {step}; state saved in {out_dir}: rerun with --resume to continue"
+        super().__init__(f"interrupted {said}")
         self.step = step
         self.out_dir = out_dir
 
@@ -541,7 +546,7 @@ def _train(
                 _save_state(out, config, run, done)
         if done == 0:
             raise  # nothing trained, nothing to resume
-        raise TuneInterrupted(done, out) from None
+        raise TuneInterrupted(done, config.steps, out) from None
     return losses
 
 
