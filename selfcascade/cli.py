@@ -27,6 +27,7 @@ from selfcascade.request import (
     SCHEDULERS,
     UPSAMPLE_MODES,
     GenerationRequest,
+    pixel_budget_problem,
 )
 from selfcascade.weight_variants import parse_variant
 
@@ -253,13 +254,10 @@ def _check_pixels(request: GenerationRequest, max_pixels: int) -> None:
     digit plans a dozen stages and runs for hours."""
     if max_pixels < 0:
         raise InvalidRequest("max_pixels", f"must be 0 (no cap) or more, got {max_pixels}")
-    width, height = request.width, request.height
-    if max_pixels and width * height > max_pixels:
-        raise InvalidRequest(
-            "width" if width >= height else "height",  # the longer side, as the API names it
-            f"{width}x{height} exceeds the pixel budget of {max_pixels} pixels; raise it with "
-            "--max-pixels (0 lifts the cap)",
-        )
+    over = pixel_budget_problem(request.width, request.height, max_pixels) if max_pixels else None
+    if over:
+        param, message = over
+        raise InvalidRequest(param, f"{message}; raise it with --max-pixels (0 lifts the cap)")
 
 
 def _check_fps(fps: int | None, out: Path) -> None:
@@ -286,10 +284,11 @@ def _check_tuning_flags(args: argparse.Namespace, request: GenerationRequest) ->
 def _check_dtype(dtype: str) -> None:
     """Checked here, not at loading, so that the error names --dtype (and comes before the
     model loads)."""
-    from selfcascade.loading import DTYPES
+    from selfcascade.loading import dtype_problem
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise InvalidRequest("dtype", f"must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    problem = dtype_problem(dtype)
+    if problem:
+        raise InvalidRequest("dtype", problem)
 
 
 def _method_summary(request: GenerationRequest, tuned: TunedStageHook | None) -> str:

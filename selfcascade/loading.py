@@ -61,12 +61,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` names no dtype a model loads in, or None (the CLI asks before loading)."""
+    if dtype == "auto" or dtype in DTYPES:
+        return None
+    return f"must be auto or one of {', '.join(DTYPES)}, got {dtype!r}"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU (half precision there is slow and lossy), fp16 on CUDA unless told otherwise."""
+    problem = dtype_problem(dtype)
+    if problem:
+        raise ModelLoadError(f"dtype {problem}")
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
 
 

@@ -90,6 +90,17 @@ class GenerationRequest:
         _check_choice("lr_features", self.lr_features, LR_FEATURE_MODES)
 
 
+def pixel_budget_problem(width: int, height: int, max_pixels: int) -> tuple[str, str] | None:
+    """(param, message) when a width x height image is over `max_pixels`, named by its longer
+    side, as the API and the CLI refuse it; None when it fits."""
+    if width * height <= max_pixels:
+        return None
+    return (
+        "width" if width >= height else "height",
+        f"{width}x{height} exceeds the pixel budget of {max_pixels} pixels",
+    )
+
+
 def _finite(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -15,6 +15,7 @@ from contract.jobs import (
 )
 from contract.settings import ModelSpec, Settings
 from selfcascade.output_formats import GIF_MAX_FPS, size_problem
+from selfcascade.request import pixel_budget_problem
 from service.errors import ApiError
 from service.schemas import GenerationCreate
 
@@ -49,11 +50,9 @@ def normalise(
                 param,
                 f"must be a multiple of {spec.size_multiple} px for model {name}, got {value}",
             )
-    if width * height > settings.max_pixels:
-        raise _invalid(
-            "width" if width >= height else "height",
-            f"{width}x{height} exceeds the pixel budget of {settings.max_pixels} pixels",
-        )
+    over = pixel_budget_problem(width, height, settings.max_pixels)
+    if over:
+        raise _invalid(*over)
     if num_frames and width * height * num_frames > settings.max_video_pixels:
         frames = f"{num_frames} frames" if body.num_frames else f"the model's {num_frames} frames"
         raise _invalid(
