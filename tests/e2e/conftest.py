@@ -73,9 +73,13 @@ def open_page(browser: Any) -> Iterator[Callable[[str], Any]]:
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
+def with_model_list(page: Any) -> Any:
+    """`page` once the playground shows its model: the model list fills the size presets, and
+    everything after depends on it."""
+    page.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    return page
+
+
 @pytest.fixture
 def page(open_page: Callable[[str], Any], stack: RunningStack) -> Any:
-    opened = open_page(stack.url + "/")
-    # The model list fills the size presets; everything after depends on it.
-    opened.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
-    return opened
+    return with_model_list(open_page(stack.url + "/"))

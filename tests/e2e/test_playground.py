@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from service.app import create_app
 from tests.conftest import free_port
+from tests.e2e.conftest import with_model_list
 from tests.live_stack import ApiServer
 from tests.running_stack import RunningStack
 
@@ -199,7 +200,7 @@ def test_api_key_mode_lists_models_and_shows_the_image(
     page.click("summary")
     page.fill("#api-key", "sk-playground")
     page.press("#api-key", "Tab")  # `change` reloads the model list with the key
-    page.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    with_model_list(page)
     page.fill("#prompt", "with a key")
     page.click("label[for=preset-2x]")
     page.fill("#steps", "3")
@@ -233,7 +234,7 @@ def test_direct_turns_the_tuned_switch_off_and_is_accepted(
         else None,
     )
     page.goto(stack.url + "/")
-    page.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
+    with_model_list(page)
     assert page.is_enabled("#tuned") and page.is_checked("#tuned")
 
     page.click("label[for=method-direct]")

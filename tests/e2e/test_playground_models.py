@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.conftest import with_model_list
 from tests.e2e.test_playground import status_is
 from tests.live_stack import write_models_file
 from tests.running_stack import RunningStack, running_stack, write_tiny_model
@@ -33,9 +34,7 @@ def two_model_stack(
 
 @pytest.fixture
 def models_page(open_page: Callable[[str], Any], two_model_stack: RunningStack) -> Any:
-    opened = open_page(two_model_stack.url + "/")
-    opened.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
-    return opened
+    return with_model_list(open_page(two_model_stack.url + "/"))
 
 
 def test_the_chosen_model_is_the_one_generated_with(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.conftest import with_model_list
 from tests.e2e.test_playground import status_is
 from tests.running_stack import RunningStack, running_stack
 
@@ -29,9 +30,7 @@ def video_stack(
 
 @pytest.fixture
 def video_page(open_page: Callable[[str], Any], video_stack: RunningStack) -> Any:
-    opened = open_page(video_stack.url + "/")
-    opened.wait_for_function("document.querySelector('#model-info').textContent.includes('×')")
-    return opened
+    return with_model_list(open_page(video_stack.url + "/"))
 
 
 def test_an_image_model_shows_no_video_fields(page: Any) -> None:

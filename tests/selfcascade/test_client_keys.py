@@ -203,18 +203,29 @@ def answered_models(request: httpx.Request, forward: Forward) -> httpx.Response:
     return httpx.Response(200, json={"data": []})
 
 
+def refused_generate_wait(
+    keyed: KeyedApi,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    token: str,
+    network: FaultyNetwork,
+) -> tuple[str, str]:
+    """`client generate --wait` with `token` through `network`, which ends refused (exit 1):
+    the id of the job it made, and its last line on stderr."""
+    recording_client(monkeypatch, token, network)
+    argv = ["client", "generate", "--server", keyed.url, "--prompt", "x", "--wait"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    return captured.out.split()[1], captured.err.strip().splitlines()[-1]
+
+
 def test_following_refused_after_submitting_cancels_the_job(
     keyed: KeyedApi, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     network = FaultyNetwork()
     network.inject(events_stream, forbidden)
-    recording_client(monkeypatch, FULL_KEY, network)
-    argv = ["client", "generate", "--server", keyed.url, "--prompt", "x", "--wait"]
-    assert main(argv) == 1
-
-    captured = capsys.readouterr()
-    job_id = captured.out.split()[1]
-    assert captured.err.strip().splitlines()[-1] == (
+    job_id, said = refused_generate_wait(keyed, monkeypatch, capsys, FULL_KEY, network)
+    assert said == (
         "selfcascade client: error: 403 forbidden: this API key lacks the 'read' scope, needed "
         f"to follow the job; canceled {job_id}: use a key with both generate and read"
     )
@@ -226,14 +237,9 @@ def test_when_the_cancel_is_refused_too_the_line_says_the_job_still_runs(
 ) -> None:
     network = FaultyNetwork()
     network.inject(models_list, answered_models)
-    recording_client(monkeypatch, GENERATE_ONLY_KEY, network)
-    argv = ["client", "generate", "--server", keyed.url, "--prompt", "x", "--wait"]
-    assert main(argv) == 1
-
-    captured = capsys.readouterr()
-    job_id = captured.out.split()[1]
+    job_id, said = refused_generate_wait(keyed, monkeypatch, capsys, GENERATE_ONLY_KEY, network)
     refused = "403 forbidden: this API key lacks the 'read' scope"
-    assert captured.err.strip().splitlines()[-1] == (
+    assert said == (
         f"selfcascade client: error: {refused}, needed to follow the job; could not cancel "
         f"{job_id} either ({refused}), so it still runs: use a key with both generate and read"
     )
